@@ -1,0 +1,85 @@
+//! Hot-path micro-benchmarks: validate + frame one event, index matching over 10k mixed
+//! subscribers, and queueing one frame to 1k subscriber outboxes.
+
+use bytes::Bytes;
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use krux_relay::event::{EventType, Validator};
+use krux_relay::filter::{Filter, SubscriberIndex};
+use krux_relay::frame::event_frame;
+use krux_relay::reactor::Outbox;
+
+fn event_of_size(target: usize) -> String {
+    let base = r#"{"type":"capability_invoked","timestamp":"2026-03-15T10:30:00.123Z","agent":"research-agent","session_id":"sess-a1b2c3d4","data":{"capability":"filesystem.read","arguments":{"path":"/workspace/data.csv"},"permission_tier":"autonomous","duration_ms":12,"note":""}}"#;
+    let pad = target.saturating_sub(base.len());
+    base.replace(r#""note":"""#, &format!(r#""note":"{}""#, "x".repeat(pad)))
+}
+
+fn validate_and_frame(c: &mut Criterion) {
+    let mut g = c.benchmark_group("validate_frame");
+    for size in [300usize, 2048] {
+        let line = event_of_size(size);
+        let mut v = Validator::new();
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(format!("{size}B"), |b| {
+            let mut seq = 0u64;
+            b.iter(|| {
+                seq += 1;
+                let ev = v.validate(black_box(line.as_bytes())).expect("valid");
+                black_box((event_frame(line.as_bytes(), None, seq), ev.keys))
+            })
+        });
+    }
+    g.finish();
+}
+
+fn index_match(c: &mut Criterion) {
+    let mut idx = SubscriberIndex::default();
+    let mut rng = fastrand::Rng::with_seed(3);
+    for id in 0..10_000 {
+        let f = match id % 4 {
+            0 => Filter::default(),
+            1 => Filter { types: Some(EventType::ALL[rng.usize(..11)].bit()), ..Filter::default() },
+            2 => Filter { agents: Some(vec![format!("agent-{}", rng.usize(..300)).into()]), ..Filter::default() },
+            _ => Filter { sessions: Some(vec![format!("sess-{}", rng.usize(..3000)).into()]), ..Filter::default() },
+        };
+        idx.insert(id, f);
+    }
+    let keys = krux_relay::event::FilterKeys {
+        etype: EventType::CapabilityInvoked,
+        agent: Some("agent-7".into()),
+        session: Some("sess-70".into()),
+        data_session: None,
+    };
+    c.bench_function("index_match_10k_mixed", |b| {
+        b.iter(|| {
+            let mut n = 0usize;
+            idx.for_each_match(black_box(&keys), |_| n += 1);
+            n
+        })
+    });
+}
+
+fn enqueue_fanout(c: &mut Criterion) {
+    let frame = Bytes::from(vec![b'x'; 300]);
+    c.bench_function("enqueue_1k_subscribers", |b| {
+        let mut outs: Vec<Outbox> = (0..1000).map(|_| Outbox::new(usize::MAX, 0)).collect();
+        let mut seq = 0u64;
+        let mut batch = Vec::new();
+        b.iter(|| {
+            seq += 1;
+            for o in outs.iter_mut() {
+                o.push_event(&frame, seq);
+            }
+            // Drain so that queues stay short, as writers keep them in the relay.
+            if seq % 64 == 0 {
+                for o in outs.iter_mut() {
+                    batch.clear();
+                    o.take_batch(&mut batch);
+                }
+            }
+        })
+    });
+}
+
+criterion_group!(benches, validate_and_frame, index_match, enqueue_fanout);
+criterion_main!(benches);

@@ -1,0 +1,271 @@
+//! Credentials of port 7701: user tokens, stored only as SHA-256 hashes in
+//! `<data-dir>/tokens.json`, and the live view of them that a running server consults.
+//! No sockets here.
+//!
+//! Tokens are 40 random base62 characters (≈238 bits), so a fast hash is enough: there is
+//! nothing to brute-force. The operator passphrase, which a human chose, is different and
+//! gets a slow salted hash (see the security issue).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::proto::handshake::{Credential, Principal};
+
+pub const TOKEN_PREFIX: &str = "krx_user_";
+const TOKEN_CHARS: usize = 40;
+const FILE: &str = "tokens.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub name: String,
+    /// Hex SHA-256 of the whole token text.
+    pub sha256: String,
+    pub created: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct TokenFile {
+    tokens: Vec<TokenRecord>,
+}
+
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A fresh token: the prefix and 40 characters from [A-Za-z0-9], from the OS's CSPRNG.
+pub fn generate_token() -> anyhow::Result<String> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut out = String::from(TOKEN_PREFIX);
+    while out.len() < TOKEN_PREFIX.len() + TOKEN_CHARS {
+        let mut buf = [0u8; 64];
+        getrandom::getrandom(&mut buf).context("reading the OS random source")?;
+        // Rejection sampling keeps every character equally likely (248 = 4 × 62).
+        for b in buf.into_iter().filter(|&b| b < 248) {
+            if out.len() == TOKEN_PREFIX.len() + TOKEN_CHARS {
+                break;
+            }
+            out.push(ALPHABET[usize::from(b % 62)] as char);
+        }
+    }
+    Ok(out)
+}
+
+/// The token file of one data dir. Writes are atomic (temp file + rename), so a running
+/// server never reads half a file.
+pub struct TokenStore {
+    path: PathBuf,
+}
+
+impl TokenStore {
+    pub fn new(data_dir: &Path) -> TokenStore {
+        TokenStore { path: data_dir.join(FILE) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn list(&self) -> anyhow::Result<Vec<TokenRecord>> {
+        Ok(self.read()?.tokens)
+    }
+
+    /// Creates a token named `name` and returns its text (the only time it exists).
+    pub fn create(&self, name: &str) -> anyhow::Result<String> {
+        if name.trim().is_empty() {
+            bail!("a token needs a non-empty --name");
+        }
+        let mut file = self.read()?;
+        if file.tokens.iter().any(|t| t.name == name) {
+            bail!("a token named `{name}` already exists; revoke it first or choose another name");
+        }
+        let token = generate_token()?;
+        file.tokens.push(TokenRecord {
+            name: name.to_string(),
+            sha256: hex(&hash_token(&token)),
+            created: crate::event::now_rfc3339_millis(),
+        });
+        self.write(&file)?;
+        Ok(token)
+    }
+
+    pub fn revoke(&self, name: &str) -> anyhow::Result<()> {
+        let mut file = self.read()?;
+        let before = file.tokens.len();
+        file.tokens.retain(|t| t.name != name);
+        if file.tokens.len() == before {
+            bail!("no token named `{name}` in {}", self.path.display());
+        }
+        self.write(&file)
+    }
+
+    fn read(&self) -> anyhow::Result<TokenFile> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", self.path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TokenFile::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
+        }
+    }
+
+    fn write(&self, file: &TokenFile) -> anyhow::Result<()> {
+        let dir = self.path.parent().expect("token file lives in a data dir");
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = self.path.with_extension(format!("tmp.{}", std::process::id()));
+        let json = serde_json::to_vec_pretty(file).expect("token file serializes");
+        write_private(&tmp, &json).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))
+    }
+}
+
+/// Writes a file readable by its owner only: hashes are not secrets, but they are nobody
+/// else's business either.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// The token hashes a running server accepts, reloaded from disk by a watcher thread.
+pub struct LiveCredentials {
+    tokens: ArcSwap<HashMap<[u8; 32], String>>,
+    /// Bumped on every reload that changed the set, so reactors can re-check open streams.
+    generation: AtomicU64,
+    store: TokenStore,
+}
+
+impl LiveCredentials {
+    pub fn load(data_dir: &Path) -> anyhow::Result<Arc<LiveCredentials>> {
+        let store = TokenStore::new(data_dir);
+        let live = LiveCredentials {
+            tokens: ArcSwap::from_pointee(HashMap::new()),
+            generation: AtomicU64::new(0),
+            store,
+        };
+        live.reload()?;
+        Ok(Arc::new(live))
+    }
+
+    /// Re-reads the token file; returns whether the set changed.
+    pub fn reload(&self) -> anyhow::Result<bool> {
+        let set: HashMap<[u8; 32], String> = self
+            .store
+            .list()?
+            .into_iter()
+            .filter_map(|r| Some((unhex(&r.sha256)?, r.name)))
+            .collect();
+        if **self.tokens.load() == set {
+            return Ok(false);
+        }
+        self.tokens.store(Arc::new(set));
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(true)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    pub fn authenticate(&self, cred: &Credential) -> Option<Principal> {
+        match cred {
+            Credential::Token(t) if t.starts_with(TOKEN_PREFIX) => {
+                let h = hash_token(t);
+                self.tokens.load().contains_key(&h).then_some(Principal::User(h))
+            }
+            // Operator passphrases are not configured by this build's store.
+            _ => None,
+        }
+    }
+
+    /// Whether a principal admitted earlier is still valid (false once its token is revoked).
+    pub fn still_valid(&self, p: &Principal) -> bool {
+        match p {
+            Principal::User(h) => self.tokens.load().contains_key(h),
+            Principal::Operator => true,
+        }
+    }
+
+    /// Polls the token file every `every` until `stop` is set. Changes are seen within one
+    /// period, so a create or revoke takes effect within 1 s with the default.
+    pub fn watch(self: Arc<Self>, every: Duration, stop: Arc<std::sync::atomic::AtomicBool>) {
+        std::thread::Builder::new()
+            .name("krux-tokens".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(every);
+                    match self.reload() {
+                        Ok(true) => tracing::info!(tokens = self.tokens.load().len(), "user tokens reloaded"),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!("keeping the previous user tokens: {e:#}"),
+                    }
+                }
+            })
+            .expect("spawning the token watcher thread");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_have_the_contract_shape() {
+        let t = generate_token().unwrap();
+        assert!(t.starts_with("krx_user_"));
+        assert!(t.len() - TOKEN_PREFIX.len() >= 32);
+        assert!(t[TOKEN_PREFIX.len()..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_ne!(t, generate_token().unwrap());
+    }
+
+    #[test]
+    fn create_list_revoke_and_live_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path());
+        let live = LiveCredentials::load(dir.path()).unwrap();
+        let t = store.create("ops").unwrap();
+        assert!(store.create("ops").is_err(), "names are unique");
+
+        let on_disk = std::fs::read_to_string(store.path()).unwrap();
+        assert!(!on_disk.contains(&t), "only the hash is stored");
+        assert_eq!(store.list().unwrap()[0].name, "ops");
+
+        let cred = Credential::Token(t.clone());
+        assert_eq!(live.authenticate(&cred), None, "not reloaded yet");
+        let g = live.generation();
+        assert!(live.reload().unwrap());
+        assert!(live.generation() > g);
+        let p = live.authenticate(&cred).expect("accepted after reload");
+        assert!(live.still_valid(&p));
+        assert_eq!(live.authenticate(&Credential::Token(format!("{t}x"))), None);
+
+        store.revoke("ops").unwrap();
+        assert!(store.revoke("ops").is_err());
+        assert!(live.reload().unwrap());
+        assert_eq!(live.authenticate(&cred), None);
+        assert!(!live.still_valid(&p));
+        assert!(!live.reload().unwrap(), "no change, no new generation");
+    }
+}

@@ -1,0 +1,183 @@
+//! `tail`: subscribe and print events, as readable lines or raw JSON.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Relay address; `/events` is implied.
+    #[arg(long, default_value = "ws://127.0.0.1:7701")]
+    pub url: String,
+    /// User token (krx_user_…).
+    #[arg(long, env = "KRUX_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Only these agents (comma list).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Only these event types (comma list).
+    #[arg(long = "type")]
+    pub etype: Option<String>,
+    /// Only these sessions (comma list).
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Replay retained events after this seq first.
+    #[arg(long)]
+    pub since: Option<u64>,
+    /// Print each event's raw JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit after this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+fn events_url(args: &TailArgs) -> String {
+    let enc = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let mut params = Vec::new();
+    for (k, v) in [("agent", &args.agent), ("type", &args.etype), ("session", &args.session)] {
+        if let Some(v) = v {
+            // Commas separate values: keep them literal.
+            params.push(format!("{k}={}", v.split(',').map(enc).collect::<Vec<_>>().join(",")));
+        }
+    }
+    if let Some(s) = args.since {
+        params.push(format!("since={s}"));
+    }
+    let base = args.url.trim_end_matches('/');
+    let base = base.strip_suffix("/events").unwrap_or(base);
+    if params.is_empty() {
+        format!("{base}/events")
+    } else {
+        format!("{base}/events?{}", params.join("&"))
+    }
+}
+
+pub fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(tail(args))
+}
+
+async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
+    let Some(token) = args.token.clone() else {
+        bail!("a user token is needed: pass --token or set KRUX_TOKEN (create one with `krux-relay user-token create --name NAME`)");
+    };
+    let url = events_url(&args);
+    let mut req = url.as_str().into_client_request().with_context(|| format!("bad --url {}", args.url))?;
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {token}").parse().context("the token is not a valid header value")?,
+    );
+    let (mut ws, _) = match tokio_tungstenite::connect_async(req).await {
+        Ok(x) => x,
+        Err(tungstenite::Error::Http(resp)) => {
+            let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            bail!("the relay refused the subscription: {} {}", resp.status(), body.trim());
+        }
+        Err(e) => bail!("cannot connect to {url}: {e}"),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut seen = 0u64;
+    while let Some(msg) = ws.next().await {
+        match msg.context("reading from the relay")? {
+            Message::Text(t) => {
+                if args.json {
+                    writeln!(out, "{t}")?;
+                } else {
+                    let v: Value = serde_json::from_str(&t).context("the relay sent invalid JSON")?;
+                    writeln!(out, "{}", readable(&v))?;
+                }
+                out.flush()?;
+                seen += 1;
+                if args.count.is_some_and(|c| seen >= c) {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            Message::Close(frame) => {
+                let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                eprintln!("relay closed the stream: {code} {reason}");
+                return Ok(if code == 1000 { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            }
+            _ => {}
+        }
+    }
+    eprintln!("the connection ended");
+    Ok(ExitCode::FAILURE)
+}
+
+/// One readable line: time, type, agent, session, a short summary of `data`, and `#seq`.
+pub fn readable(v: &Value) -> String {
+    let s = |v: &Value| -> String {
+        match v {
+            Value::String(s) => s.clone(),
+            Value::Null => "-".into(),
+            other => other.to_string(),
+        }
+    };
+    let d = &v["data"];
+    let f = |k: &str| s(&d[k]);
+    let time = v["timestamp"].as_str().and_then(|t| t.get(11..23)).unwrap_or("");
+    let etype = v["type"].as_str().unwrap_or("?");
+    let session = v.get("session_id").or_else(|| d.get("session_id")).map(s).unwrap_or_else(|| "-".into());
+    let summary = match etype {
+        "capability_invoked" => format!("{} [{}] {}ms", f("capability"), f("permission_tier"), f("duration_ms")),
+        "capability_result" => format!(
+            "{} {} {}ms",
+            f("capability"),
+            if d["success"] == Value::Bool(true) { "ok" } else { "failed" },
+            f("duration_ms")
+        ),
+        "capability_error" => format!("{} {}: {}", f("capability"), f("error_type"), f("message")),
+        "policy_violation" => format!("{} {}: {}", f("capability"), f("rule"), f("reason")),
+        "approval_requested" => format!("{} {}: {}", f("approval_id"), f("capability"), f("reason")),
+        "approval_resolved" => format!("{} {} by {}", f("approval_id"), f("decision"), f("decided_by")),
+        "session_started" => f("agent_purpose"),
+        "session_ended" => format!("{}s, {} capabilities", f("duration_seconds"), f("capabilities_invoked")),
+        "rate_limit_hit" => format!(
+            "{} limit {}/{}, retry in {}s",
+            f("capability_pattern"),
+            f("limit"),
+            f("window"),
+            f("retry_after_seconds")
+        ),
+        "write_buffered" => format!("{} {} {} until {}", f("service"), f("operation"), f("write_id"), f("buffer_until")),
+        "health_alert" => format!("{} {}: {} (threshold {})", f("severity"), f("component"), f("message"), f("threshold")),
+        "replay_gap" => format!("events after {} are gone; resuming at {}", f("since"), f("oldest")),
+        _ => d.to_string(),
+    };
+    let seq = v.get("seq").map(|q| format!(" #{q}")).unwrap_or_default();
+    format!("{time:<12} {etype:<18} {:<16} {session:<14} {summary}{seq}", s(&v["agent"]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_and_readable_line() {
+        let args = TailArgs {
+            url: "ws://127.0.0.1:1/".into(),
+            token: None,
+            agent: Some("a b,c".into()),
+            etype: Some("health_alert".into()),
+            session: None,
+            since: Some(4),
+            json: false,
+            count: None,
+        };
+        assert_eq!(events_url(&args), "ws://127.0.0.1:1/events?agent=a%20b,c&type=health%5Falert&since=4");
+        let v: Value = serde_json::from_str(
+            r#"{"type":"capability_result","timestamp":"2026-03-15T10:30:00.135Z","agent":"research-agent","session_id":"sess-1","data":{"capability":"filesystem.read","success":true,"duration_ms":12},"seq":9}"#,
+        )
+        .unwrap();
+        let line = readable(&v);
+        for part in ["10:30:00.135", "capability_result", "research-agent", "sess-1", "filesystem.read ok 12ms", "#9"] {
+            assert!(line.contains(part), "{line}");
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Validation of one published NDJSON line against the seed's schema, with simd-json.
+//!
+//! The line itself is what subscribers receive (plus `seq`, and a `timestamp` when the
+//! publisher left it out), so validation only needs to *read* it: it parses a scratch copy
+//! into a reused simd-json tape and computes the event's filter keys.
+
+use simd_json::prelude::*;
+use simd_json::tape::{Tape, Value};
+use simd_json::{Buffers, ValueType};
+
+use super::{is_rfc3339, EventType, FieldKind, FilterKeys};
+
+/// Why a line was rejected; the `Display` text is what the publisher reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    #[error("an event must be a JSON object")]
+    NotAnObject,
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    #[error("duplicate field `{0}`")]
+    DuplicateField(&'static str),
+    #[error("field `{field}` must be {expected}")]
+    WrongType { field: String, expected: &'static str },
+    #[error("unknown event type `{0}`; expected one of: {all}", all = EventType::all_names())]
+    UnknownType(String),
+    #[error("field `timestamp` must be an RFC 3339 date-time such as 2026-03-15T10:30:00.123Z")]
+    BadTimestamp,
+    #[error("field `agent` may be null only for health_alert")]
+    NullAgent,
+    #[error("field `seq` is assigned by the relay and must not be published")]
+    ReservedSeq,
+    #[error("line is {len} bytes, longer than the maximum frame of {max} bytes")]
+    TooLong { len: usize, max: usize },
+    #[error("not accepted: {0}")]
+    Unavailable(String),
+}
+
+/// What validation learned about an accepted line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidEvent {
+    pub keys: FilterKeys,
+    /// The publisher left out `timestamp`: the relay stamps its receive time.
+    pub needs_stamp: bool,
+}
+
+/// Reusable validation state: simd-json's buffers, a scratch copy of the line (simd-json
+/// parses in place) and a tape, so that validating a line allocates only its filter keys.
+pub struct Validator {
+    scratch: Vec<u8>,
+    buffers: Buffers,
+    tape: Option<Tape<'static>>,
+}
+
+impl Default for Validator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Envelope fields, collected in one pass over the object.
+#[derive(Default)]
+struct Envelope<'t, 'i> {
+    etype: Option<Value<'t, 'i>>,
+    timestamp: Option<Value<'t, 'i>>,
+    agent: Option<Value<'t, 'i>>,
+    session_id: Option<Value<'t, 'i>>,
+    data: Option<Value<'t, 'i>>,
+}
+
+fn set_once<'t, 'i>(
+    slot: &mut Option<Value<'t, 'i>>,
+    name: &'static str,
+    v: Value<'t, 'i>,
+) -> Result<(), LineError> {
+    if slot.replace(v).is_some() {
+        return Err(LineError::DuplicateField(name));
+    }
+    Ok(())
+}
+
+fn kind_matches(kind: FieldKind, v: &Value<'_, '_>) -> bool {
+    match kind {
+        FieldKind::Str => v.value_type() == ValueType::String,
+        FieldKind::Bool => v.value_type() == ValueType::Bool,
+        FieldKind::Obj => v.value_type() == ValueType::Object,
+        FieldKind::Num => matches!(v.value_type(), ValueType::I64 | ValueType::U64 | ValueType::F64),
+    }
+}
+
+impl Validator {
+    pub fn new() -> Self {
+        Validator {
+            scratch: Vec::with_capacity(4096),
+            buffers: Buffers::default(),
+            tape: Some(Tape::null().reset()),
+        }
+    }
+
+    /// Validates one line (without its newline; surrounding whitespace allowed).
+    pub fn validate(&mut self, line: &[u8]) -> Result<ValidEvent, LineError> {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(line);
+        let mut tape: Tape<'_> = self.tape.take().expect("validator tape is put back after each line").reset();
+        let result = match simd_json::fill_tape(&mut self.scratch, &mut self.buffers, &mut tape) {
+            Ok(()) => check_envelope(tape.as_value()),
+            Err(e) => Err(LineError::InvalidJson(e.to_string())),
+        };
+        self.tape = Some(tape.reset());
+        result
+    }
+}
+
+fn check_envelope(root: Value<'_, '_>) -> Result<ValidEvent, LineError> {
+    let obj = root.as_object().ok_or(LineError::NotAnObject)?;
+    let mut env = Envelope::default();
+    for (key, v) in obj.iter() {
+        match key {
+            "type" => set_once(&mut env.etype, "type", v)?,
+            "timestamp" => set_once(&mut env.timestamp, "timestamp", v)?,
+            "agent" => set_once(&mut env.agent, "agent", v)?,
+            "session_id" => set_once(&mut env.session_id, "session_id", v)?,
+            "data" => set_once(&mut env.data, "data", v)?,
+            "seq" => return Err(LineError::ReservedSeq),
+            _ => {}
+        }
+    }
+
+    let etype_v = env.etype.ok_or(LineError::MissingField("type"))?;
+    let name = etype_v.as_str().ok_or_else(|| wrong("type", FieldKind::Str))?;
+    let etype = EventType::from_name(name).ok_or_else(|| LineError::UnknownType(truncated(name)))?;
+
+    let needs_stamp = match env.timestamp {
+        None => true,
+        Some(ts) => {
+            let s = ts.as_str().ok_or_else(|| wrong("timestamp", FieldKind::Str))?;
+            if !is_rfc3339(s) {
+                return Err(LineError::BadTimestamp);
+            }
+            false
+        }
+    };
+
+    let agent_v = env.agent.ok_or(LineError::MissingField("agent"))?;
+    let agent = if agent_v.is_null() {
+        if etype != EventType::HealthAlert {
+            return Err(LineError::NullAgent);
+        }
+        None
+    } else {
+        Some(Box::<str>::from(agent_v.as_str().ok_or_else(|| wrong("agent", FieldKind::Str))?))
+    };
+
+    let session = match env.session_id {
+        Some(v) => Some(Box::<str>::from(v.as_str().ok_or_else(|| wrong("session_id", FieldKind::Str))?)),
+        None if etype.requires_session() => return Err(LineError::MissingField("session_id")),
+        None => None,
+    };
+
+    let data_v = env.data.ok_or(LineError::MissingField("data"))?;
+    let data = data_v.as_object().ok_or_else(|| wrong("data", FieldKind::Obj))?;
+    let mut data_session: Option<Box<str>> = None;
+    for &(field, kind) in etype.data_fields() {
+        let v = data.get(field).ok_or(LineError::MissingField(data_field_name(field)))?;
+        if !kind_matches(kind, &v) {
+            return Err(LineError::WrongType {
+                field: format!("data.{field}"),
+                expected: kind.describe(),
+            });
+        }
+        if field == "session_id" {
+            data_session = v.as_str().map(Into::into);
+        }
+    }
+    // Other types may carry `data.session_id` too; the session filter matches it either way.
+    if data_session.is_none() {
+        data_session = data.get("session_id").and_then(|v| v.as_str().map(Into::into));
+    }
+    let data_session = data_session.filter(|d| Some(d) != session.as_ref());
+
+    Ok(ValidEvent {
+        keys: FilterKeys {
+            etype,
+            agent,
+            session,
+            data_session,
+        },
+        needs_stamp,
+    })
+}
+
+fn wrong(field: &str, kind: FieldKind) -> LineError {
+    LineError::WrongType {
+        field: field.to_string(),
+        expected: kind.describe(),
+    }
+}
+
+/// `MissingField` carries a `&'static str`; every data field name comes from the static
+/// schema table, so build the dotted name from that table once.
+fn data_field_name(field: &'static str) -> &'static str {
+    macro_rules! dotted {
+        ($($f:literal),* $(,)?) => {
+            match field { $($f => concat!("data.", $f),)* _ => field }
+        };
+    }
+    dotted!(
+        "capability", "arguments", "permission_tier", "duration_ms", "success", "error_type",
+        "message", "tier", "rule", "reason", "approval_id", "decision", "decided_by",
+        "decided_at", "session_id", "agent_purpose", "duration_seconds", "capabilities_invoked",
+        "capability_pattern", "limit", "window", "retry_after_seconds", "write_id", "service",
+        "operation", "buffer_until", "cancellable", "component", "severity", "threshold",
+    )
+}
+
+/// Echoing a publisher's value back is useful; echoing 10 MB of it is not.
+fn truncated(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const SEED: &str = include_str!("../../tests/data/seed_events.ndjson");
+
+    fn check(line: &str) -> Result<ValidEvent, LineError> {
+        Validator::new().validate(line.as_bytes())
+    }
+
+    #[test]
+    fn every_seed_example_is_valid() {
+        let mut v = Validator::new();
+        let mut seen = Vec::new();
+        for line in SEED.lines() {
+            let ev = v.validate(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert!(!ev.needs_stamp);
+            seen.push(ev.keys.etype);
+        }
+        assert_eq!(seen, EventType::ALL.to_vec());
+    }
+
+    #[test]
+    fn keys_are_extracted() {
+        let ev = check(r#"{"type":"session_started","timestamp":"2026-03-15T10:00:00.000Z","agent":"a1","data":{"session_id":"s1","agent_purpose":"x"}}"#).unwrap();
+        assert_eq!(ev.keys.etype, EventType::SessionStarted);
+        assert_eq!(ev.keys.agent.as_deref(), Some("a1"));
+        assert_eq!(ev.keys.session, None);
+        assert_eq!(ev.keys.data_session.as_deref(), Some("s1"));
+
+        let ev = check(r#"{"type":"health_alert","agent":null,"data":{"component":"disk","severity":"warning","message":"m","threshold":"80%"}}"#).unwrap();
+        assert_eq!(ev.keys.agent, None);
+        assert!(ev.needs_stamp);
+    }
+
+    #[test]
+    fn rejections_name_the_problem() {
+        let cases: &[(&str, &str)] = &[
+            ("{", "invalid JSON"),
+            ("[1,2]", "must be a JSON object"),
+            (r#"{"agent":"a","data":{}}"#, "missing field `type`"),
+            (r#"{"type":7,"agent":"a","data":{}}"#, "field `type` must be a string"),
+            (r#"{"type":"nope","agent":"a","data":{}}"#, "unknown event type `nope`; expected one of: capability_invoked,"),
+            (r#"{"type":"health_alert","timestamp":"yesterday","agent":null,"data":{}}"#, "RFC 3339"),
+            (r#"{"type":"session_started","agent":null,"data":{"session_id":"s","agent_purpose":"p"}}"#, "`agent` may be null only for health_alert"),
+            (r#"{"type":"session_started","data":{"session_id":"s","agent_purpose":"p"}}"#, "missing field `agent`"),
+            (r#"{"type":"capability_result","agent":"a","data":{"capability":"c","success":true,"duration_ms":1}}"#, "missing field `session_id`"),
+            (r#"{"type":"capability_result","agent":"a","session_id":"s","data":{"capability":"c","success":"yes","duration_ms":1}}"#, "field `data.success` must be a boolean"),
+            (r#"{"type":"capability_result","agent":"a","session_id":"s","data":{"capability":"c","success":true}}"#, "missing field `data.duration_ms`"),
+            (r#"{"type":"capability_result","agent":"a","session_id":"s","data":[]}"#, "field `data` must be an object"),
+            (r#"{"type":"session_started","agent":"a","session_id":5,"data":{"session_id":"s","agent_purpose":"p"}}"#, "field `session_id` must be a string"),
+            (r#"{"type":"session_started","type":"session_ended","agent":"a","data":{}}"#, "duplicate field `type`"),
+            (r#"{"type":"health_alert","agent":null,"seq":4,"data":{}}"#, "`seq` is assigned by the relay"),
+        ];
+        for (line, want) in cases {
+            let err = check(line).expect_err(line).to_string();
+            assert!(err.contains(want), "{line}\n  got:  {err}\n  want: {want}");
+        }
+    }
+
+    #[test]
+    fn extra_fields_and_float_numbers_pass() {
+        let ev = check(r#"{"type":"capability_result","agent":"a","session_id":"s","trace":{"x":[1,2]},"data":{"capability":"c","success":false,"duration_ms":1.5,"extra":null}}"#);
+        assert!(ev.is_ok(), "{ev:?}");
+    }
+
+    #[test]
+    fn validator_is_reusable_after_errors() {
+        let mut v = Validator::new();
+        let good = SEED.lines().next().unwrap();
+        assert!(v.validate(b"{oops").is_err());
+        assert!(v.validate(good.as_bytes()).is_ok());
+        assert!(v.validate(b"").is_err());
+        assert!(v.validate(good.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn long_unknown_type_is_truncated_in_error() {
+        let name = "x".repeat(10_000);
+        let err = check(&format!(r#"{{"type":"{name}","agent":"a","data":{{}}}}"#)).unwrap_err().to_string();
+        assert!(err.len() < 400, "{}", err.len());
+    }
+}

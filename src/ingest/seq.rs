@@ -1,0 +1,79 @@
+//! Durable sequence numbers: `seq` never repeats and never goes backwards, across restarts
+//! and crashes. Before handing out a block of numbers, the allocator records the block's
+//! end in `<data-dir>/seq` (written, fsynced, renamed); a restart continues from that end,
+//! skipping whatever the previous run reserved but did not use.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+/// Numbers reserved per disk write: at a million events per second, one fsync a second.
+const BLOCK: u64 = 1 << 20;
+
+pub struct SeqAllocator {
+    next: u64,
+    reserved_end: u64,
+    path: PathBuf,
+}
+
+impl SeqAllocator {
+    pub fn open(data_dir: &Path) -> anyhow::Result<SeqAllocator> {
+        let path = data_dir.join("seq");
+        let next = match std::fs::read_to_string(&path) {
+            Ok(s) => s.trim().parse::<u64>().with_context(|| format!("{} does not hold a number", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(SeqAllocator {
+            next,
+            reserved_end: next,
+            path,
+        })
+    }
+
+    /// The seq the next event will get.
+    pub fn peek(&self) -> u64 {
+        self.next
+    }
+
+    pub fn next(&mut self) -> anyhow::Result<u64> {
+        if self.next == self.reserved_end {
+            self.reserve(self.next + BLOCK)?;
+        }
+        let s = self.next;
+        self.next += 1;
+        Ok(s)
+    }
+
+    fn reserve(&mut self, end: u64) -> anyhow::Result<()> {
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        writeln!(f, "{end}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        self.reserved_end = end;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_never_reuse_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = SeqAllocator::open(dir.path()).unwrap();
+        assert_eq!(a.next().unwrap(), 1);
+        assert_eq!(a.next().unwrap(), 2);
+        drop(a); // as after a crash: the rest of the block is skipped
+        let mut b = SeqAllocator::open(dir.path()).unwrap();
+        let s = b.next().unwrap();
+        assert_eq!(s, 1 + BLOCK);
+        assert_eq!(b.next().unwrap(), s + 1);
+    }
+}

@@ -1,0 +1,59 @@
+//! The `krux-relay` command line: parse, dispatch, map errors to exit codes.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use krux_relay::cli;
+use krux_relay::config::{DataDirArg, ServeConfig};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "krux-relay", version, about = "Supervision event relay of the KruxOS Gateway")]
+struct Cli {
+    #[command(flatten)]
+    data_dir: DataDirArg,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay.
+    Serve(ServeConfig),
+    /// Zero-setup demo: the relay, a token and a synthetic fleet of agents.
+    Demo(cli::demo::DemoArgs),
+    /// Manage user tokens (krx_user_…).
+    #[command(subcommand)]
+    UserToken(cli::token::TokenCommand),
+    /// Send NDJSON events to the ingest port.
+    Publish(cli::publish::PublishArgs),
+    /// Subscribe and print events.
+    Tail(cli::tail::TailArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KRUX_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Cli::parse();
+    let data_dir = args.data_dir.resolve();
+    let result = match args.command {
+        Command::Serve(cfg) => krux_relay::server::start(&cfg, &data_dir).and_then(|r| r.wait()).map(|()| ExitCode::SUCCESS),
+        Command::Demo(a) => cli::demo::run(a).map(|()| ExitCode::SUCCESS),
+        Command::UserToken(c) => cli::token::run(c, &data_dir).map(|()| ExitCode::SUCCESS),
+        Command::Publish(a) => cli::publish::run(a),
+        Command::Tail(a) => cli::tail::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("krux-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

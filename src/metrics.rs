@@ -1,0 +1,80 @@
+//! Process-wide counters, updated with relaxed atomics by the ingest thread and the
+//! reactors, rendered as Prometheus text by the admin port. Never holds a secret.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use crate::event::EventType;
+
+/// HTTP statuses a handshake can end with, in the order they are rendered.
+const STATUSES: [u16; 11] = [101, 200, 400, 401, 403, 404, 405, 408, 426, 431, 503];
+
+#[derive(Default)]
+pub struct Metrics {
+    events_in: [AtomicU64; 11],
+    pub events_rejected: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub writevs: AtomicU64,
+    pub subscribers: AtomicI64,
+    pub slow_consumer_closes: AtomicU64,
+    handshakes: [AtomicU64; STATUSES.len()],
+}
+
+impl Metrics {
+    pub fn event_in(&self, t: EventType) {
+        self.events_in[t.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn events_in_total(&self) -> u64 {
+        self.events_in.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    pub fn handshake(&self, status: u16) {
+        if let Some(i) = STATUSES.iter().position(|&s| s == status) {
+            self.handshakes[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP krux_events_in_total Events accepted from publishers, by type.\n# TYPE krux_events_in_total counter");
+        for t in EventType::ALL {
+            let _ = writeln!(out, "krux_events_in_total{{type=\"{}\"}} {}", t.name(), self.events_in[t.index()].load(Relaxed));
+        }
+        let scalars: [(&str, &str, &str, i64); 6] = [
+            ("krux_events_rejected_total", "counter", "Published lines rejected.", self.events_rejected.load(Relaxed) as i64),
+            ("krux_frames_out_total", "counter", "Frames written to subscribers.", self.frames_out.load(Relaxed) as i64),
+            ("krux_bytes_out_total", "counter", "Bytes written to subscribers.", self.bytes_out.load(Relaxed) as i64),
+            ("krux_writev_total", "counter", "Gathered writes submitted.", self.writevs.load(Relaxed) as i64),
+            ("krux_subscribers", "gauge", "Open subscriber WebSockets.", self.subscribers.load(Relaxed)),
+            ("krux_slow_consumer_closes_total", "counter", "Subscribers closed with 4001.", self.slow_consumer_closes.load(Relaxed) as i64),
+        ];
+        for (name, kind, help, v) in scalars {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+        let _ = writeln!(out, "# HELP krux_handshakes_total Handshake results on port 7701, by HTTP status.\n# TYPE krux_handshakes_total counter");
+        for (i, s) in STATUSES.iter().enumerate() {
+            let _ = writeln!(out, "krux_handshakes_total{{status=\"{s}\"}} {}", self.handshakes[i].load(Relaxed));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_series_with_krux_prefix() {
+        let m = Metrics::default();
+        m.event_in(EventType::HealthAlert);
+        m.handshake(401);
+        let text = m.render();
+        assert!(text.contains("krux_events_in_total{type=\"health_alert\"} 1"));
+        assert!(text.contains("krux_handshakes_total{status=\"401\"} 1"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("krux_"), "{line}");
+        }
+    }
+}

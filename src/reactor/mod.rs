@@ -1,0 +1,249 @@
+//! A reactor: one thread, one single-threaded runtime, one listener on the shared port
+//! (SO_REUSEPORT), and the subscribers it accepted — nobody else touches them.
+//!
+//! Three kinds of task run on it: the accept loop, the fan-out loop (ring cursor → index →
+//! outboxes) and, per subscriber, a reader (handshake, then control frames) and a writer
+//! (one writev per round of whatever its outbox holds).
+
+mod outbox;
+mod subscriber;
+
+pub use outbox::{OutState, Outbox};
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+use tokio::sync::Notify;
+
+use crate::auth::LiveCredentials;
+use crate::filter::{SubId, SubscriberIndex};
+use crate::frame;
+use crate::io::Listener;
+use crate::metrics::Metrics;
+use crate::proto::handshake::Principal;
+use crate::proto::ws::close_code;
+use crate::ring::{Cursor, Slot};
+
+/// Settings and state shared by all reactors (read-mostly, thread-safe).
+pub struct Shared {
+    pub client_queue: usize,
+    pub max_frame: u64,
+    pub max_connections: usize,
+    pub ping_interval: Duration,
+    pub read_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub credentials: Arc<LiveCredentials>,
+    pub metrics: Arc<Metrics>,
+    /// Open subscriber WebSockets across all reactors (for `--max-connections`).
+    pub connections: AtomicUsize,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// One subscriber as its reactor holds it.
+pub struct Subscriber {
+    pub out: RefCell<Outbox>,
+    /// Wakes the subscriber's writer task.
+    pub wake: Notify,
+    pub principal: Principal,
+    /// When the subscriber last sent anything (keepalive).
+    pub last_heard: Cell<Instant>,
+    /// The connection is finished; the writer must stop.
+    pub gone: Cell<bool>,
+}
+
+impl Subscriber {
+    /// Starts the close sequence and wakes the writer to send it.
+    pub fn close(&self, code: u16, reason: &str) {
+        if self.out.borrow_mut().close(code, reason) {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Per-thread reactor state.
+pub struct Reactor {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub subs: RefCell<Slab<Rc<Subscriber>>>,
+    pub index: RefCell<SubscriberIndex>,
+    /// The fan-out cursor's position: the seq of the next event this reactor will
+    /// dispatch. A new subscriber starts here (or replays up to here).
+    pub next_seq: Cell<u64>,
+    cursor_ring: Arc<crate::ring::FrameRing>,
+}
+
+/// How many ring entries one fan-out round dispatches before yielding to the writers.
+const FANOUT_BATCH: u64 = 256;
+
+/// Runs a reactor until the process stops.
+pub async fn run<L: Listener>(id: usize, shared: Arc<Shared>, listener: L, cursor: Cursor) {
+    let reactor = Rc::new(Reactor {
+        id,
+        shared,
+        subs: RefCell::new(Slab::new()),
+        index: RefCell::new(SubscriberIndex::default()),
+        next_seq: Cell::new(cursor.next),
+        cursor_ring: cursor.ring().clone(),
+    });
+    tokio::task::spawn_local(fan_out(reactor.clone(), cursor));
+    tokio::task::spawn_local(housekeeping(reactor.clone()));
+    accept_loop(reactor, listener).await;
+}
+
+async fn accept_loop<L: Listener>(reactor: Rc<Reactor>, listener: L) {
+    loop {
+        match listener.accept().await {
+            Ok((conn, _peer)) => {
+                tokio::task::spawn_local(subscriber::serve(reactor.clone(), conn));
+            }
+            Err(e) => crate::server::accept_backoff("reactor", e).await,
+        }
+    }
+}
+
+impl Reactor {
+    pub fn ring(&self) -> &crate::ring::FrameRing {
+        &self.cursor_ring
+    }
+
+    /// Replays retained events `> since` up to the fan-out position into `sub`'s outbox,
+    /// preceded by a `replay_gap` notice when the window no longer reaches `since + 1`.
+    /// Runs between fan-out rounds on the reactor's thread, so when the subscriber is
+    /// then indexed, live delivery continues exactly where replay stopped.
+    pub fn replay(&self, sub: &Subscriber, filter: &crate::filter::Filter, since: u64) {
+        let ring = self.ring();
+        let end = self.next_seq.get();
+        let oldest = ring.oldest();
+        let mut out = sub.out.borrow_mut();
+        if since.saturating_add(1) < oldest {
+            let gap = format!(
+                r#"{{"type":"replay_gap","timestamp":"{}","agent":null,"data":{{"since":{since},"oldest":{oldest}}}}}"#,
+                crate::event::now_rfc3339_millis()
+            );
+            out.push_control(frame::text_frame(gap.as_bytes()));
+        }
+        let mut seq = since.saturating_add(1).max(oldest);
+        while seq < end {
+            match ring.get(seq) {
+                Slot::Ready(e) => {
+                    if filter.matches(&e.keys) {
+                        out.push_event(&e.frame, e.seq);
+                    }
+                }
+                // Overwritten while replaying: never skip silently.
+                Slot::Lapped => {
+                    let reason = format!("slow consumer; resume with since={}", out.last_seq());
+                    out.close(close_code::SLOW_CONSUMER, &reason);
+                }
+                Slot::Pending => unreachable!("seq {seq} is below the fan-out position"),
+            }
+            if out.state() != OutState::Open {
+                break;
+            }
+            seq += 1;
+        }
+    }
+}
+
+/// Ring → index → outboxes, then wake the writers that got something.
+async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
+    let mut dirty: Vec<SubId> = Vec::new();
+    loop {
+        cursor.wait().await;
+        let end = cursor.ring().head().min(cursor.next + FANOUT_BATCH);
+        {
+            let subs = reactor.subs.borrow();
+            let index = reactor.index.borrow();
+            while cursor.next < end {
+                match cursor.ring().get(cursor.next) {
+                    Slot::Ready(e) => {
+                        index.for_each_match(&e.keys, |id| {
+                            let mut out = subs[id].out.borrow_mut();
+                            let was_open = out.state() == OutState::Open;
+                            let queued = out.push_event(&e.frame, e.seq);
+                            if was_open && out.state() != OutState::Open {
+                                reactor.shared.metrics.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if queued && !out.dirty {
+                                out.dirty = true;
+                                dirty.push(id);
+                            }
+                        });
+                        cursor.next += 1;
+                    }
+                    Slot::Lapped => {
+                        // The ingest outran this reactor by a whole window: whatever its
+                        // subscribers missed is gone, so each is told where to resume.
+                        let oldest = cursor.ring().oldest();
+                        tracing::warn!(reactor = reactor.id, missed_from = cursor.next, oldest, "reactor fell behind the replay window");
+                        for (_, sub) in subs.iter() {
+                            let since = sub.out.borrow().last_seq();
+                            sub.close(close_code::SLOW_CONSUMER, &format!("slow consumer; resume with since={since}"));
+                        }
+                        cursor.next = oldest;
+                    }
+                    Slot::Pending => break,
+                }
+            }
+            reactor.next_seq.set(cursor.next);
+            for id in dirty.drain(..) {
+                let sub = &subs[id];
+                sub.out.borrow_mut().dirty = false;
+                sub.wake.notify_one();
+            }
+        }
+        // Let the writers run (and, on io_uring, submit all their writes at once).
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Keepalive pings, dead-peer detection and token revocation, checked every 250 ms.
+async fn housekeeping(reactor: Rc<Reactor>) {
+    let shared = reactor.shared.clone();
+    let tick = Duration::from_millis(250);
+    let mut seen_generation = shared.credentials.generation();
+    let mut last_ping = Instant::now();
+    let mut ping_pending = false;
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = Instant::now();
+        let subs = reactor.subs.borrow();
+
+        let generation = shared.credentials.generation();
+        if generation != seen_generation {
+            seen_generation = generation;
+            for (_, sub) in subs.iter() {
+                if !shared.credentials.still_valid(&sub.principal) {
+                    sub.close(close_code::POLICY, "credential revoked");
+                }
+            }
+        }
+
+        if ping_pending && now.duration_since(last_ping) >= shared.read_timeout {
+            ping_pending = false;
+            for (_, sub) in subs.iter() {
+                if sub.last_heard.get() < last_ping {
+                    // Silent since the ping: a half-open or hung peer.
+                    sub.close(close_code::GOING_AWAY, "no pong within the read timeout");
+                }
+            }
+        }
+        if now.duration_since(last_ping) >= shared.ping_interval {
+            last_ping = now;
+            ping_pending = true;
+            let ping = frame::ping_frame(b"");
+            for (_, sub) in subs.iter() {
+                if sub.out.borrow_mut().push_control(ping.clone()) {
+                    sub.wake.notify_one();
+                }
+            }
+        }
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! One subscriber's outbound queue, sans-IO: shared frame handles waiting to be written,
+//! the byte bound that detects a slow consumer, and the close sequence.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::frame::close_frame;
+use crate::io::MAX_IOV;
+use crate::proto::ws::close_code;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutState {
+    Open,
+    /// A close frame is queued (last); nothing else will be.
+    Closing,
+    /// The close frame has been handed to the writer.
+    CloseTaken,
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    frames: VecDeque<Bytes>,
+    /// Bytes queued or in flight and not yet acknowledged by the kernel.
+    unsent: usize,
+    limit: usize,
+    /// The seq of the last event frame queued (or, before any, the last one this
+    /// subscriber is considered to have: its resume point).
+    last_seq: u64,
+    state: OutState,
+    /// Already in the reactor's list of outboxes to wake this round.
+    pub dirty: bool,
+}
+
+impl Outbox {
+    /// An outbox bounded to `limit` unsent bytes, whose subscriber has seen everything up
+    /// to and including `last_seq`.
+    pub fn new(limit: usize, last_seq: u64) -> Outbox {
+        Outbox {
+            frames: VecDeque::new(),
+            unsent: 0,
+            limit,
+            last_seq,
+            state: OutState::Open,
+            dirty: false,
+        }
+    }
+
+    pub fn state(&self) -> OutState {
+        self.state
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    pub fn unsent(&self) -> usize {
+        self.unsent
+    }
+
+    /// Queues an event frame (a refcount bump, no copy). Frames at or below the resume
+    /// point are skipped. Returns whether the writer has something new to do. Past the
+    /// byte bound, the subscriber is closed as a slow consumer instead.
+    pub fn push_event(&mut self, frame: &Bytes, seq: u64) -> bool {
+        if self.state != OutState::Open || seq <= self.last_seq {
+            return false;
+        }
+        if self.unsent + frame.len() > self.limit {
+            let reason = format!("slow consumer; resume with since={}", self.last_seq);
+            return self.close(close_code::SLOW_CONSUMER, &reason);
+        }
+        self.unsent += frame.len();
+        self.frames.push_back(frame.clone());
+        self.last_seq = seq;
+        true
+    }
+
+    /// Queues a control frame (pong, ping); they are tiny and exempt from the bound.
+    pub fn push_control(&mut self, frame: Bytes) -> bool {
+        if self.state != OutState::Open {
+            return false;
+        }
+        self.unsent += frame.len();
+        self.frames.push_back(frame);
+        true
+    }
+
+    /// Queues the close frame after everything already queued. Returns false if closing
+    /// had already begun.
+    pub fn close(&mut self, code: u16, reason: &str) -> bool {
+        if self.state != OutState::Open {
+            return false;
+        }
+        let f = close_frame(code, reason);
+        self.unsent += f.len();
+        self.frames.push_back(f);
+        self.state = OutState::Closing;
+        true
+    }
+
+    /// Moves up to `MAX_IOV - batch.len()` queued frames into `batch` for one writev.
+    pub fn take_batch(&mut self, batch: &mut Vec<Bytes>) {
+        let n = self.frames.len().min(MAX_IOV.saturating_sub(batch.len()));
+        batch.extend(self.frames.drain(..n));
+        if self.frames.is_empty() && self.state == OutState::Closing {
+            self.state = OutState::CloseTaken;
+        }
+    }
+
+    /// The kernel accepted `n` more bytes.
+    pub fn wrote(&mut self, n: usize) {
+        self.unsent = self.unsent.saturating_sub(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(n: usize) -> Bytes {
+        Bytes::from(vec![b'x'; n])
+    }
+
+    #[test]
+    fn queues_shared_handles_in_order() {
+        let mut o = Outbox::new(1000, 0);
+        let a = f(10);
+        assert!(o.push_event(&a, 1));
+        assert!(o.push_event(&f(20), 2));
+        assert!(!o.push_event(&f(20), 2), "duplicates below the resume point are skipped");
+        let mut batch = Vec::new();
+        o.take_batch(&mut batch);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[0].as_ptr(), a.as_ptr(), "the same bytes, not a copy");
+        assert_eq!(o.unsent(), 30);
+        o.wrote(25);
+        assert_eq!(o.unsent(), 5);
+    }
+
+    #[test]
+    fn overflow_closes_with_resume_point() {
+        let mut o = Outbox::new(100, 41);
+        assert!(o.push_event(&f(60), 42));
+        assert!(o.push_event(&f(60), 43), "over the bound: the close is what gets queued");
+        assert_eq!(o.state(), OutState::Closing);
+        assert!(!o.push_event(&f(1), 44));
+        assert!(!o.push_control(f(1)));
+        let mut batch = Vec::new();
+        o.take_batch(&mut batch);
+        assert_eq!(o.state(), OutState::CloseTaken);
+        let close = batch.last().unwrap();
+        assert_eq!(close[0], 0x88);
+        assert_eq!(&close[2..4], &4001u16.to_be_bytes());
+        assert_eq!(&close[4..], b"slow consumer; resume with since=42");
+    }
+
+    #[test]
+    fn batches_respect_iov_max() {
+        let mut o = Outbox::new(usize::MAX, 0);
+        let fr = f(1);
+        for s in 1..=(MAX_IOV as u64 + 5) {
+            o.push_event(&fr, s);
+        }
+        let mut batch = vec![f(1)];
+        o.take_batch(&mut batch);
+        assert_eq!(batch.len(), MAX_IOV);
+        batch.clear();
+        o.take_batch(&mut batch);
+        assert_eq!(batch.len(), 6);
+    }
+}

@@ -1,0 +1,205 @@
+//! One connection on port 7701: the HTTP handshake, then a subscriber's two tasks — the
+//! reader (control frames in) and the writer (its outbox out, one writev per round).
+
+use std::cell::{Cell, RefCell};
+use std::net::Shutdown;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use super::{OutState, Outbox, Reactor, Shared, Subscriber};
+use crate::frame;
+use crate::io::{advance, write_all, Conn};
+use crate::proto::handshake::{decide, parse_request, Decision, Gate, Parsed, Request, Response, MAX_HEAD};
+use crate::proto::ws::{close_code, Inbound, InboundDecoder};
+
+/// How long a closing connection waits for the peer's close before dropping it.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Read buffer of an upgraded subscriber: it only ever sends small control frames.
+const SUBSCRIBER_READ_BUF: usize = 512;
+
+static DASHBOARD: &str = include_str!("../../assets/dashboard.html");
+
+pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C) {
+    let shared = reactor.shared.clone();
+    let head = tokio::time::timeout(shared.handshake_timeout, read_head(&conn)).await;
+    let (req, leftover) = match head {
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return, // closed before sending a request
+        Ok(Err(resp)) => return refuse(&conn, &shared, resp).await,
+        Err(_) => return refuse(&conn, &shared, Response::text(408, "The request head took too long to arrive.")).await,
+    };
+
+    let authenticate = |c: &_| shared.credentials.authenticate(c);
+    let gate = Gate {
+        at_capacity: shared.connections.load(Relaxed) >= shared.max_connections,
+        authenticate: &authenticate,
+    };
+    let up = match decide(&req, &gate) {
+        Decision::Upgrade(up) => up,
+        Decision::Refuse(resp) => return refuse(&conn, &shared, resp).await,
+        Decision::Dashboard => return refuse(&conn, &shared, Response::html(DASHBOARD)).await,
+    };
+    drop(req);
+    if write_all(&conn, Bytes::from(up.response)).await.is_err() {
+        return;
+    }
+    shared.metrics.handshake(101);
+    shared.connections.fetch_add(1, Relaxed);
+    shared.metrics.subscribers.fetch_add(1, Relaxed);
+
+    // Register between two fan-out rounds (we are on the reactor's only thread): replay
+    // stops exactly where live delivery through the index starts.
+    let start = reactor.next_seq.get();
+    let resume_from = up.since.unwrap_or(start.saturating_sub(1));
+    let sub = Rc::new(Subscriber {
+        out: RefCell::new(Outbox::new(shared.client_queue, resume_from)),
+        wake: Notify::new(),
+        principal: up.principal,
+        last_heard: Cell::new(Instant::now()),
+        gone: Cell::new(false),
+    });
+    if let Some(since) = up.since {
+        reactor.replay(&sub, &up.filter, since);
+    }
+    let id = reactor.subs.borrow_mut().insert(sub.clone());
+    reactor.index.borrow_mut().insert(id, up.filter);
+
+    let conn = Rc::new(conn);
+    sub.wake.notify_one();
+    tokio::task::spawn_local(write_loop(sub.clone(), conn.clone(), shared.clone()));
+    read_loop(&sub, &*conn, leftover, shared.max_frame).await;
+
+    // The peer is gone (or finished closing): stop the writer and forget the subscriber.
+    sub.gone.set(true);
+    sub.wake.notify_one();
+    conn.shutdown(Shutdown::Both);
+    reactor.index.borrow_mut().remove(id);
+    reactor.subs.borrow_mut().remove(id);
+    shared.connections.fetch_sub(1, Relaxed);
+    shared.metrics.subscribers.fetch_sub(1, Relaxed);
+}
+
+/// Reads until a complete request head, bounded by `MAX_HEAD`. `Ok(None)`: the peer left.
+async fn read_head<C: Conn>(conn: &C) -> Result<Option<(Request, Vec<u8>)>, Response> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let (res, b) = conn.read(buf).await;
+        buf = b;
+        if !matches!(res, Ok(n) if n > 0) {
+            return Ok(None);
+        }
+        match parse_request(&buf)? {
+            Parsed::Partial => {
+                if buf.len() == buf.capacity() {
+                    buf.reserve(buf.len().min(MAX_HEAD));
+                }
+            }
+            Parsed::Complete(req, len) => return Ok(Some((req, buf.split_off(len)))),
+        }
+    }
+}
+
+async fn refuse<C: Conn>(conn: &C, shared: &Shared, resp: Response) {
+    shared.metrics.handshake(resp.status);
+    let _ = write_all(conn, Bytes::from(resp.to_bytes())).await;
+    conn.shutdown(Shutdown::Write);
+    // Let the client read the answer before the socket goes; a short, bounded wait.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        let mut buf = Vec::with_capacity(256);
+        loop {
+            let (res, mut b) = conn.read(buf).await;
+            if !matches!(res, Ok(n) if n > 0) {
+                return;
+            }
+            b.clear();
+            buf = b;
+        }
+    })
+    .await;
+}
+
+async fn read_loop<C: Conn>(sub: &Subscriber, conn: &C, leftover: Vec<u8>, max_frame: u64) {
+    let mut decoder = InboundDecoder::new(max_frame);
+    let mut buf = leftover;
+    loop {
+        if !buf.is_empty() {
+            sub.last_heard.set(Instant::now());
+            let mut got = Vec::new();
+            let res = decoder.feed(&buf, &mut |i| got.push(i));
+            for inbound in got {
+                match inbound {
+                    Inbound::Ping(payload) => {
+                        if sub.out.borrow_mut().push_control(frame::pong_frame(&payload)) {
+                            sub.wake.notify_one();
+                        }
+                    }
+                    Inbound::Pong => {}
+                    // Echo the peer's code, as RFC 6455 §5.5.1 suggests.
+                    Inbound::Close(code) => sub.close(code.unwrap_or(close_code::NORMAL), ""),
+                }
+            }
+            if let Err(v) = res {
+                sub.close(v.code, v.reason);
+            }
+            buf.clear();
+            if buf.capacity() > SUBSCRIBER_READ_BUF {
+                buf = Vec::with_capacity(SUBSCRIBER_READ_BUF);
+            }
+        }
+        let (res, b) = conn.read(buf).await;
+        buf = b;
+        if !matches!(res, Ok(n) if n > 0) {
+            return;
+        }
+    }
+}
+
+/// Writes the outbox: everything queued goes out in one writev per round; a partial write
+/// keeps the unwritten tail (sliced, not copied) at the front of the next round.
+async fn write_loop<C: Conn>(sub: Rc<Subscriber>, conn: Rc<C>, shared: Arc<Shared>) {
+    let mut batch: Vec<Bytes> = Vec::new();
+    loop {
+        if sub.gone.get() {
+            return;
+        }
+        let state = {
+            let mut out = sub.out.borrow_mut();
+            out.take_batch(&mut batch);
+            out.state()
+        };
+        if batch.is_empty() {
+            if state == OutState::CloseTaken {
+                break;
+            }
+            sub.wake.notified().await;
+            continue;
+        }
+        let frames = batch.len();
+        let (res, mut rest) = conn.writev(std::mem::take(&mut batch)).await;
+        match res {
+            Ok(n) if n > 0 => {
+                sub.out.borrow_mut().wrote(n);
+                advance(&mut rest, n);
+                let m = &shared.metrics;
+                m.writevs.fetch_add(1, Relaxed);
+                m.bytes_out.fetch_add(n as u64, Relaxed);
+                m.frames_out.fetch_add((frames - rest.len()) as u64, Relaxed);
+                batch = rest;
+            }
+            _ => {
+                sub.gone.set(true);
+                conn.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+    // The close frame is out: half-close, give the peer a moment to answer, then drop it.
+    conn.shutdown(Shutdown::Write);
+    tokio::time::sleep(CLOSE_GRACE).await;
+    conn.shutdown(Shutdown::Both);
+}

@@ -1,0 +1,252 @@
+//! `FrameRing`: the lock-free single-producer / multi-consumer ring that carries built
+//! frames from the ingest thread to the reactors.
+//!
+//! Every reactor reads every entry through its own cursor (broadcast, not work sharing).
+//! Slot `seq % capacity` holds the entry with that `seq`, so the ring's contents are also
+//! the replay window: the last `capacity` events, addressable by `seq`. Slots are
+//! `ArcSwapOption`s, so readers never lock and never see a torn entry; a reader that
+//! finds a newer `seq` in its slot knows it was lapped.
+//!
+//! Wake-ups: a reactor with nothing to read marks itself parked and waits on its `Notify`;
+//! the producer notifies only parked reactors, so a busy reactor costs it one atomic load.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::event::FilterKeys;
+
+/// One accepted event, as the reactors see it.
+#[derive(Debug)]
+pub struct Entry {
+    pub seq: u64,
+    /// The complete WebSocket text frame, shared by every subscriber that gets it.
+    pub frame: Bytes,
+    pub keys: FilterKeys,
+}
+
+/// What a reader finds at a given `seq`.
+#[derive(Debug)]
+pub enum Slot {
+    Ready(Arc<Entry>),
+    /// Not published yet.
+    Pending,
+    /// Overwritten: the window no longer reaches this `seq`.
+    Lapped,
+}
+
+#[derive(Default)]
+pub struct ReaderWake {
+    parked: AtomicBool,
+    notify: Notify,
+}
+
+pub struct FrameRing {
+    slots: Box<[ArcSwapOption<Entry>]>,
+    /// The `seq` the next published entry will have.
+    head: AtomicU64,
+    /// The first `seq` published by this process (older ones are gone with a restart).
+    first: u64,
+    readers: Vec<Arc<ReaderWake>>,
+}
+
+/// The ring's only writer. Not `Clone`: single-producer is enforced by ownership.
+pub struct Producer {
+    ring: Arc<FrameRing>,
+}
+
+/// One reactor's read position and wake-up handle.
+pub struct Cursor {
+    ring: Arc<FrameRing>,
+    wake: Arc<ReaderWake>,
+    pub next: u64,
+}
+
+impl FrameRing {
+    /// A ring retaining `capacity` entries, whose first entry will have `first_seq`, read by
+    /// `readers` cursors.
+    pub fn new(capacity: usize, first_seq: u64, readers: usize) -> (Producer, Vec<Cursor>) {
+        assert!(capacity > 0, "ring capacity must be positive");
+        let ring = Arc::new(FrameRing {
+            slots: (0..capacity).map(|_| ArcSwapOption::empty()).collect(),
+            head: AtomicU64::new(first_seq),
+            first: first_seq,
+            readers: (0..readers).map(|_| Arc::default()).collect(),
+        });
+        let cursors = ring
+            .readers
+            .iter()
+            .map(|w| Cursor {
+                ring: ring.clone(),
+                wake: w.clone(),
+                next: first_seq,
+            })
+            .collect();
+        (Producer { ring }, cursors)
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.slots.len() as u64
+    }
+
+    /// The `seq` the next published entry will get.
+    pub fn head(&self) -> u64 {
+        self.head.load(SeqCst)
+    }
+
+    /// The oldest `seq` still retained (equal to `head()` when nothing is).
+    pub fn oldest(&self) -> u64 {
+        self.head().saturating_sub(self.capacity()).max(self.first)
+    }
+
+    pub fn get(&self, seq: u64) -> Slot {
+        if seq >= self.head() {
+            return Slot::Pending;
+        }
+        if seq < self.first {
+            return Slot::Lapped;
+        }
+        match self.slots[(seq % self.capacity()) as usize].load_full() {
+            Some(e) if e.seq == seq => Slot::Ready(e),
+            Some(e) if e.seq > seq => Slot::Lapped,
+            // Unreachable while `seq < head`: the producer stores the slot before `head`.
+            _ => Slot::Pending,
+        }
+    }
+}
+
+impl Producer {
+    pub fn ring(&self) -> &Arc<FrameRing> {
+        &self.ring
+    }
+
+    /// Publishes the entry whose `seq` must be `ring.head()`. Readers are not woken here:
+    /// call `wake_parked` once per batch.
+    pub fn publish(&mut self, entry: Entry) {
+        let ring = &*self.ring;
+        let seq = entry.seq;
+        assert_eq!(seq, ring.head(), "entries are published in seq order");
+        ring.slots[(seq % ring.capacity()) as usize].store(Some(Arc::new(entry)));
+        ring.head.store(seq + 1, SeqCst);
+    }
+
+    /// Wakes the readers that parked because they had caught up.
+    pub fn wake_parked(&self) {
+        for w in &self.ring.readers {
+            if w.parked.load(SeqCst) && w.parked.swap(false, SeqCst) {
+                w.notify.notify_one();
+            }
+        }
+    }
+}
+
+impl Cursor {
+    pub fn ring(&self) -> &Arc<FrameRing> {
+        &self.ring
+    }
+
+    /// Waits until an entry at or past `self.next` is published.
+    pub async fn wait(&self) {
+        loop {
+            if self.ring.head() > self.next {
+                return;
+            }
+            self.wake.parked.store(true, SeqCst);
+            // Re-check after parking: the producer may have published in between and seen
+            // `parked == false`. SeqCst on both sides means one of us sees the other.
+            if self.ring.head() > self.next {
+                self.wake.parked.store(false, SeqCst);
+                return;
+            }
+            self.wake.notify.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventType;
+
+    fn entry(seq: u64) -> Entry {
+        Entry {
+            seq,
+            frame: Bytes::from(seq.to_string()),
+            keys: FilterKeys {
+                etype: EventType::HealthAlert,
+                agent: None,
+                session: None,
+                data_session: None,
+            },
+        }
+    }
+
+    #[test]
+    fn window_and_lapping() {
+        let (mut p, _c) = FrameRing::new(4, 100, 1);
+        let ring = p.ring().clone();
+        assert!(matches!(ring.get(100), Slot::Pending));
+        assert_eq!(ring.oldest(), 100);
+        for s in 100..106 {
+            p.publish(entry(s));
+        }
+        assert_eq!(ring.head(), 106);
+        assert_eq!(ring.oldest(), 102);
+        assert!(matches!(ring.get(99), Slot::Lapped));
+        assert!(matches!(ring.get(101), Slot::Lapped));
+        for s in 102..106 {
+            match ring.get(s) {
+                Slot::Ready(e) => assert_eq!(e.seq, s),
+                other => panic!("{s}: {other:?}"),
+            }
+        }
+        assert!(matches!(ring.get(106), Slot::Pending));
+    }
+
+    #[test]
+    #[should_panic(expected = "seq order")]
+    fn out_of_order_publish_is_a_bug() {
+        let (mut p, _c) = FrameRing::new(4, 1, 1);
+        p.publish(entry(2));
+    }
+
+    /// Concurrent readers on their own threads each see every entry exactly once, in
+    /// order, with no lock, parking when they catch up.
+    #[test]
+    fn concurrent_readers_see_everything_in_order() {
+        const N: u64 = 200_000;
+        let (mut p, cursors) = FrameRing::new(1 << 20, 1, 3);
+        let readers: Vec<_> = cursors
+            .into_iter()
+            .map(|mut c| {
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                    rt.block_on(async move {
+                        let mut sum = 0u64;
+                        while c.next <= N {
+                            c.wait().await;
+                            while let Slot::Ready(e) = c.ring().get(c.next) {
+                                assert_eq!(e.seq, c.next);
+                                sum += e.seq;
+                                c.next += 1;
+                            }
+                        }
+                        sum
+                    })
+                })
+            })
+            .collect();
+        for s in 1..=N {
+            p.publish(entry(s));
+            if s % 64 == 0 || s == N {
+                p.wake_parked();
+            }
+        }
+        for r in readers {
+            assert_eq!(r.join().unwrap(), N * (N + 1) / 2);
+        }
+    }
+}
