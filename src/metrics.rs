@@ -11,6 +11,8 @@ const STATUSES: [u16; 11] = [101, 200, 400, 401, 403, 404, 405, 408, 426, 431, 5
 
 #[derive(Default)]
 pub struct Metrics {
+    /// Open subscribers per reactor (shows how SO_REUSEPORT spread them).
+    reactor_subscribers: Vec<AtomicI64>,
     events_in: [AtomicU64; 11],
     pub events_rejected: AtomicU64,
     pub frames_out: AtomicU64,
@@ -22,6 +24,21 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    pub fn new(reactors: usize) -> Metrics {
+        Metrics {
+            reactor_subscribers: (0..reactors).map(|_| AtomicI64::new(0)).collect(),
+            ..Metrics::default()
+        }
+    }
+
+    /// A subscriber joined (`+1`) or left (`-1`) reactor `r`.
+    pub fn subscriber_delta(&self, r: usize, delta: i64) {
+        self.subscribers.fetch_add(delta, Relaxed);
+        if let Some(g) = self.reactor_subscribers.get(r) {
+            g.fetch_add(delta, Relaxed);
+        }
+    }
+
     pub fn event_in(&self, t: EventType) {
         self.events_in[t.index()].fetch_add(1, Relaxed);
     }
@@ -53,6 +70,10 @@ impl Metrics {
         for (name, kind, help, v) in scalars {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         }
+        let _ = writeln!(out, "# HELP krux_reactor_subscribers Open subscriber WebSockets per reactor thread.\n# TYPE krux_reactor_subscribers gauge");
+        for (i, g) in self.reactor_subscribers.iter().enumerate() {
+            let _ = writeln!(out, "krux_reactor_subscribers{{reactor=\"{i}\"}} {}", g.load(Relaxed));
+        }
         let _ = writeln!(out, "# HELP krux_handshakes_total Handshake results on port 7701, by HTTP status.\n# TYPE krux_handshakes_total counter");
         for (i, s) in STATUSES.iter().enumerate() {
             let _ = writeln!(out, "krux_handshakes_total{{status=\"{s}\"}} {}", self.handshakes[i].load(Relaxed));
@@ -67,12 +88,15 @@ mod tests {
 
     #[test]
     fn renders_every_series_with_krux_prefix() {
-        let m = Metrics::default();
+        let m = Metrics::new(2);
+        m.subscriber_delta(1, 1);
         m.event_in(EventType::HealthAlert);
         m.handshake(401);
         let text = m.render();
         assert!(text.contains("krux_events_in_total{type=\"health_alert\"} 1"));
         assert!(text.contains("krux_handshakes_total{status=\"401\"} 1"));
+        assert!(text.contains("krux_reactor_subscribers{reactor=\"1\"} 1"));
+        assert!(text.contains("krux_subscribers 1"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("krux_"), "{line}");
         }

@@ -79,7 +79,6 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     }
     create_private_dir(data_dir)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let metrics = Arc::new(Metrics::default());
     let credentials = LiveCredentials::load(data_dir)?;
     credentials.clone().watch(Duration::from_millis(250), stop.clone());
     let seq = SeqAllocator::open(data_dir)?;
@@ -90,6 +89,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         .max(1);
 
     // Every reactor listens on the same port (SO_REUSEPORT); the first bind picks it.
+    let metrics = Arc::new(Metrics::new(n));
     let first = bind_reuseport(cfg.listen)?;
     let ws = first.local_addr()?;
     let mut ws_listeners = vec![first];

@@ -45,19 +45,13 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C) {
         Decision::Dashboard => return refuse(&conn, &shared, Response::html(DASHBOARD)).await,
     };
     drop(req);
-    if write_all(&conn, Bytes::from(up.response)).await.is_err() {
-        return;
-    }
-    shared.metrics.handshake(101);
-    shared.connections.fetch_add(1, Relaxed);
-    shared.metrics.subscribers.fetch_add(1, Relaxed);
 
-    // Register between two fan-out rounds (we are on the reactor's only thread): replay
-    // stops exactly where live delivery through the index starts.
+    // Register between two fan-out rounds (we are on the reactor's only thread), before
+    // the 101 goes out: once the client sees the upgrade, nothing published after it can
+    // be missed, and replay stops exactly where live delivery through the index starts.
     let start = reactor.next_seq.get();
-    let resume_from = up.since.unwrap_or(start.saturating_sub(1));
     let sub = Rc::new(Subscriber {
-        out: RefCell::new(Outbox::new(shared.client_queue, resume_from)),
+        out: RefCell::new(Outbox::new(shared.client_queue, up.since.unwrap_or(start.saturating_sub(1)))),
         wake: Notify::new(),
         principal: up.principal,
         last_heard: Cell::new(Instant::now()),
@@ -66,11 +60,13 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C) {
     if let Some(since) = up.since {
         reactor.replay(&sub, &up.filter, since);
     }
-    let id = reactor.subs.borrow_mut().insert(sub.clone());
-    reactor.index.borrow_mut().insert(id, up.filter);
+    let registration = Registration::new(&reactor, sub.clone(), up.filter);
+    if write_all(&conn, Bytes::from(up.response)).await.is_err() {
+        return;
+    }
+    shared.metrics.handshake(101);
 
     let conn = Rc::new(conn);
-    sub.wake.notify_one();
     tokio::task::spawn_local(write_loop(sub.clone(), conn.clone(), shared.clone()));
     read_loop(&sub, &*conn, leftover, shared.max_frame).await;
 
@@ -78,10 +74,32 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C) {
     sub.gone.set(true);
     sub.wake.notify_one();
     conn.shutdown(Shutdown::Both);
-    reactor.index.borrow_mut().remove(id);
-    reactor.subs.borrow_mut().remove(id);
-    shared.connections.fetch_sub(1, Relaxed);
-    shared.metrics.subscribers.fetch_sub(1, Relaxed);
+    drop(registration);
+}
+
+/// A subscriber's place in its reactor (slab, index, counters), released on drop.
+struct Registration<'a> {
+    reactor: &'a Reactor,
+    id: usize,
+}
+
+impl<'a> Registration<'a> {
+    fn new(reactor: &'a Reactor, sub: Rc<Subscriber>, filter: crate::filter::Filter) -> Self {
+        let id = reactor.subs.borrow_mut().insert(sub);
+        reactor.index.borrow_mut().insert(id, filter);
+        reactor.shared.connections.fetch_add(1, Relaxed);
+        reactor.shared.metrics.subscriber_delta(reactor.id, 1);
+        Registration { reactor, id }
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.reactor.index.borrow_mut().remove(self.id);
+        self.reactor.subs.borrow_mut().remove(self.id);
+        self.reactor.shared.connections.fetch_sub(1, Relaxed);
+        self.reactor.shared.metrics.subscriber_delta(self.reactor.id, -1);
+    }
 }
 
 /// Reads until a complete request head, bounded by `MAX_HEAD`. `Ok(None)`: the peer left.

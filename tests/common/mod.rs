@@ -1,0 +1,242 @@
+//! Test harness: the real `krux-relay` binary on port 0, real TCP and WebSocket clients.
+//! `KRUX_TEST_IO=uring|epoll|auto` picks the backend every test server runs on.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub const SEED: &str = include_str!("../data/seed_events.ndjson");
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_krux-relay")
+}
+
+pub fn io_backend() -> String {
+    std::env::var("KRUX_TEST_IO").unwrap_or_else(|_| "auto".into())
+}
+
+/// Polls `cond` until it holds or `within` passes.
+pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct Relay {
+    pub dir: tempfile::TempDir,
+    pub ws: SocketAddr,
+    pub ingest: SocketAddr,
+    pub admin: SocketAddr,
+    pub token: String,
+    child: Child,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Relay {
+    pub async fn start() -> Relay {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let token = create_token(dir.path(), "test");
+        let ready = dir.path().join("ready.json");
+        let io = io_backend();
+        let mut args = vec![
+            "serve", "--listen", "127.0.0.1:0", "--ingest", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--io", &io,
+        ];
+        args.extend_from_slice(extra);
+        let ready_s = ready.to_str().unwrap().to_string();
+        args.extend_from_slice(&["--ready-file", &ready_s]);
+        let mut child = Command::new(bin())
+            .args(&args)
+            .env("KRUX_DATA_DIR", dir.path())
+            .env("KRUX_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let info: Value = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                break serde_json::from_str(&text).unwrap();
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("relay exited before it was ready: {status}");
+            }
+            assert!(Instant::now() < deadline, "relay not ready within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let addr = |k: &str| info[k].as_str().unwrap().parse().unwrap();
+        assert_eq!(info["pid"], child.id());
+        Relay {
+            ws: addr("ws"),
+            ingest: addr("ingest"),
+            admin: addr("admin"),
+            token,
+            child,
+            dir,
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs a `krux-relay` command against this relay's data dir.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin()).args(args).env("KRUX_DATA_DIR", self.data_dir()).output().unwrap()
+    }
+
+    /// Subscribes with the relay's token as a Bearer header; `query` is e.g. `type=a,b`.
+    pub async fn subscribe(&self, query: &str) -> Ws {
+        self.try_subscribe(query, Some(&self.token)).await.expect("subscription accepted")
+    }
+
+    pub async fn try_subscribe(&self, query: &str, bearer: Option<&str>) -> Result<Ws, (u16, String)> {
+        let url = format!("ws://{}/events?{query}", self.ws);
+        let mut req = url.into_client_request().unwrap();
+        if let Some(t) = bearer {
+            req.headers_mut().insert("Authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = resp.body().as_deref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                Err((resp.status().as_u16(), body))
+            }
+            Err(e) => panic!("connect failed: {e}"),
+        }
+    }
+
+    /// Sends `input` on one ingest connection, half-closes, and returns every reply line.
+    pub async fn publish(&self, input: &str) -> Vec<Value> {
+        let mut s = TcpStream::connect(self.ingest).await.unwrap();
+        s.write_all(input.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut out)).await.expect("summary in time").unwrap();
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+pub fn create_token(dir: &Path, name: &str) -> String {
+    let out = Command::new(bin())
+        .args(["user-token", "create", "--name", name])
+        .env("KRUX_DATA_DIR", dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The next text message as JSON, failing after `within`.
+pub async fn next_event(ws: &mut Ws, within: Duration) -> Value {
+    loop {
+        let msg = tokio::time::timeout(within, ws.next()).await.expect("an event in time").expect("stream open").unwrap();
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+}
+
+/// Collects events until `n` arrived.
+pub async fn take_events(ws: &mut Ws, n: usize) -> Vec<Value> {
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        v.push(next_event(ws, Duration::from_secs(10)).await);
+    }
+    v
+}
+
+/// Asserts no event arrives within `quiet` (used after a marker event proves delivery).
+pub async fn assert_silent(ws: &mut Ws, quiet: Duration) {
+    if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(quiet, ws.next()).await {
+        panic!("unexpected event: {t}");
+    }
+}
+
+/// The close frame's code, waiting up to `within`.
+pub async fn close_code(ws: &mut Ws, within: Duration) -> (u16, String) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, ws.next()).await.expect("a close frame in time") {
+            Some(Ok(Message::Close(Some(f)))) => return (f.code.into(), f.reason.to_string()),
+            Some(Ok(Message::Close(None))) => return (1005, String::new()),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// A raw HTTP exchange: returns (status, head, body). Reads the head, then
+/// `Content-Length` bytes of body (none for a 101).
+pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let read = async {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed before the response head: {:?}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed inside the body");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).into_owned();
+        (head, body)
+    };
+    let (head, body) = tokio::time::timeout(Duration::from_secs(10), read).await.expect("answer in time");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.trim_end().to_string(), body)
+}
+
+/// A WebSocket upgrade request for `target` with extra header lines.
+pub fn upgrade_request(target: &str, extra_headers: &str) -> String {
+    format!(
+        "GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
+    )
+}
+
+pub async fn send_close(ws: &mut Ws) {
+    let _ = ws.send(Message::Close(None)).await;
+}
+
+pub fn tmp_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
