@@ -38,9 +38,18 @@ fn index_match(c: &mut Criterion) {
     for id in 0..10_000 {
         let f = match id % 4 {
             0 => Filter::default(),
-            1 => Filter { types: Some(EventType::ALL[rng.usize(..11)].bit()), ..Filter::default() },
-            2 => Filter { agents: Some(vec![format!("agent-{}", rng.usize(..300)).into()]), ..Filter::default() },
-            _ => Filter { sessions: Some(vec![format!("sess-{}", rng.usize(..3000)).into()]), ..Filter::default() },
+            1 => Filter {
+                types: Some(EventType::ALL[rng.usize(..11)].bit()),
+                ..Filter::default()
+            },
+            2 => Filter {
+                agents: Some(vec![format!("agent-{}", rng.usize(..300)).into()]),
+                ..Filter::default()
+            },
+            _ => Filter {
+                sessions: Some(vec![format!("sess-{}", rng.usize(..3000)).into()]),
+                ..Filter::default()
+            },
         };
         idx.insert(id, f);
     }
@@ -71,7 +80,7 @@ fn enqueue_fanout(c: &mut Criterion) {
                 o.push_event(&frame, seq);
             }
             // Drain so that queues stay short, as writers keep them in the relay.
-            if seq % 64 == 0 {
+            if seq.is_multiple_of(64) {
                 for o in outs.iter_mut() {
                     batch.clear();
                     o.take_batch(&mut batch);

@@ -49,6 +49,9 @@ fn route(method: &str, path: &str, metrics: &Metrics) -> Response {
         "/healthz" => Response::text(200, "ok"),
         // Listeners are bound and threads running before this port answers at all.
         "/readyz" => Response::text(200, "ready"),
-        _ => Response::text(404, "Unknown admin path; try /metrics, /healthz or /readyz."),
+        _ => Response::text(
+            404,
+            "Unknown admin path; try /metrics, /healthz or /readyz.",
+        ),
     }
 }

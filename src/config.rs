@@ -10,14 +10,17 @@ use clap::Args;
 use crate::io::IoMode;
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}` is not a duration like 500ms, 10s or 2m ({e})"))
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration like 500ms, 10s or 2m ({e})"))
 }
 
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: usize = num.parse().map_err(|_| format!("`{s}` is not a size like 512, 64KiB or 16MiB"))?;
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512, 64KiB or 16MiB"))?;
     let mult: usize = match unit.trim() {
         "" | "B" => 1,
         "KiB" | "K" | "k" => 1 << 10,
@@ -25,7 +28,8 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "GiB" | "G" => 1 << 30,
         _ => return Err(format!("`{s}`: unknown size unit; use B, KiB, MiB or GiB")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 /// The data dir: `--data-dir`, else `KRUX_DATA_DIR`, else the user's data dir.

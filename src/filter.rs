@@ -94,7 +94,10 @@ impl SubscriberIndex {
         if self.filters.len() <= id {
             self.filters.resize(id + 1, None);
         }
-        assert!(self.filters[id].is_none(), "subscriber {id} is indexed once");
+        assert!(
+            self.filters[id].is_none(),
+            "subscriber {id} is indexed once"
+        );
         match bucket_of(&filter) {
             Bucket::Everything => self.everything.push(id),
             Bucket::Types(mask) => {
@@ -136,12 +139,18 @@ impl SubscriberIndex {
     /// Calls `f` once for every subscriber whose filter matches `keys`.
     pub fn for_each_match(&self, keys: &FilterKeys, mut f: impl FnMut(SubId)) {
         let mut check = |id: SubId| {
-            if self.filters[id].as_ref().is_some_and(|flt| flt.matches(keys)) {
+            if self.filters[id]
+                .as_ref()
+                .is_some_and(|flt| flt.matches(keys))
+            {
                 f(id);
             }
         };
         self.everything.iter().copied().for_each(&mut check);
-        self.by_type[keys.etype.index()].iter().copied().for_each(&mut check);
+        self.by_type[keys.etype.index()]
+            .iter()
+            .copied()
+            .for_each(&mut check);
         if let Some(a) = keys.agent.as_deref() {
             if let Some(list) = self.by_agent.get(a) {
                 list.iter().copied().for_each(&mut check);
@@ -173,7 +182,11 @@ impl SubscriberIndex {
 }
 
 fn dedup(values: &[Box<str>]) -> impl Iterator<Item = &Box<str>> {
-    values.iter().enumerate().filter(move |(i, v)| !values[..*i].contains(v)).map(|(_, v)| v)
+    values
+        .iter()
+        .enumerate()
+        .filter(move |(i, v)| !values[..*i].contains(v))
+        .map(|(_, v)| v)
 }
 
 fn remove_keyed(map: &mut HashMap<Box<str>, Vec<SubId>>, keys: &[Box<str>], id: SubId) {
@@ -191,7 +204,12 @@ fn remove_keyed(map: &mut HashMap<Box<str>, Vec<SubId>>, keys: &[Box<str>], id: 
 mod tests {
     use super::*;
 
-    fn keys(t: EventType, agent: Option<&str>, session: Option<&str>, data_session: Option<&str>) -> FilterKeys {
+    fn keys(
+        t: EventType,
+        agent: Option<&str>,
+        session: Option<&str>,
+        data_session: Option<&str>,
+    ) -> FilterKeys {
         FilterKeys {
             etype: t,
             agent: agent.map(Into::into),
@@ -222,7 +240,11 @@ mod tests {
         let table: &[(Filter, &FilterKeys, bool)] = &[
             (filter(&[], &[], &[]), &alert, true),
             (filter(&[CapabilityInvoked], &[], &[]), &inv, true),
-            (filter(&[CapabilityResult, PolicyViolation], &[], &[]), &inv, false),
+            (
+                filter(&[CapabilityResult, PolicyViolation], &[], &[]),
+                &inv,
+                false,
+            ),
             (filter(&[], &["a2", "a1"], &[]), &inv, true),
             (filter(&[], &["a1"], &[]), &alert, false),
             (filter(&[], &[], &["s1"]), &inv, true),
@@ -256,13 +278,17 @@ mod tests {
                 if rng.bool() {
                     vec![]
                 } else {
-                    (0..rng.usize(1..4)).map(|_| from[rng.usize(..from.len())]).collect()
+                    (0..rng.usize(1..4))
+                        .map(|_| from[rng.usize(..from.len())])
+                        .collect()
                 }
             };
             let types: Vec<EventType> = if rng.bool() {
                 vec![]
             } else {
-                (0..rng.usize(1..3)).map(|_| EventType::ALL[rng.usize(..11)]).collect()
+                (0..rng.usize(1..3))
+                    .map(|_| EventType::ALL[rng.usize(..11)])
+                    .collect()
             };
             let f = filter(&types, &pick(&mut rng, &agents), &pick(&mut rng, &sessions));
             idx.insert(id, f.clone());
@@ -279,7 +305,10 @@ mod tests {
             let t = EventType::ALL[rng.usize(..11)];
             let agent = (t != HealthAlert || rng.bool()).then(|| agents[rng.usize(..4)]);
             let s = rng.bool().then(|| sessions[rng.usize(..3)]);
-            let d = rng.bool().then(|| sessions[rng.usize(..3)]).filter(|d| Some(*d) != s);
+            let d = rng
+                .bool()
+                .then(|| sessions[rng.usize(..3)])
+                .filter(|d| Some(*d) != s);
             let k = keys(t, agent, s, d);
             let want: Vec<SubId> = (0..filters.len())
                 .filter(|&i| filters[i].as_ref().is_some_and(|f| f.matches(&k)))
@@ -293,7 +322,13 @@ mod tests {
         let mut idx = SubscriberIndex::default();
         idx.insert(0, filter(&[], &["a1", "a1"], &[]));
         idx.insert(1, filter(&[], &[], &["s1", "s2", "s1"]));
-        assert_eq!(matches(&idx, &keys(CapabilityInvoked, Some("a1"), Some("s1"), Some("s2"))), vec![0, 1]);
+        assert_eq!(
+            matches(
+                &idx,
+                &keys(CapabilityInvoked, Some("a1"), Some("s1"), Some("s2"))
+            ),
+            vec![0, 1]
+        );
         idx.remove(1);
         idx.remove(0);
         assert!(idx.by_agent.is_empty() && idx.by_session.is_empty());

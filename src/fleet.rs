@@ -13,7 +13,14 @@ const CAPABILITIES: &[(&str, &str)] = &[
     ("email.send", "supervised"),
     ("database.query", "autonomous"),
 ];
-const ROLES: &[&str] = &["research", "deploy", "scraper", "assistant", "billing", "triage"];
+const ROLES: &[&str] = &[
+    "research",
+    "deploy",
+    "scraper",
+    "assistant",
+    "billing",
+    "triage",
+];
 
 struct Agent {
     name: String,
@@ -65,7 +72,9 @@ impl Fleet {
         let roll = self.rng.u32(..1000);
         // Finish a call in flight about as often as one starts, so invoked ≈ result.
         if !self.in_flight.is_empty() && roll < 470 {
-            let (a, c) = self.in_flight.swap_remove(self.rng.usize(..self.in_flight.len()));
+            let (a, c) = self
+                .in_flight
+                .swap_remove(self.rng.usize(..self.in_flight.len()));
             return if self.rng.u32(..100) < 92 {
                 self.result(a, c)
             } else {
@@ -108,14 +117,25 @@ impl Fleet {
 
     fn result(&mut self, a: usize, c: usize) -> Value {
         let ms = self.rng.u32(1..400);
-        self.envelope("capability_result", a, true, json!({
-            "capability": CAPABILITIES[c].0, "success": true, "duration_ms": ms
-        }))
+        self.envelope(
+            "capability_result",
+            a,
+            true,
+            json!({
+                "capability": CAPABILITIES[c].0, "success": true, "duration_ms": ms
+            }),
+        )
     }
 
     fn error(&mut self, a: usize, c: usize) -> Value {
         let (kind, msg) = if self.rng.bool() {
-            ("PolicyDenied", format!("Agent '{}' is not permitted to write to /etc/", self.agents[a].name))
+            (
+                "PolicyDenied",
+                format!(
+                    "Agent '{}' is not permitted to write to /etc/",
+                    self.agents[a].name
+                ),
+            )
         } else {
             ("Timeout", "Upstream did not answer within 30 s".to_string())
         };
@@ -136,24 +156,38 @@ impl Fleet {
             agent.calls = 0;
             v
         } else {
-            let purpose = format!("{} agent", agent.name.split('-').next().unwrap_or("general"));
+            let purpose = format!(
+                "{} agent",
+                agent.name.split('-').next().unwrap_or("general")
+            );
             let data = json!({"session_id": agent.session, "agent_purpose": purpose});
             self.envelope("session_started", a, false, data)
         }
     }
 
     fn violation(&mut self, a: usize) -> Value {
-        self.envelope("policy_violation", a, true, json!({
-            "capability": "process.run", "rule": "system.deny_dangerous_commands",
-            "reason": "Command 'rm -rf /' matches blocked pattern", "tier": "blocked"
-        }))
+        self.envelope(
+            "policy_violation",
+            a,
+            true,
+            json!({
+                "capability": "process.run", "rule": "system.deny_dangerous_commands",
+                "reason": "Command 'rm -rf /' matches blocked pattern", "tier": "blocked"
+            }),
+        )
     }
 
     fn approval(&mut self, a: usize) -> Value {
-        if let Some(i) = (!self.approvals.is_empty()).then(|| self.rng.usize(..self.approvals.len())) {
+        if let Some(i) =
+            (!self.approvals.is_empty()).then(|| self.rng.usize(..self.approvals.len()))
+        {
             if self.rng.bool() {
                 let (who, id) = self.approvals.swap_remove(i);
-                let decision = if self.rng.u32(..10) < 8 { "approved" } else { "rejected" };
+                let decision = if self.rng.u32(..10) < 8 {
+                    "approved"
+                } else {
+                    "rejected"
+                };
                 let now = crate::event::now_rfc3339_millis();
                 return self.envelope("approval_resolved", who, false, json!({
                     "approval_id": id, "decision": decision, "decided_by": "admin", "decided_at": now
@@ -163,10 +197,15 @@ impl Fleet {
         let id = format!("appr-{:06x}", self.rng.u32(..0xFF_FFFF));
         self.approvals.push((a, id.clone()));
         let reason = format!("process.run requires approval for {}", self.agents[a].name);
-        self.envelope("approval_requested", a, true, json!({
-            "approval_id": id, "capability": "process.run",
-            "arguments": {"command": "kubectl apply -f deploy.yaml"}, "reason": reason
-        }))
+        self.envelope(
+            "approval_requested",
+            a,
+            true,
+            json!({
+                "approval_id": id, "capability": "process.run",
+                "arguments": {"command": "kubectl apply -f deploy.yaml"}, "reason": reason
+            }),
+        )
     }
 
     fn rate_limit(&mut self, a: usize) -> Value {
@@ -177,12 +216,20 @@ impl Fleet {
     }
 
     fn write_buffered(&mut self, a: usize) -> Value {
-        let until = humantime::format_rfc3339_millis(std::time::SystemTime::now() + std::time::Duration::from_secs(300)).to_string();
+        let until = humantime::format_rfc3339_millis(
+            std::time::SystemTime::now() + std::time::Duration::from_secs(300),
+        )
+        .to_string();
         let id = format!("wr-{:06x}", self.rng.u32(..0xFF_FFFF));
-        self.envelope("write_buffered", a, false, json!({
-            "write_id": id, "service": "gmail",
-            "operation": "email.send", "buffer_until": until, "cancellable": true
-        }))
+        self.envelope(
+            "write_buffered",
+            a,
+            false,
+            json!({
+                "write_id": id, "service": "gmail",
+                "operation": "email.send", "buffer_until": until, "cancellable": true
+            }),
+        )
     }
 
     fn health_alert(&mut self) -> Value {
@@ -205,13 +252,16 @@ mod tests {
         let mut counts = [0u32; 11];
         for _ in 0..50_000 {
             let line = fleet.next_line();
-            let ev = v.validate(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}"));
+            let ev = v
+                .validate(line.as_bytes())
+                .unwrap_or_else(|e| panic!("{line}: {e}"));
             counts[ev.keys.etype.index()] += 1;
         }
         assert!(counts.iter().all(|&c| c > 0), "{counts:?}");
         let invoked = counts[EventType::CapabilityInvoked.index()];
         let result = counts[EventType::CapabilityResult.index()];
-        let rare = counts[EventType::HealthAlert.index()] + counts[EventType::PolicyViolation.index()];
+        let rare =
+            counts[EventType::HealthAlert.index()] + counts[EventType::PolicyViolation.index()];
         assert!(invoked + result > 40_000, "{counts:?}");
         assert!(rare < 1_000, "{counts:?}");
     }

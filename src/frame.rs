@@ -42,7 +42,11 @@ fn put_header(out: &mut BytesMut, opcode: u8, len: usize) {
 /// payload is that object with `"timestamp"` (when `stamp` is given) and `"seq"` appended
 /// as its last members, so every field the publisher sent passes through byte for byte.
 pub fn event_frame(envelope: &[u8], stamp: Option<&str>, seq: u64) -> Bytes {
-    debug_assert_eq!(envelope.last(), Some(&b'}'), "envelope is a validated JSON object");
+    debug_assert_eq!(
+        envelope.last(),
+        Some(&b'}'),
+        "envelope is a validated JSON object"
+    );
     let body = &envelope[..envelope.len() - 1];
     let mut seq_buf = itoa_buf(seq);
     let seq_txt = seq_buf.format();
@@ -154,7 +158,14 @@ mod tests {
 
     #[test]
     fn length_forms() {
-        for (n, hdr) in [(100usize, 2usize), (125, 2), (126, 4), (65_535, 4), (65_536, 10), (200_000, 10)] {
+        for (n, hdr) in [
+            (100usize, 2usize),
+            (125, 2),
+            (126, 4),
+            (65_535, 4),
+            (65_536, 10),
+            (200_000, 10),
+        ] {
             // payload = `{"k":"…"` + `,"seq":1}`
             let filler = "x".repeat(n - r#"{"k":""#.len() - r#"","seq":1}"#.len());
             let env = format!(r#"{{"k":"{filler}"}}"#);
@@ -162,7 +173,9 @@ mod tests {
             assert_eq!(f.len(), hdr + n, "payload {n}");
             assert_eq!(payload(&f).len(), n);
             let mut c = std::io::Cursor::new(&f[..]);
-            let (h, len) = tungstenite::protocol::frame::FrameHeader::parse(&mut c).unwrap().unwrap();
+            let (h, len) = tungstenite::protocol::frame::FrameHeader::parse(&mut c)
+                .unwrap()
+                .unwrap();
             assert_eq!(len as usize, n);
             assert!(h.is_final && h.mask.is_none());
         }

@@ -10,7 +10,11 @@ use krux_relay::config::{DataDirArg, ServeConfig};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "krux-relay", version, about = "Supervision event relay of the KruxOS Gateway")]
+#[command(
+    name = "krux-relay",
+    version,
+    about = "Supervision event relay of the KruxOS Gateway"
+)]
 struct Cli {
     #[command(flatten)]
     data_dir: DataDirArg,
@@ -36,14 +40,17 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KRUX_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("KRUX_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let args = Cli::parse();
     let data_dir = args.data_dir.resolve();
     let result = match args.command {
-        Command::Serve(cfg) => krux_relay::server::start(&cfg, &data_dir).and_then(|r| r.wait()).map(|()| ExitCode::SUCCESS),
+        Command::Serve(cfg) => krux_relay::server::start(&cfg, &data_dir)
+            .and_then(|r| r.wait())
+            .map(|()| ExitCode::SUCCESS),
         Command::Demo(a) => cli::demo::run(a).map(|()| ExitCode::SUCCESS),
         Command::UserToken(c) => cli::token::run(c, &data_dir).map(|()| ExitCode::SUCCESS),
         Command::Publish(a) => cli::publish::run(a),

@@ -57,26 +57,72 @@ impl Metrics {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP krux_events_in_total Events accepted from publishers, by type.\n# TYPE krux_events_in_total counter");
         for t in EventType::ALL {
-            let _ = writeln!(out, "krux_events_in_total{{type=\"{}\"}} {}", t.name(), self.events_in[t.index()].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "krux_events_in_total{{type=\"{}\"}} {}",
+                t.name(),
+                self.events_in[t.index()].load(Relaxed)
+            );
         }
         let scalars: [(&str, &str, &str, i64); 6] = [
-            ("krux_events_rejected_total", "counter", "Published lines rejected.", self.events_rejected.load(Relaxed) as i64),
-            ("krux_frames_out_total", "counter", "Frames written to subscribers.", self.frames_out.load(Relaxed) as i64),
-            ("krux_bytes_out_total", "counter", "Bytes written to subscribers.", self.bytes_out.load(Relaxed) as i64),
-            ("krux_writev_total", "counter", "Gathered writes submitted.", self.writevs.load(Relaxed) as i64),
-            ("krux_subscribers", "gauge", "Open subscriber WebSockets.", self.subscribers.load(Relaxed)),
-            ("krux_slow_consumer_closes_total", "counter", "Subscribers closed with 4001.", self.slow_consumer_closes.load(Relaxed) as i64),
+            (
+                "krux_events_rejected_total",
+                "counter",
+                "Published lines rejected.",
+                self.events_rejected.load(Relaxed) as i64,
+            ),
+            (
+                "krux_frames_out_total",
+                "counter",
+                "Frames written to subscribers.",
+                self.frames_out.load(Relaxed) as i64,
+            ),
+            (
+                "krux_bytes_out_total",
+                "counter",
+                "Bytes written to subscribers.",
+                self.bytes_out.load(Relaxed) as i64,
+            ),
+            (
+                "krux_writev_total",
+                "counter",
+                "Gathered writes submitted.",
+                self.writevs.load(Relaxed) as i64,
+            ),
+            (
+                "krux_subscribers",
+                "gauge",
+                "Open subscriber WebSockets.",
+                self.subscribers.load(Relaxed),
+            ),
+            (
+                "krux_slow_consumer_closes_total",
+                "counter",
+                "Subscribers closed with 4001.",
+                self.slow_consumer_closes.load(Relaxed) as i64,
+            ),
         ];
         for (name, kind, help, v) in scalars {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
         }
         let _ = writeln!(out, "# HELP krux_reactor_subscribers Open subscriber WebSockets per reactor thread.\n# TYPE krux_reactor_subscribers gauge");
         for (i, g) in self.reactor_subscribers.iter().enumerate() {
-            let _ = writeln!(out, "krux_reactor_subscribers{{reactor=\"{i}\"}} {}", g.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "krux_reactor_subscribers{{reactor=\"{i}\"}} {}",
+                g.load(Relaxed)
+            );
         }
         let _ = writeln!(out, "# HELP krux_handshakes_total Handshake results on port 7701, by HTTP status.\n# TYPE krux_handshakes_total counter");
         for (i, s) in STATUSES.iter().enumerate() {
-            let _ = writeln!(out, "krux_handshakes_total{{status=\"{s}\"}} {}", self.handshakes[i].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "krux_handshakes_total{{status=\"{s}\"}} {}",
+                self.handshakes[i].load(Relaxed)
+            );
         }
         out
     }

@@ -68,7 +68,11 @@ pub struct Cursor {
 impl FrameRing {
     /// A ring retaining `capacity` entries, whose first entry will have `first_seq`, read by
     /// `readers` cursors.
-    pub fn new(capacity: usize, first_seq: u64, readers: usize) -> (Producer, Vec<Cursor>) {
+    pub fn with_readers(
+        capacity: usize,
+        first_seq: u64,
+        readers: usize,
+    ) -> (Producer, Vec<Cursor>) {
         assert!(capacity > 0, "ring capacity must be positive");
         let ring = Arc::new(FrameRing {
             slots: (0..capacity).map(|_| ArcSwapOption::empty()).collect(),
@@ -186,7 +190,7 @@ mod tests {
 
     #[test]
     fn window_and_lapping() {
-        let (mut p, _c) = FrameRing::new(4, 100, 1);
+        let (mut p, _c) = FrameRing::with_readers(4, 100, 1);
         let ring = p.ring().clone();
         assert!(matches!(ring.get(100), Slot::Pending));
         assert_eq!(ring.oldest(), 100);
@@ -209,7 +213,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "seq order")]
     fn out_of_order_publish_is_a_bug() {
-        let (mut p, _c) = FrameRing::new(4, 1, 1);
+        let (mut p, _c) = FrameRing::with_readers(4, 1, 1);
         p.publish(entry(2));
     }
 
@@ -218,12 +222,14 @@ mod tests {
     #[test]
     fn concurrent_readers_see_everything_in_order() {
         const N: u64 = 200_000;
-        let (mut p, cursors) = FrameRing::new(1 << 20, 1, 3);
+        let (mut p, cursors) = FrameRing::with_readers(1 << 20, 1, 3);
         let readers: Vec<_> = cursors
             .into_iter()
             .map(|mut c| {
                 std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
                     rt.block_on(async move {
                         let mut sum = 0u64;
                         while c.next <= N {
@@ -241,7 +247,7 @@ mod tests {
             .collect();
         for s in 1..=N {
             p.publish(entry(s));
-            if s % 64 == 0 || s == N {
+            if s.is_multiple_of(64) || s == N {
                 p.wake_parked();
             }
         }

@@ -47,7 +47,10 @@ pub struct Running {
 impl Running {
     /// Blocks for as long as the server runs; returns an error if one of its threads died.
     pub fn wait(self) -> anyhow::Result<()> {
-        let name = self.ended.recv().unwrap_or_else(|_| "every server thread".into());
+        let name = self
+            .ended
+            .recv()
+            .unwrap_or_else(|_| "every server thread".into());
         bail!("{name} stopped unexpectedly")
     }
 }
@@ -65,7 +68,9 @@ fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
-    socket.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding {addr}"))?;
     socket.listen(4096)?;
     Ok(socket.into())
 }
@@ -80,7 +85,9 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     create_private_dir(data_dir)?;
     let stop = Arc::new(AtomicBool::new(false));
     let credentials = LiveCredentials::load(data_dir)?;
-    credentials.clone().watch(Duration::from_millis(250), stop.clone());
+    credentials
+        .clone()
+        .watch(Duration::from_millis(250), stop.clone());
     let seq = SeqAllocator::open(data_dir)?;
     let mode = io::resolve(cfg.io).context("--io uring: io_uring cannot be set up here")?;
     let n = cfg
@@ -96,12 +103,17 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     for _ in 1..n {
         ws_listeners.push(bind_reuseport(ws)?);
     }
-    let ingest = TcpListener::bind(cfg.ingest).with_context(|| format!("binding ingest {}", cfg.ingest))?;
-    let admin = TcpListener::bind(cfg.admin).with_context(|| format!("binding admin {}", cfg.admin))?;
+    let ingest =
+        TcpListener::bind(cfg.ingest).with_context(|| format!("binding ingest {}", cfg.ingest))?;
+    let admin =
+        TcpListener::bind(cfg.admin).with_context(|| format!("binding admin {}", cfg.admin))?;
     let unix = match &cfg.ingest_unix {
         Some(path) => {
             let _ = std::fs::remove_file(path); // a stale socket from a previous run
-            Some(std::os::unix::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?)
+            Some(
+                std::os::unix::net::UnixListener::bind(path)
+                    .with_context(|| format!("binding {}", path.display()))?,
+            )
         }
         None => None,
     };
@@ -111,7 +123,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         admin: admin.local_addr()?,
     };
 
-    let (producer, cursors) = FrameRing::new(cfg.replay.max(1), seq.peek(), n);
+    let (producer, cursors) = FrameRing::with_readers(cfg.replay.max(1), seq.peek(), n);
     let shared = Arc::new(Shared {
         client_queue: cfg.client_queue,
         max_frame: cfg.max_frame as u64,
@@ -130,39 +142,51 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
 
     let pipeline = Pipeline::new(producer, seq, metrics.clone(), cfg.max_frame);
     {
-        let (up, notice) = (up_tx.clone(), EndNotice("the ingest thread".into(), ended_tx.clone()));
-        std::thread::Builder::new().name("krux-ingest".into()).spawn(move || {
-            let _notice = notice;
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => return drop(up.send(Err(e.into()))),
-            };
-            tokio::task::LocalSet::new().block_on(&rt, async move {
-                match run_ingest(pipeline, ingest, unix, admin, metrics, &up).await {
-                    Ok(never) => match never {},
-                    Err(e) => drop(up.send(Err(e))),
-                }
-            });
-        })?;
+        let (up, notice) = (
+            up_tx.clone(),
+            EndNotice("the ingest thread".into(), ended_tx.clone()),
+        );
+        std::thread::Builder::new()
+            .name("krux-ingest".into())
+            .spawn(move || {
+                let _notice = notice;
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => return drop(up.send(Err(e.into()))),
+                };
+                tokio::task::LocalSet::new().block_on(&rt, async move {
+                    match run_ingest(pipeline, ingest, unix, admin, metrics, &up).await {
+                        Ok(never) => match never {},
+                        Err(e) => drop(up.send(Err(e))),
+                    }
+                });
+            })?;
     }
 
     for (i, (listener, cursor)) in ws_listeners.into_iter().zip(cursors).enumerate() {
         let (up, shared) = (up_tx.clone(), shared.clone());
         let notice = EndNotice(format!("reactor {i}"), ended_tx.clone());
-        std::thread::Builder::new().name(format!("krux-reactor-{i}")).spawn(move || {
-            let _notice = notice;
-            let up2 = up.clone();
-            let res = io::run_reactor(mode, listener, move |lk| async move {
-                let _ = up2.send(Ok(()));
-                match lk {
-                    ListenerKind::Uring(l) => reactor::run(i, shared, l, cursor).await,
-                    ListenerKind::Epoll(l) => reactor::run(i, shared, l, cursor).await,
+        std::thread::Builder::new()
+            .name(format!("krux-reactor-{i}"))
+            .spawn(move || {
+                let _notice = notice;
+                let up2 = up.clone();
+                let res = io::run_reactor(mode, listener, move |lk| async move {
+                    let _ = up2.send(Ok(()));
+                    match lk {
+                        ListenerKind::Uring(l) => reactor::run(i, shared, l, cursor).await,
+                        ListenerKind::Epoll(l) => reactor::run(i, shared, l, cursor).await,
+                    }
+                });
+                if let Err(e) = res {
+                    let _ = up.send(Err(
+                        anyhow::Error::new(e).context(format!("starting reactor {i}"))
+                    ));
                 }
-            });
-            if let Err(e) = res {
-                let _ = up.send(Err(anyhow::Error::new(e).context(format!("starting reactor {i}"))));
-            }
-        })?;
+            })?;
     }
     drop(up_tx);
     // The ingest thread reports itself up once its listeners are registered (see run_ingest).
@@ -206,7 +230,8 @@ fn write_ready_file(path: &Path, addrs: &Addresses, mode: IoMode) -> anyhow::Res
         "io": mode,
     });
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{body}\n")).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, format!("{body}\n"))
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
@@ -233,7 +258,10 @@ async fn run_ingest(
         tokio::task::spawn_local(async move {
             loop {
                 match u.accept().await {
-                    Ok((s, _)) => drop(tokio::task::spawn_local(crate::ingest::serve_publisher(s, p.clone()))),
+                    Ok((s, _)) => drop(tokio::task::spawn_local(crate::ingest::serve_publisher(
+                        s,
+                        p.clone(),
+                    ))),
                     Err(e) => accept_backoff("ingest unix", e).await,
                 }
             }

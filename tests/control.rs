@@ -12,7 +12,10 @@ use tokio_tungstenite::tungstenite::Message;
 /// A raw upgraded connection: (socket, bytes already read after the 101 head).
 async fn raw_subscriber(relay: &Relay) -> TcpStream {
     let mut s = TcpStream::connect(relay.ws).await.unwrap();
-    let req = upgrade_request("/events", &format!("Authorization: Bearer {}\r\n", relay.token));
+    let req = upgrade_request(
+        "/events",
+        &format!("Authorization: Bearer {}\r\n", relay.token),
+    );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
@@ -20,14 +23,21 @@ async fn raw_subscriber(relay: &Relay) -> TcpStream {
         s.read_exact(&mut b).await.unwrap();
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
 /// Reads one server frame: (opcode, payload).
 async fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
     let mut h = [0u8; 2];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut h)).await.expect("a frame in time").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut h))
+        .await
+        .expect("a frame in time")
+        .unwrap();
     assert_eq!(h[1] & 0x80, 0, "server frames are unmasked");
     let len = match h[1] & 0x7F {
         126 => u64::from(s.read_u16().await.unwrap()),
@@ -52,25 +62,39 @@ async fn ping_gets_pong_and_data_frames_are_ignored() {
     let relay = Relay::start().await;
     let mut ws = relay.subscribe("").await;
     ws.send(Message::Text("hello relay".into())).await.unwrap();
-    ws.send(Message::Ping(b"are you there".to_vec())).await.unwrap();
-    let pong = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    ws.send(Message::Ping(b"are you there".to_vec()))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(pong, Message::Pong(b"are you there".to_vec()));
     // Still subscribed after the ignored data frame.
     relay.publish(SEED.lines().next().unwrap()).await;
-    assert_eq!(next_event(&mut ws, Duration::from_secs(5)).await["type"], "capability_invoked");
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5)).await["type"],
+        "capability_invoked"
+    );
 }
 
 #[tokio::test]
 async fn close_is_answered_with_the_same_code() {
     let relay = Relay::start().await;
     let mut s = raw_subscriber(&relay).await;
-    s.write_all(&masked(0x88, &[0x03, 0xE8, b'b', b'y', b'e'])).await.unwrap();
+    s.write_all(&masked(0x88, &[0x03, 0xE8, b'b', b'y', b'e']))
+        .await
+        .unwrap();
     let (op, payload) = read_frame(&mut s).await;
     assert_eq!(op, 0x8);
     assert_eq!(&payload[..2], &1000u16.to_be_bytes());
     // Then the relay half-closes.
     let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(rest.is_empty());
 }
 
@@ -84,17 +108,21 @@ async fn protocol_violations_close_with_rfc_codes() {
         f
     };
     let cases: [(Vec<u8>, u16); 4] = [
-        (vec![0x89, 0x00], 1002),                           // unmasked
-        (masked(0x89 | 0x40, b""), 1002),                   // reserved bit
-        (oversized, 1009),                                  // over --max-frame
-        (masked(0x88, &[0x03, 0xE8, 0xC3, 0x28]), 1007),    // close reason not UTF-8
+        (vec![0x89, 0x00], 1002),                        // unmasked
+        (masked(0x89 | 0x40, b""), 1002),                // reserved bit
+        (oversized, 1009),                               // over --max-frame
+        (masked(0x88, &[0x03, 0xE8, 0xC3, 0x28]), 1007), // close reason not UTF-8
     ];
     for (bytes, code) in cases {
         let mut s = raw_subscriber(&relay).await;
         s.write_all(&bytes).await.unwrap();
         let (op, payload) = read_frame(&mut s).await;
         assert_eq!(op, 0x8, "{bytes:02x?}");
-        assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), code, "{bytes:02x?}");
+        assert_eq!(
+            u16::from_be_bytes([payload[0], payload[1]]),
+            code,
+            "{bytes:02x?}"
+        );
     }
 }
 
@@ -105,7 +133,10 @@ async fn admin_port_and_dashboard() {
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
     let (status, _, body) = raw_http(relay.admin, &get("/metrics")).await;
     assert_eq!(status, 200);
-    assert!(body.contains("krux_events_in_total{type=\"health_alert\"} 1"), "{body}");
+    assert!(
+        body.contains("krux_events_in_total{type=\"health_alert\"} 1"),
+        "{body}"
+    );
     assert!(!body.contains(&relay.token));
     assert_eq!(raw_http(relay.admin, &get("/healthz")).await.0, 200);
     assert_eq!(raw_http(relay.admin, &get("/readyz")).await.0, 200);

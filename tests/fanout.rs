@@ -29,7 +29,9 @@ async fn thousand_subscribers_on_two_reactors_get_everything() {
                 let mut n = 0usize;
                 while n < EVENTS {
                     let msg = tokio::time::timeout(Duration::from_secs(30), ws.next()).await;
-                    let Ok(Some(Ok(Message::Text(t)))) = msg else { break };
+                    let Ok(Some(Ok(Message::Text(t)))) = msg else {
+                        break;
+                    };
                     let v: serde_json::Value = serde_json::from_str(&t).unwrap();
                     let seq = v["seq"].as_u64().unwrap();
                     assert!(seq > last, "in order");
@@ -59,7 +61,15 @@ async fn thousand_subscribers_on_two_reactors_get_everything() {
         counts.push(r.await.unwrap());
     }
     let complete = counts.iter().filter(|&&n| n == EVENTS).count();
-    assert_eq!(complete, SUBSCRIBERS, "subscribers with all {EVENTS} events (min got {:?})", counts.iter().min());
+    assert_eq!(
+        complete,
+        SUBSCRIBERS,
+        "subscribers with all {EVENTS} events (min got {:?})",
+        counts.iter().min()
+    );
     let (_, _, metrics) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert!(metrics.contains(&format!("krux_frames_out_total {}", SUBSCRIBERS * EVENTS)), "{metrics}");
+    assert!(
+        metrics.contains(&format!("krux_frames_out_total {}", SUBSCRIBERS * EVENTS)),
+        "{metrics}"
+    );
 }

@@ -19,8 +19,17 @@ async fn received(relay: &Relay, queries: &[&str]) -> Vec<Vec<String>> {
     let mut out = Vec::new();
     for ws in &mut subs {
         let mut got = Vec::new();
-        while let Ok(ev) = tokio::time::timeout(Duration::from_millis(600), next_event(ws, Duration::from_secs(5))).await {
-            got.push(format!("{}:{}", ev["type"].as_str().unwrap(), ev["agent"].as_str().unwrap_or("null")));
+        while let Ok(ev) = tokio::time::timeout(
+            Duration::from_millis(600),
+            next_event(ws, Duration::from_secs(5)),
+        )
+        .await
+        {
+            got.push(format!(
+                "{}:{}",
+                ev["type"].as_str().unwrap(),
+                ev["agent"].as_str().unwrap_or("null")
+            ));
         }
         out.push(got);
     }
@@ -62,7 +71,10 @@ async fn each_filter_and_their_combination() {
         ],
         &["approval_requested:deploy-agent"],
         &["approval_requested:deploy-agent"],
-        &["capability_invoked:research-agent", "session_started:research-agent"],
+        &[
+            "capability_invoked:research-agent",
+            "session_started:research-agent",
+        ],
         &[],
         // An agent filter never matches health_alert (agent null).
         &[],
@@ -79,7 +91,10 @@ async fn filters_apply_to_a_busy_stream() {
     let mut all = relay.subscribe("").await;
     let mut fleet = krux_relay::fleet::Fleet::new(50, 9);
     let lines: Vec<String> = (0..3000).map(|_| fleet.next_line()).collect();
-    let errors = lines.iter().filter(|l| l.contains(r#""type":"capability_error""#)).count();
+    let errors = lines
+        .iter()
+        .filter(|l| l.contains(r#""type":"capability_error""#))
+        .count();
     assert!(errors > 0);
     let replies = relay.publish(&lines.join("\n")).await;
     assert_eq!(replies[0]["accepted"], 3000);

@@ -16,7 +16,10 @@ fn seed(i: usize) -> &'static str {
 async fn bad_lines_are_rejected_by_number_and_good_ones_delivered() {
     let relay = Relay::start_with(&["--max-frame", "4KiB"]).await;
     let mut ws = relay.subscribe("").await;
-    let long = format!(r#"{{"type":"health_alert","agent":null,"data":{{"pad":"{}"}}}}"#, "x".repeat(5000));
+    let long = format!(
+        r#"{{"type":"health_alert","agent":null,"data":{{"pad":"{}"}}}}"#,
+        "x".repeat(5000)
+    );
     let input = [
         seed(0),                                        // 1 ok
         "{not json",                                    // 2
@@ -32,21 +35,40 @@ async fn bad_lines_are_rejected_by_number_and_good_ones_delivered() {
     let rejections: Vec<(u64, String)> = replies
         .iter()
         .filter(|r| r.get("line").is_some())
-        .map(|r| (r["line"].as_u64().unwrap(), r["error"].as_str().unwrap().to_string()))
+        .map(|r| {
+            (
+                r["line"].as_u64().unwrap(),
+                r["error"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     let lines: Vec<u64> = rejections.iter().map(|r| r.0).collect();
     assert_eq!(lines, vec![2, 5, 6, 7], "{rejections:?}");
-    assert!(rejections[0].1.starts_with("invalid JSON"), "{rejections:?}");
+    assert!(
+        rejections[0].1.starts_with("invalid JSON"),
+        "{rejections:?}"
+    );
     assert_eq!(rejections[1].1, "missing field `session_id`");
-    assert!(rejections[2].1.contains("longer than the maximum frame of 4096 bytes"), "{rejections:?}");
-    assert!(rejections[3].1.contains("unknown event type `teleport`"), "{rejections:?}");
+    assert!(
+        rejections[2]
+            .1
+            .contains("longer than the maximum frame of 4096 bytes"),
+        "{rejections:?}"
+    );
+    assert!(
+        rejections[3].1.contains("unknown event type `teleport`"),
+        "{rejections:?}"
+    );
     let summary = replies.last().unwrap();
     assert_eq!(summary["accepted"], 3);
     assert_eq!(summary["rejected"], 4);
 
     let got = take_events(&mut ws, 3).await;
     let types: Vec<&str> = got.iter().map(|e| e["type"].as_str().unwrap()).collect();
-    assert_eq!(types, ["capability_invoked", "capability_result", "health_alert"]);
+    assert_eq!(
+        types,
+        ["capability_invoked", "capability_result", "health_alert"]
+    );
     assert_eq!(summary["last_seq"], got[2]["seq"]);
     assert_silent(&mut ws, Duration::from_millis(300)).await;
 }
@@ -56,7 +78,10 @@ async fn summary_with_nothing_accepted_has_null_last_seq() {
     let relay = Relay::start().await;
     let replies = relay.publish("\n\n[]\n").await;
     assert_eq!(replies[0]["line"], 3);
-    assert_eq!(replies[1], serde_json::json!({"accepted":0,"rejected":1,"last_seq":null}));
+    assert_eq!(
+        replies[1],
+        serde_json::json!({"accepted":0,"rejected":1,"last_seq":null})
+    );
 }
 
 #[tokio::test]
@@ -71,20 +96,39 @@ async fn publish_command_reports_and_exits_1_on_rejection() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     };
     let out = run(format!("{}\n{{\"type\":1}}\n{}\n", seed(0), seed(1)));
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "accepted 2, rejected 1");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "accepted 2, rejected 1"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 2: field `type` must be a string"), "{err}");
+    assert!(
+        err.contains("line 2: field `type` must be a string"),
+        "{err}"
+    );
 
     let file = relay.data_dir().join("seed.ndjson");
     std::fs::write(&file, SEED).unwrap();
     let out = relay.cli(&["publish", file.to_str().unwrap(), "--ingest", &ingest]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "accepted 11, rejected 0");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "accepted 11, rejected 0"
+    );
 }
 
 #[tokio::test]
@@ -100,5 +144,8 @@ async fn unix_socket_ingest() {
     let mut reply = String::new();
     s.read_to_string(&mut reply).await.unwrap();
     assert!(reply.contains(r#""accepted":11"#), "{reply}");
-    assert_eq!(next_event(&mut ws, Duration::from_secs(5)).await["type"], "health_alert");
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5)).await["type"],
+        "health_alert"
+    );
 }

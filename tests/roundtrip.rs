@@ -17,7 +17,10 @@ async fn seed_events_round_trip_with_increasing_seq() {
     assert_eq!(replies[0]["accepted"], 11);
     assert_eq!(replies[0]["rejected"], 0);
 
-    let published: Vec<Value> = SEED.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let published: Vec<Value> = SEED
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     for ws in &mut subs {
         let got = take_events(ws, 11).await;
         let mut last = 0u64;

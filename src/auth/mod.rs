@@ -81,7 +81,9 @@ pub struct TokenStore {
 
 impl TokenStore {
     pub fn new(data_dir: &Path) -> TokenStore {
-        TokenStore { path: data_dir.join(FILE) }
+        TokenStore {
+            path: data_dir.join(FILE),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -123,7 +125,8 @@ impl TokenStore {
 
     fn read(&self) -> anyhow::Result<TokenFile> {
         match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", self.path.display())),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", self.path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TokenFile::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
         }
@@ -132,10 +135,13 @@ impl TokenStore {
     fn write(&self, file: &TokenFile) -> anyhow::Result<()> {
         let dir = self.path.parent().expect("token file lives in a data dir");
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tmp = self.path.with_extension(format!("tmp.{}", std::process::id()));
+        let tmp = self
+            .path
+            .with_extension(format!("tmp.{}", std::process::id()));
         let json = serde_json::to_vec_pretty(file).expect("token file serializes");
         write_private(&tmp, &json).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("replacing {}", self.path.display()))
     }
 }
 
@@ -144,7 +150,12 @@ impl TokenStore {
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }
@@ -193,7 +204,10 @@ impl LiveCredentials {
         match cred {
             Credential::Token(t) if t.starts_with(TOKEN_PREFIX) => {
                 let h = hash_token(t);
-                self.tokens.load().contains_key(&h).then_some(Principal::User(h))
+                self.tokens
+                    .load()
+                    .contains_key(&h)
+                    .then_some(Principal::User(h))
             }
             // Operator passphrases are not configured by this build's store.
             _ => None,
@@ -217,7 +231,10 @@ impl LiveCredentials {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(every);
                     match self.reload() {
-                        Ok(true) => tracing::info!(tokens = self.tokens.load().len(), "user tokens reloaded"),
+                        Ok(true) => tracing::info!(
+                            tokens = self.tokens.load().len(),
+                            "user tokens reloaded"
+                        ),
                         Ok(false) => {}
                         Err(e) => tracing::warn!("keeping the previous user tokens: {e:#}"),
                     }
@@ -236,7 +253,9 @@ mod tests {
         let t = generate_token().unwrap();
         assert!(t.starts_with("krx_user_"));
         assert!(t.len() - TOKEN_PREFIX.len() >= 32);
-        assert!(t[TOKEN_PREFIX.len()..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert!(t[TOKEN_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric()));
         assert_ne!(t, generate_token().unwrap());
     }
 

@@ -39,35 +39,55 @@ impl Drop for TempDir {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let dir = TempDir(std::env::temp_dir().join(format!("krux-demo-{}-{nanos}", std::process::id())));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("krux-demo-{}-{nanos}", std::process::id())));
     std::fs::create_dir_all(&dir.0)?;
     let token = TokenStore::new(&dir.0).create("demo")?;
     let server = crate::server::start(&args.serve, &dir.0)?;
     let addrs = server.addrs;
 
-    let exe = std::env::current_exe().map_or_else(|_| "krux-relay".into(), |p| p.display().to_string());
-    println!("krux-relay demo: {} agents publishing ~{} events/s", args.agents, args.rate);
-    println!("  subscribers: ws://{}/events   ingest: {}   admin: http://{}/metrics", addrs.ws, addrs.ingest, addrs.admin);
-    println!("  backend: {:?}, {} reactor thread(s)", server.io, server.reactors);
+    let exe =
+        std::env::current_exe().map_or_else(|_| "krux-relay".into(), |p| p.display().to_string());
+    println!(
+        "krux-relay demo: {} agents publishing ~{} events/s",
+        args.agents, args.rate
+    );
+    println!(
+        "  subscribers: ws://{}/events   ingest: {}   admin: http://{}/metrics",
+        addrs.ws, addrs.ingest, addrs.admin
+    );
+    println!(
+        "  backend: {:?}, {} reactor thread(s)",
+        server.io, server.reactors
+    );
     println!("  user token: {token}");
     println!("  dashboard:  http://{}/?access_token={token}", addrs.ws);
     println!("\nWatch the stream (in another terminal):");
     println!("  {exe} tail --url ws://{} --token {token}", addrs.ws);
-    println!("  {exe} tail --url ws://{} --token {token} --type policy_violation,approval_requested", addrs.ws);
+    println!(
+        "  {exe} tail --url ws://{} --token {token} --type policy_violation,approval_requested",
+        addrs.ws
+    );
     println!("\nCtrl-C stops the demo.");
     std::io::stdout().flush()?;
 
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("signal runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("signal runtime");
         rt.block_on(async {
             let _ = tokio::signal::ctrl_c().await;
         });
         let _ = done_tx.send(());
     });
 
-    let stream = TcpStream::connect(addrs.ingest).context("connecting the fleet to the ingest port")?;
+    let stream =
+        TcpStream::connect(addrs.ingest).context("connecting the fleet to the ingest port")?;
     let replies = stream.try_clone()?;
     std::thread::spawn(move || {
         for line in BufReader::new(replies).lines().map_while(Result::ok) {
@@ -81,7 +101,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut sent = 0u64;
     let mut next_report = started + Duration::from_secs(10);
     loop {
-        if done_rx.recv_timeout(tick).is_ok() || args.duration.is_some_and(|d| started.elapsed() >= d) {
+        if done_rx.recv_timeout(tick).is_ok()
+            || args.duration.is_some_and(|d| started.elapsed() >= d)
+        {
             break;
         }
         // Catch up to the target rate (events are spread over 20 ms ticks).

@@ -30,9 +30,13 @@ pub fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let mut input: Box<dyn Read + Send> = if args.file.as_os_str() == "-" {
         Box::new(std::io::stdin())
     } else {
-        Box::new(std::fs::File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?)
+        Box::new(
+            std::fs::File::open(&args.file)
+                .with_context(|| format!("opening {}", args.file.display()))?,
+        )
     };
-    let stream = TcpStream::connect(args.ingest).with_context(|| format!("connecting to the ingest port {}", args.ingest))?;
+    let stream = TcpStream::connect(args.ingest)
+        .with_context(|| format!("connecting to the ingest port {}", args.ingest))?;
     let mut writer = stream.try_clone()?;
     // Replies are read while we send, so a long file never deadlocks on full buffers.
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
@@ -43,17 +47,33 @@ pub fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let mut summary = None;
     for line in BufReader::new(stream).lines() {
         let line = line.context("reading the relay's replies")?;
-        let reply: Reply = serde_json::from_str(&line).with_context(|| format!("unexpected reply from the relay: {line}"))?;
+        let reply: Reply = serde_json::from_str(&line)
+            .with_context(|| format!("unexpected reply from the relay: {line}"))?;
         match reply {
-            Reply { line: Some(n), error: Some(e), .. } => eprintln!("line {n}: {e}"),
-            Reply { accepted: Some(a), rejected: Some(r), .. } => summary = Some((a, r)),
+            Reply {
+                line: Some(n),
+                error: Some(e),
+                ..
+            } => eprintln!("line {n}: {e}"),
+            Reply {
+                accepted: Some(a),
+                rejected: Some(r),
+                ..
+            } => summary = Some((a, r)),
             _ => bail!("unexpected reply from the relay: {line}"),
         }
     }
-    sender.join().expect("the sender thread does not panic").context("sending events")?;
+    sender
+        .join()
+        .expect("the sender thread does not panic")
+        .context("sending events")?;
     let Some((accepted, rejected)) = summary else {
         bail!("the relay closed the connection before its summary");
     };
     println!("accepted {accepted}, rejected {rejected}");
-    Ok(if rejected > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if rejected > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -38,12 +38,21 @@ pub struct TailArgs {
 }
 
 fn events_url(args: &TailArgs) -> String {
-    let enc = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let enc = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
     let mut params = Vec::new();
-    for (k, v) in [("agent", &args.agent), ("type", &args.etype), ("session", &args.session)] {
+    for (k, v) in [
+        ("agent", &args.agent),
+        ("type", &args.etype),
+        ("session", &args.session),
+    ] {
         if let Some(v) = v {
             // Commas separate values: keep them literal.
-            params.push(format!("{k}={}", v.split(',').map(enc).collect::<Vec<_>>().join(",")));
+            params.push(format!(
+                "{k}={}",
+                v.split(',').map(enc).collect::<Vec<_>>().join(",")
+            ));
         }
     }
     if let Some(s) = args.since {
@@ -59,7 +68,9 @@ fn events_url(args: &TailArgs) -> String {
 }
 
 pub fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(tail(args))
 }
 
@@ -68,16 +79,29 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
         bail!("a user token is needed: pass --token or set KRUX_TOKEN (create one with `krux-relay user-token create --name NAME`)");
     };
     let url = events_url(&args);
-    let mut req = url.as_str().into_client_request().with_context(|| format!("bad --url {}", args.url))?;
+    let mut req = url
+        .as_str()
+        .into_client_request()
+        .with_context(|| format!("bad --url {}", args.url))?;
     req.headers_mut().insert(
         "Authorization",
-        format!("Bearer {token}").parse().context("the token is not a valid header value")?,
+        format!("Bearer {token}")
+            .parse()
+            .context("the token is not a valid header value")?,
     );
     let (mut ws, _) = match tokio_tungstenite::connect_async(req).await {
         Ok(x) => x,
         Err(tungstenite::Error::Http(resp)) => {
-            let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-            bail!("the relay refused the subscription: {} {}", resp.status(), body.trim());
+            let body = resp
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            bail!(
+                "the relay refused the subscription: {} {}",
+                resp.status(),
+                body.trim()
+            );
         }
         Err(e) => bail!("cannot connect to {url}: {e}"),
     };
@@ -89,7 +113,8 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
                 if args.json {
                     writeln!(out, "{t}")?;
                 } else {
-                    let v: Value = serde_json::from_str(&t).context("the relay sent invalid JSON")?;
+                    let v: Value =
+                        serde_json::from_str(&t).context("the relay sent invalid JSON")?;
                     writeln!(out, "{}", readable(&v))?;
                 }
                 out.flush()?;
@@ -99,9 +124,15 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             Message::Close(frame) => {
-                let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                    (u16::from(f.code), f.reason.to_string())
+                });
                 eprintln!("relay closed the stream: {code} {reason}");
-                return Ok(if code == 1000 { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+                return Ok(if code == 1000 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
             }
             _ => {}
         }
@@ -121,23 +152,50 @@ pub fn readable(v: &Value) -> String {
     };
     let d = &v["data"];
     let f = |k: &str| s(&d[k]);
-    let time = v["timestamp"].as_str().and_then(|t| t.get(11..23)).unwrap_or("");
+    let time = v["timestamp"]
+        .as_str()
+        .and_then(|t| t.get(11..23))
+        .unwrap_or("");
     let etype = v["type"].as_str().unwrap_or("?");
-    let session = v.get("session_id").or_else(|| d.get("session_id")).map(s).unwrap_or_else(|| "-".into());
+    let session = v
+        .get("session_id")
+        .or_else(|| d.get("session_id"))
+        .map(s)
+        .unwrap_or_else(|| "-".into());
     let summary = match etype {
-        "capability_invoked" => format!("{} [{}] {}ms", f("capability"), f("permission_tier"), f("duration_ms")),
+        "capability_invoked" => format!(
+            "{} [{}] {}ms",
+            f("capability"),
+            f("permission_tier"),
+            f("duration_ms")
+        ),
         "capability_result" => format!(
             "{} {} {}ms",
             f("capability"),
-            if d["success"] == Value::Bool(true) { "ok" } else { "failed" },
+            if d["success"] == Value::Bool(true) {
+                "ok"
+            } else {
+                "failed"
+            },
             f("duration_ms")
         ),
         "capability_error" => format!("{} {}: {}", f("capability"), f("error_type"), f("message")),
         "policy_violation" => format!("{} {}: {}", f("capability"), f("rule"), f("reason")),
-        "approval_requested" => format!("{} {}: {}", f("approval_id"), f("capability"), f("reason")),
-        "approval_resolved" => format!("{} {} by {}", f("approval_id"), f("decision"), f("decided_by")),
+        "approval_requested" => {
+            format!("{} {}: {}", f("approval_id"), f("capability"), f("reason"))
+        }
+        "approval_resolved" => format!(
+            "{} {} by {}",
+            f("approval_id"),
+            f("decision"),
+            f("decided_by")
+        ),
         "session_started" => f("agent_purpose"),
-        "session_ended" => format!("{}s, {} capabilities", f("duration_seconds"), f("capabilities_invoked")),
+        "session_ended" => format!(
+            "{}s, {} capabilities",
+            f("duration_seconds"),
+            f("capabilities_invoked")
+        ),
         "rate_limit_hit" => format!(
             "{} limit {}/{}, retry in {}s",
             f("capability_pattern"),
@@ -145,13 +203,32 @@ pub fn readable(v: &Value) -> String {
             f("window"),
             f("retry_after_seconds")
         ),
-        "write_buffered" => format!("{} {} {} until {}", f("service"), f("operation"), f("write_id"), f("buffer_until")),
-        "health_alert" => format!("{} {}: {} (threshold {})", f("severity"), f("component"), f("message"), f("threshold")),
-        "replay_gap" => format!("events after {} are gone; resuming at {}", f("since"), f("oldest")),
+        "write_buffered" => format!(
+            "{} {} {} until {}",
+            f("service"),
+            f("operation"),
+            f("write_id"),
+            f("buffer_until")
+        ),
+        "health_alert" => format!(
+            "{} {}: {} (threshold {})",
+            f("severity"),
+            f("component"),
+            f("message"),
+            f("threshold")
+        ),
+        "replay_gap" => format!(
+            "events after {} are gone; resuming at {}",
+            f("since"),
+            f("oldest")
+        ),
         _ => d.to_string(),
     };
     let seq = v.get("seq").map(|q| format!(" #{q}")).unwrap_or_default();
-    format!("{time:<12} {etype:<18} {:<16} {session:<14} {summary}{seq}", s(&v["agent"]))
+    format!(
+        "{time:<12} {etype:<18} {:<16} {session:<14} {summary}{seq}",
+        s(&v["agent"])
+    )
 }
 
 #[cfg(test)]
@@ -170,13 +247,23 @@ mod tests {
             json: false,
             count: None,
         };
-        assert_eq!(events_url(&args), "ws://127.0.0.1:1/events?agent=a%20b,c&type=health%5Falert&since=4");
+        assert_eq!(
+            events_url(&args),
+            "ws://127.0.0.1:1/events?agent=a%20b,c&type=health%5Falert&since=4"
+        );
         let v: Value = serde_json::from_str(
             r#"{"type":"capability_result","timestamp":"2026-03-15T10:30:00.135Z","agent":"research-agent","session_id":"sess-1","data":{"capability":"filesystem.read","success":true,"duration_ms":12},"seq":9}"#,
         )
         .unwrap();
         let line = readable(&v);
-        for part in ["10:30:00.135", "capability_result", "research-agent", "sess-1", "filesystem.read ok 12ms", "#9"] {
+        for part in [
+            "10:30:00.135",
+            "capability_result",
+            "research-agent",
+            "sess-1",
+            "filesystem.read ok 12ms",
+            "#9",
+        ] {
             assert!(line.contains(part), "{line}");
         }
     }

@@ -117,11 +117,9 @@ impl EventType {
                 ("permission_tier", Str),
                 ("duration_ms", Num),
             ],
-            EventType::CapabilityResult => &[
-                ("capability", Str),
-                ("success", Bool),
-                ("duration_ms", Num),
-            ],
+            EventType::CapabilityResult => {
+                &[("capability", Str), ("success", Bool), ("duration_ms", Num)]
+            }
             EventType::CapabilityError => &[
                 ("capability", Str),
                 ("error_type", Str),
@@ -190,6 +188,9 @@ pub struct FilterKeys {
 impl FilterKeys {
     /// Every session id this event can be matched on (envelope first).
     pub fn sessions(&self) -> impl Iterator<Item = &str> {
-        self.session.as_deref().into_iter().chain(self.data_session.as_deref())
+        self.session
+            .as_deref()
+            .into_iter()
+            .chain(self.data_session.as_deref())
     }
 }

@@ -22,7 +22,10 @@ pub enum LineError {
     #[error("duplicate field `{0}`")]
     DuplicateField(&'static str),
     #[error("field `{field}` must be {expected}")]
-    WrongType { field: String, expected: &'static str },
+    WrongType {
+        field: String,
+        expected: &'static str,
+    },
     #[error("unknown event type `{0}`; expected one of: {all}", all = EventType::all_names())]
     UnknownType(String),
     #[error("field `timestamp` must be an RFC 3339 date-time such as 2026-03-15T10:30:00.123Z")]
@@ -85,7 +88,10 @@ fn kind_matches(kind: FieldKind, v: &Value<'_, '_>) -> bool {
         FieldKind::Str => v.value_type() == ValueType::String,
         FieldKind::Bool => v.value_type() == ValueType::Bool,
         FieldKind::Obj => v.value_type() == ValueType::Object,
-        FieldKind::Num => matches!(v.value_type(), ValueType::I64 | ValueType::U64 | ValueType::F64),
+        FieldKind::Num => matches!(
+            v.value_type(),
+            ValueType::I64 | ValueType::U64 | ValueType::F64
+        ),
     }
 }
 
@@ -102,7 +108,11 @@ impl Validator {
     pub fn validate(&mut self, line: &[u8]) -> Result<ValidEvent, LineError> {
         self.scratch.clear();
         self.scratch.extend_from_slice(line);
-        let mut tape: Tape<'_> = self.tape.take().expect("validator tape is put back after each line").reset();
+        let mut tape: Tape<'_> = self
+            .tape
+            .take()
+            .expect("validator tape is put back after each line")
+            .reset();
         let result = match simd_json::fill_tape(&mut self.scratch, &mut self.buffers, &mut tape) {
             Ok(()) => check_envelope(tape.as_value()),
             Err(e) => Err(LineError::InvalidJson(e.to_string())),
@@ -128,13 +138,18 @@ fn check_envelope(root: Value<'_, '_>) -> Result<ValidEvent, LineError> {
     }
 
     let etype_v = env.etype.ok_or(LineError::MissingField("type"))?;
-    let name = etype_v.as_str().ok_or_else(|| wrong("type", FieldKind::Str))?;
-    let etype = EventType::from_name(name).ok_or_else(|| LineError::UnknownType(truncated(name)))?;
+    let name = etype_v
+        .as_str()
+        .ok_or_else(|| wrong("type", FieldKind::Str))?;
+    let etype =
+        EventType::from_name(name).ok_or_else(|| LineError::UnknownType(truncated(name)))?;
 
     let needs_stamp = match env.timestamp {
         None => true,
         Some(ts) => {
-            let s = ts.as_str().ok_or_else(|| wrong("timestamp", FieldKind::Str))?;
+            let s = ts
+                .as_str()
+                .ok_or_else(|| wrong("timestamp", FieldKind::Str))?;
             if !is_rfc3339(s) {
                 return Err(LineError::BadTimestamp);
             }
@@ -149,20 +164,31 @@ fn check_envelope(root: Value<'_, '_>) -> Result<ValidEvent, LineError> {
         }
         None
     } else {
-        Some(Box::<str>::from(agent_v.as_str().ok_or_else(|| wrong("agent", FieldKind::Str))?))
+        Some(Box::<str>::from(
+            agent_v
+                .as_str()
+                .ok_or_else(|| wrong("agent", FieldKind::Str))?,
+        ))
     };
 
     let session = match env.session_id {
-        Some(v) => Some(Box::<str>::from(v.as_str().ok_or_else(|| wrong("session_id", FieldKind::Str))?)),
+        Some(v) => Some(Box::<str>::from(
+            v.as_str()
+                .ok_or_else(|| wrong("session_id", FieldKind::Str))?,
+        )),
         None if etype.requires_session() => return Err(LineError::MissingField("session_id")),
         None => None,
     };
 
     let data_v = env.data.ok_or(LineError::MissingField("data"))?;
-    let data = data_v.as_object().ok_or_else(|| wrong("data", FieldKind::Obj))?;
+    let data = data_v
+        .as_object()
+        .ok_or_else(|| wrong("data", FieldKind::Obj))?;
     let mut data_session: Option<Box<str>> = None;
     for &(field, kind) in etype.data_fields() {
-        let v = data.get(field).ok_or(LineError::MissingField(data_field_name(field)))?;
+        let v = data
+            .get(field)
+            .ok_or(LineError::MissingField(data_field_name(field)))?;
         if !kind_matches(kind, &v) {
             return Err(LineError::WrongType {
                 field: format!("data.{field}"),
@@ -175,7 +201,9 @@ fn check_envelope(root: Value<'_, '_>) -> Result<ValidEvent, LineError> {
     }
     // Other types may carry `data.session_id` too; the session filter matches it either way.
     if data_session.is_none() {
-        data_session = data.get("session_id").and_then(|v| v.as_str().map(Into::into));
+        data_session = data
+            .get("session_id")
+            .and_then(|v| v.as_str().map(Into::into));
     }
     let data_session = data_session.filter(|d| Some(d) != session.as_ref());
 
@@ -206,11 +234,36 @@ fn data_field_name(field: &'static str) -> &'static str {
         };
     }
     dotted!(
-        "capability", "arguments", "permission_tier", "duration_ms", "success", "error_type",
-        "message", "tier", "rule", "reason", "approval_id", "decision", "decided_by",
-        "decided_at", "session_id", "agent_purpose", "duration_seconds", "capabilities_invoked",
-        "capability_pattern", "limit", "window", "retry_after_seconds", "write_id", "service",
-        "operation", "buffer_until", "cancellable", "component", "severity", "threshold",
+        "capability",
+        "arguments",
+        "permission_tier",
+        "duration_ms",
+        "success",
+        "error_type",
+        "message",
+        "tier",
+        "rule",
+        "reason",
+        "approval_id",
+        "decision",
+        "decided_by",
+        "decided_at",
+        "session_id",
+        "agent_purpose",
+        "duration_seconds",
+        "capabilities_invoked",
+        "capability_pattern",
+        "limit",
+        "window",
+        "retry_after_seconds",
+        "write_id",
+        "service",
+        "operation",
+        "buffer_until",
+        "cancellable",
+        "component",
+        "severity",
+        "threshold",
     )
 }
 
@@ -242,7 +295,9 @@ mod tests {
         let mut v = Validator::new();
         let mut seen = Vec::new();
         for line in SEED.lines() {
-            let ev = v.validate(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}"));
+            let ev = v
+                .validate(line.as_bytes())
+                .unwrap_or_else(|e| panic!("{line}: {e}"));
             assert!(!ev.needs_stamp);
             seen.push(ev.keys.etype);
         }
@@ -268,18 +323,54 @@ mod tests {
             ("{", "invalid JSON"),
             ("[1,2]", "must be a JSON object"),
             (r#"{"agent":"a","data":{}}"#, "missing field `type`"),
-            (r#"{"type":7,"agent":"a","data":{}}"#, "field `type` must be a string"),
-            (r#"{"type":"nope","agent":"a","data":{}}"#, "unknown event type `nope`; expected one of: capability_invoked,"),
-            (r#"{"type":"health_alert","timestamp":"yesterday","agent":null,"data":{}}"#, "RFC 3339"),
-            (r#"{"type":"session_started","agent":null,"data":{"session_id":"s","agent_purpose":"p"}}"#, "`agent` may be null only for health_alert"),
-            (r#"{"type":"session_started","data":{"session_id":"s","agent_purpose":"p"}}"#, "missing field `agent`"),
-            (r#"{"type":"capability_result","agent":"a","data":{"capability":"c","success":true,"duration_ms":1}}"#, "missing field `session_id`"),
-            (r#"{"type":"capability_result","agent":"a","session_id":"s","data":{"capability":"c","success":"yes","duration_ms":1}}"#, "field `data.success` must be a boolean"),
-            (r#"{"type":"capability_result","agent":"a","session_id":"s","data":{"capability":"c","success":true}}"#, "missing field `data.duration_ms`"),
-            (r#"{"type":"capability_result","agent":"a","session_id":"s","data":[]}"#, "field `data` must be an object"),
-            (r#"{"type":"session_started","agent":"a","session_id":5,"data":{"session_id":"s","agent_purpose":"p"}}"#, "field `session_id` must be a string"),
-            (r#"{"type":"session_started","type":"session_ended","agent":"a","data":{}}"#, "duplicate field `type`"),
-            (r#"{"type":"health_alert","agent":null,"seq":4,"data":{}}"#, "`seq` is assigned by the relay"),
+            (
+                r#"{"type":7,"agent":"a","data":{}}"#,
+                "field `type` must be a string",
+            ),
+            (
+                r#"{"type":"nope","agent":"a","data":{}}"#,
+                "unknown event type `nope`; expected one of: capability_invoked,",
+            ),
+            (
+                r#"{"type":"health_alert","timestamp":"yesterday","agent":null,"data":{}}"#,
+                "RFC 3339",
+            ),
+            (
+                r#"{"type":"session_started","agent":null,"data":{"session_id":"s","agent_purpose":"p"}}"#,
+                "`agent` may be null only for health_alert",
+            ),
+            (
+                r#"{"type":"session_started","data":{"session_id":"s","agent_purpose":"p"}}"#,
+                "missing field `agent`",
+            ),
+            (
+                r#"{"type":"capability_result","agent":"a","data":{"capability":"c","success":true,"duration_ms":1}}"#,
+                "missing field `session_id`",
+            ),
+            (
+                r#"{"type":"capability_result","agent":"a","session_id":"s","data":{"capability":"c","success":"yes","duration_ms":1}}"#,
+                "field `data.success` must be a boolean",
+            ),
+            (
+                r#"{"type":"capability_result","agent":"a","session_id":"s","data":{"capability":"c","success":true}}"#,
+                "missing field `data.duration_ms`",
+            ),
+            (
+                r#"{"type":"capability_result","agent":"a","session_id":"s","data":[]}"#,
+                "field `data` must be an object",
+            ),
+            (
+                r#"{"type":"session_started","agent":"a","session_id":5,"data":{"session_id":"s","agent_purpose":"p"}}"#,
+                "field `session_id` must be a string",
+            ),
+            (
+                r#"{"type":"session_started","type":"session_ended","agent":"a","data":{}}"#,
+                "duplicate field `type`",
+            ),
+            (
+                r#"{"type":"health_alert","agent":null,"seq":4,"data":{}}"#,
+                "`seq` is assigned by the relay",
+            ),
         ];
         for (line, want) in cases {
             let err = check(line).expect_err(line).to_string();
@@ -289,7 +380,9 @@ mod tests {
 
     #[test]
     fn extra_fields_and_float_numbers_pass() {
-        let ev = check(r#"{"type":"capability_result","agent":"a","session_id":"s","trace":{"x":[1,2]},"data":{"capability":"c","success":false,"duration_ms":1.5,"extra":null}}"#);
+        let ev = check(
+            r#"{"type":"capability_result","agent":"a","session_id":"s","trace":{"x":[1,2]},"data":{"capability":"c","success":false,"duration_ms":1.5,"extra":null}}"#,
+        );
         assert!(ev.is_ok(), "{ev:?}");
     }
 
@@ -306,7 +399,9 @@ mod tests {
     #[test]
     fn long_unknown_type_is_truncated_in_error() {
         let name = "x".repeat(10_000);
-        let err = check(&format!(r#"{{"type":"{name}","agent":"a","data":{{}}}}"#)).unwrap_err().to_string();
+        let err = check(&format!(r#"{{"type":"{name}","agent":"a","data":{{}}}}"#))
+            .unwrap_err()
+            .to_string();
         assert!(err.len() < 400, "{}", err.len());
     }
 }

@@ -128,7 +128,12 @@ mod tests {
         for chunk in [1, 7, 1000] {
             assert_eq!(
                 split(&input, 10, chunk),
-                vec![(1, "ok".into()), (2, "<50>".into()), (3, "fine".into()), (4, "<30>".into())],
+                vec![
+                    (1, "ok".into()),
+                    (2, "<50>".into()),
+                    (3, "fine".into()),
+                    (4, "<30>".into())
+                ],
                 "chunk {chunk}"
             );
         }
@@ -139,7 +144,10 @@ mod tests {
 
     #[test]
     fn exactly_max_is_allowed() {
-        assert_eq!(split(b"0123456789\r\n", 10, 3), vec![(1, "0123456789".into())]);
+        assert_eq!(
+            split(b"0123456789\r\n", 10, 3),
+            vec![(1, "0123456789".into())]
+        );
         assert_eq!(split(b"0123456789a\n", 10, 3), vec![(1, "<11>".into())]);
     }
 }

@@ -33,7 +33,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(producer: Producer, seq: SeqAllocator, metrics: Arc<Metrics>, max_line: usize) -> Pipeline {
+    pub fn new(
+        producer: Producer,
+        seq: SeqAllocator,
+        metrics: Arc<Metrics>,
+        max_line: usize,
+    ) -> Pipeline {
         Pipeline {
             validator: Validator::new(),
             producer,
@@ -51,11 +56,16 @@ impl Pipeline {
     pub fn accept(&mut self, line: Line<'_>) -> Result<u64, LineError> {
         let text = match line {
             Line::Text(t) => t.trim_ascii(),
-            Line::TooLong(len) => return Err(LineError::TooLong { len, max: self.max_line }),
+            Line::TooLong(len) => {
+                return Err(LineError::TooLong {
+                    len,
+                    max: self.max_line,
+                })
+            }
         };
         let valid = self.validator.validate(text)?;
         let stamp = valid.needs_stamp.then(now_rfc3339_millis);
-        let seq = self.seq.next().map_err(|e| {
+        let seq = self.seq.allocate().map_err(|e| {
             tracing::error!("cannot persist sequence numbers: {e:#}");
             LineError::Unavailable("the relay cannot persist sequence numbers".into())
         })?;
@@ -100,23 +110,32 @@ pub fn rejection_line(n: u64, err: &LineError) -> String {
 }
 
 /// Serves one publisher connection until it half-closes (summary sent) or goes away.
-pub async fn serve_publisher<S: AsyncRead + AsyncWrite>(stream: S, pipeline: Rc<RefCell<Pipeline>>) {
+pub async fn serve_publisher<S: AsyncRead + AsyncWrite>(
+    stream: S,
+    pipeline: Rc<RefCell<Pipeline>>,
+) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut splitter = LineSplitter::new(pipeline.borrow().max_line());
     let mut buf = vec![0u8; 64 * 1024];
     let mut replies = String::new();
     let mut tally = Tally::default();
-    let mut handle = |pipeline: &mut Pipeline, replies: &mut String, n: u64, line: Line<'_>| match pipeline.accept(line) {
-        Ok(seq) => {
-            tally.accepted += 1;
-            tally.last_seq = Some(seq);
-        }
-        Err(e) => {
-            tally.rejected += 1;
-            pipeline.metrics.events_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            replies.push_str(&rejection_line(n, &e));
-        }
-    };
+    let mut handle =
+        |pipeline: &mut Pipeline, replies: &mut String, n: u64, line: Line<'_>| match pipeline
+            .accept(line)
+        {
+            Ok(seq) => {
+                tally.accepted += 1;
+                tally.last_seq = Some(seq);
+            }
+            Err(e) => {
+                tally.rejected += 1;
+                pipeline
+                    .metrics
+                    .events_rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                replies.push_str(&rejection_line(n, &e));
+            }
+        };
     loop {
         let n = match rd.read(&mut buf).await {
             Ok(0) => break,
@@ -125,7 +144,9 @@ pub async fn serve_publisher<S: AsyncRead + AsyncWrite>(stream: S, pipeline: Rc<
         };
         {
             let mut p = pipeline.borrow_mut();
-            splitter.feed(&buf[..n], &mut |no, line| handle(&mut p, &mut replies, no, line));
+            splitter.feed(&buf[..n], &mut |no, line| {
+                handle(&mut p, &mut replies, no, line)
+            });
             p.flush();
         }
         if !replies.is_empty() {
@@ -151,7 +172,7 @@ mod tests {
     use crate::ring::{FrameRing, Slot};
 
     fn pipeline(dir: &std::path::Path) -> (Pipeline, Arc<FrameRing>) {
-        let (producer, _) = FrameRing::new(64, 1, 1);
+        let (producer, _) = FrameRing::with_readers(64, 1, 1);
         let ring = producer.ring().clone();
         let seq = SeqAllocator::open(dir).unwrap();
         (Pipeline::new(producer, seq, Arc::default(), 1024), ring)
@@ -163,10 +184,15 @@ mod tests {
         let (mut p, ring) = pipeline(dir.path());
         let seed = include_str!("../../tests/data/seed_events.ndjson");
         for (i, line) in seed.lines().enumerate() {
-            let seq = p.accept(Line::Text(format!("  {line} ").as_bytes())).unwrap();
+            let seq = p
+                .accept(Line::Text(format!("  {line} ").as_bytes()))
+                .unwrap();
             assert_eq!(seq, i as u64 + 1);
-            let Slot::Ready(e) = ring.get(seq) else { panic!("seq {seq} published") };
-            let got: serde_json::Value = serde_json::from_slice(crate::frame::payload(&e.frame)).unwrap();
+            let Slot::Ready(e) = ring.get(seq) else {
+                panic!("seq {seq} published")
+            };
+            let got: serde_json::Value =
+                serde_json::from_slice(crate::frame::payload(&e.frame)).unwrap();
             let mut want: serde_json::Value = serde_json::from_str(line).unwrap();
             want["seq"] = seq.into();
             assert_eq!(got, want);
@@ -177,7 +203,13 @@ mod tests {
     fn rejections_do_not_consume_seq() {
         let dir = tempfile::tempdir().unwrap();
         let (mut p, _ring) = pipeline(dir.path());
-        assert!(matches!(p.accept(Line::TooLong(5000)), Err(LineError::TooLong { len: 5000, max: 1024 })));
+        assert!(matches!(
+            p.accept(Line::TooLong(5000)),
+            Err(LineError::TooLong {
+                len: 5000,
+                max: 1024
+            })
+        ));
         assert!(p.accept(Line::Text(b"{}")).is_err());
         let ok = br#"{"type":"health_alert","agent":null,"data":{"component":"c","severity":"s","message":"m","threshold":"t"}}"#;
         assert_eq!(p.accept(Line::Text(ok)).unwrap(), 1);
@@ -189,7 +221,14 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&r).unwrap();
         assert_eq!(v["line"], 3);
         assert_eq!(v["error"], "missing field `type`");
-        let t = Tally { accepted: 2, rejected: 1, last_seq: None };
-        assert_eq!(t.summary_line(), "{\"accepted\":2,\"rejected\":1,\"last_seq\":null}\n");
+        let t = Tally {
+            accepted: 2,
+            rejected: 1,
+            last_seq: None,
+        };
+        assert_eq!(
+            t.summary_line(),
+            "{\"accepted\":2,\"rejected\":1,\"last_seq\":null}\n"
+        );
     }
 }

@@ -21,7 +21,10 @@ impl SeqAllocator {
     pub fn open(data_dir: &Path) -> anyhow::Result<SeqAllocator> {
         let path = data_dir.join("seq");
         let next = match std::fs::read_to_string(&path) {
-            Ok(s) => s.trim().parse::<u64>().with_context(|| format!("{} does not hold a number", path.display()))?,
+            Ok(s) => s
+                .trim()
+                .parse::<u64>()
+                .with_context(|| format!("{} does not hold a number", path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
@@ -37,7 +40,7 @@ impl SeqAllocator {
         self.next
     }
 
-    pub fn next(&mut self) -> anyhow::Result<u64> {
+    pub fn allocate(&mut self) -> anyhow::Result<u64> {
         if self.next == self.reserved_end {
             self.reserve(self.next + BLOCK)?;
         }
@@ -48,10 +51,12 @@ impl SeqAllocator {
 
     fn reserve(&mut self, end: u64) -> anyhow::Result<()> {
         let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         writeln!(f, "{end}")?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))?;
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("replacing {}", self.path.display()))?;
         if let Some(dir) = self.path.parent() {
             std::fs::File::open(dir)?.sync_all()?;
         }
@@ -68,12 +73,12 @@ mod tests {
     fn restarts_never_reuse_numbers() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = SeqAllocator::open(dir.path()).unwrap();
-        assert_eq!(a.next().unwrap(), 1);
-        assert_eq!(a.next().unwrap(), 2);
+        assert_eq!(a.allocate().unwrap(), 1);
+        assert_eq!(a.allocate().unwrap(), 2);
         drop(a); // as after a crash: the rest of the block is skipped
         let mut b = SeqAllocator::open(dir.path()).unwrap();
-        let s = b.next().unwrap();
+        let s = b.allocate().unwrap();
         assert_eq!(s, 1 + BLOCK);
-        assert_eq!(b.next().unwrap(), s + 1);
+        assert_eq!(b.allocate().unwrap(), s + 1);
     }
 }

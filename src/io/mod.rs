@@ -110,14 +110,19 @@ where
     match mode {
         IoMode::Uring => {
             let rt = tokio_uring::Runtime::new(tokio_uring::builder().entries(1024))?;
-            rt.block_on(async move { body(ListenerKind::Uring(uring::UringListener::new(listener))).await });
+            rt.block_on(async move {
+                body(ListenerKind::Uring(uring::UringListener::new(listener))).await
+            });
             Ok(())
         }
         IoMode::Epoll | IoMode::Auto => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
-                let l = epoll::EpollListener::new(listener).expect("registering the listener with epoll");
+                let l = epoll::EpollListener::new(listener)
+                    .expect("registering the listener with epoll");
                 body(ListenerKind::Epoll(l)).await
             });
             Ok(())
@@ -137,11 +142,18 @@ mod tests {
 
     #[test]
     fn advance_over_partial_writes() {
-        let mut v = vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de"), Bytes::from_static(b"fgh")];
+        let mut v = vec![
+            Bytes::from_static(b"abc"),
+            Bytes::from_static(b"de"),
+            Bytes::from_static(b"fgh"),
+        ];
         advance(&mut v, 0);
         assert_eq!(v.len(), 3);
         advance(&mut v, 4);
-        assert_eq!(v, vec![Bytes::from_static(b"e"), Bytes::from_static(b"fgh")]);
+        assert_eq!(
+            v,
+            vec![Bytes::from_static(b"e"), Bytes::from_static(b"fgh")]
+        );
         advance(&mut v, 3);
         assert_eq!(v, vec![Bytes::from_static(b"h")]);
         advance(&mut v, 1);

@@ -40,7 +40,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed, Response> {
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(Response::head_too_large()),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+            return Err(Response::head_too_large())
+        }
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(httparse::Error::TooManyHeaders) => return Err(Response::head_too_large()),
         Err(_) => return Err(Response::bad_http()),
@@ -138,7 +140,10 @@ pub fn decide(req: &Request, gate: &Gate<'_>) -> Decision {
         return Decision::Dashboard;
     }
     if req.path != "/events" {
-        return Decision::Refuse(Response::text(404, "No such endpoint; supervisors subscribe at /events."));
+        return Decision::Refuse(Response::text(
+            404,
+            "No such endpoint; supervisors subscribe at /events.",
+        ));
     }
     if req.method != "GET" {
         return Decision::Refuse(
@@ -147,9 +152,12 @@ pub fn decide(req: &Request, gate: &Gate<'_>) -> Decision {
     }
     if !(req.upgrade_websocket && req.connection_upgrade) {
         return Decision::Refuse(
-            Response::text(426, "This endpoint streams events over WebSocket; send a WebSocket upgrade request.")
-                .header("Upgrade", "websocket".into())
-                .header("Connection", "Upgrade".into()),
+            Response::text(
+                426,
+                "This endpoint streams events over WebSocket; send a WebSocket upgrade request.",
+            )
+            .header("Upgrade", "websocket".into())
+            .header("Connection", "Upgrade".into()),
         );
     }
     if req.ws_version.as_deref() != Some("13") {
@@ -159,23 +167,42 @@ pub fn decide(req: &Request, gate: &Gate<'_>) -> Decision {
         );
     }
     let Some(key) = req.ws_key.as_deref().filter(|k| valid_ws_key(k)) else {
-        return Decision::Refuse(Response::text(400, "The Sec-WebSocket-Key header is missing or malformed."));
+        return Decision::Refuse(Response::text(
+            400,
+            "The Sec-WebSocket-Key header is missing or malformed.",
+        ));
     };
     if gate.at_capacity {
         return Decision::Refuse(
-            Response::text(503, "The relay is at its connection limit; retry shortly.").header("Retry-After", "1".into()),
+            Response::text(503, "The relay is at its connection limit; retry shortly.")
+                .header("Retry-After", "1".into()),
         );
     }
     let params = query_pairs(req.query.as_deref().unwrap_or(""));
 
     // Credentials. Any one that looks like an agent token is refused outright.
-    let bearer = req.authorization.as_deref().map(|a| match a.split_once(' ') {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim().to_string(),
-        _ => a.to_string(),
-    });
-    let access_token = params.iter().find(|(k, _)| k == "access_token").map(|(_, v)| v.to_string());
-    let passphrase = params.iter().find(|(k, _)| k == "passphrase").map(|(_, v)| v.to_string());
-    if bearer.iter().chain(access_token.iter()).any(|t| is_agent_token(t)) {
+    let bearer = req
+        .authorization
+        .as_deref()
+        .map(|a| match a.split_once(' ') {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => {
+                rest.trim().to_string()
+            }
+            _ => a.to_string(),
+        });
+    let access_token = params
+        .iter()
+        .find(|(k, _)| k == "access_token")
+        .map(|(_, v)| v.to_string());
+    let passphrase = params
+        .iter()
+        .find(|(k, _)| k == "passphrase")
+        .map(|(_, v)| v.to_string());
+    if bearer
+        .iter()
+        .chain(access_token.iter())
+        .any(|t| is_agent_token(t))
+    {
         return Decision::Refuse(Response::text(
             403,
             "Agent tokens belong on port 7700; port 7701 accepts only user tokens (krx_user_…) and the operator passphrase.",
@@ -191,7 +218,9 @@ pub fn decide(req: &Request, gate: &Gate<'_>) -> Decision {
         }
     };
     let Some(principal) = (gate.authenticate)(&credential) else {
-        return Decision::Refuse(unauthorized("The credential is not valid or has been revoked."));
+        return Decision::Refuse(unauthorized(
+            "The credential is not valid or has been revoked.",
+        ));
     };
 
     let (filter, since) = match parse_subscription(&params) {
@@ -219,7 +248,9 @@ fn unauthorized(msg: &str) -> Response {
 fn valid_ws_key(k: &str) -> bool {
     k.len() == 24
         && k.ends_with("==")
-        && k[..22].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        && k[..22]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
 }
 
 /// Decoded `key=value` pairs of a query string (`+` is a space, as browsers encode it).
@@ -239,7 +270,9 @@ pub fn query_pairs(query: &str) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
 }
 
 /// The filter and `since` of a subscription; the error is the 400 body.
-pub fn parse_subscription(params: &[(Cow<'_, str>, Cow<'_, str>)]) -> Result<(Filter, Option<u64>), String> {
+pub fn parse_subscription(
+    params: &[(Cow<'_, str>, Cow<'_, str>)],
+) -> Result<(Filter, Option<u64>), String> {
     let mut filter = Filter::default();
     let mut since = None;
     for (k, v) in params {
@@ -266,16 +299,19 @@ pub fn parse_subscription(params: &[(Cow<'_, str>, Cow<'_, str>)]) -> Result<(Fi
                 }
                 filter.types = Some(mask);
             }
-            "agent" => filter.agents.get_or_insert_with(Vec::new).extend(items.into_iter().map(Into::into)),
-            "session" => filter.sessions.get_or_insert_with(Vec::new).extend(items.into_iter().map(Into::into)),
+            "agent" => filter
+                .agents
+                .get_or_insert_with(Vec::new)
+                .extend(items.into_iter().map(Into::into)),
+            "session" => filter
+                .sessions
+                .get_or_insert_with(Vec::new)
+                .extend(items.into_iter().map(Into::into)),
             _ => {
                 let ok = v.bytes().all(|b| b.is_ascii_digit());
-                since = Some(
-                    v.parse::<u64>()
-                        .ok()
-                        .filter(|_| ok)
-                        .ok_or_else(|| "Query parameter `since` must be a decimal sequence number (u64).".to_string())?,
-                );
+                since = Some(v.parse::<u64>().ok().filter(|_| ok).ok_or_else(|| {
+                    "Query parameter `since` must be a decimal sequence number (u64).".to_string()
+                })?);
             }
         }
     }
@@ -381,7 +417,13 @@ mod tests {
             Credential::Passphrase(p) if p == "open sesame" => Some(Principal::Operator),
             _ => None,
         };
-        decide(&req, &Gate { at_capacity, authenticate: &auth })
+        decide(
+            &req,
+            &Gate {
+                at_capacity,
+                authenticate: &auth,
+            },
+        )
     }
 
     fn status(d: &Decision) -> u16 {
@@ -394,10 +436,18 @@ mod tests {
 
     #[test]
     fn partial_and_oversized_heads() {
-        assert_eq!(parse_request(b"GET /events HTTP/1.1\r\nHost:").unwrap(), Parsed::Partial);
+        assert_eq!(
+            parse_request(b"GET /events HTTP/1.1\r\nHost:").unwrap(),
+            Parsed::Partial
+        );
         let big = format!("GET /events HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD));
         assert_eq!(parse_request(big.as_bytes()).unwrap_err().status, 431);
-        assert_eq!(parse_request(b"\x16\x03\x01garbage\r\n\r\n").unwrap_err().status, 400);
+        assert_eq!(
+            parse_request(b"\x16\x03\x01garbage\r\n\r\n")
+                .unwrap_err()
+                .status,
+            400
+        );
     }
 
     #[test]
@@ -405,19 +455,72 @@ mod tests {
         let bearer = "Authorization: Bearer krx_user_good\r\n";
         let cases: &[(String, bool, u16, &str)] = &[
             (head("/events", bearer), false, 101, ""),
-            (head("/events?access_token=krx_user_good", ""), false, 101, ""),
+            (
+                head("/events?access_token=krx_user_good", ""),
+                false,
+                101,
+                "",
+            ),
             (head("/events?passphrase=open+sesame", ""), false, 101, ""),
             (head("/nope?type=bogus", ""), true, 404, "/events"),
-            ("GET /events HTTP/1.1\r\nHost: x\r\n\r\n".into(), true, 426, "WebSocket"),
-            (head("/events?type=bogus", ""), true, 503, "connection limit"),
-            (head("/events?type=bogus", &format!("Authorization: Bearer {AGENT}\r\n")), false, 403, "port 7700"),
-            (head(&format!("/events?access_token={AGENT}"), ""), false, 403, "port 7700"),
+            (
+                "GET /events HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+                true,
+                426,
+                "WebSocket",
+            ),
+            (
+                head("/events?type=bogus", ""),
+                true,
+                503,
+                "connection limit",
+            ),
+            (
+                head(
+                    "/events?type=bogus",
+                    &format!("Authorization: Bearer {AGENT}\r\n"),
+                ),
+                false,
+                403,
+                "port 7700",
+            ),
+            (
+                head(&format!("/events?access_token={AGENT}"), ""),
+                false,
+                403,
+                "port 7700",
+            ),
             (head("/events?type=bogus", ""), false, 401, "required"),
-            (head("/events", "Authorization: Bearer krx_user_bad\r\n"), false, 401, "not valid"),
-            (head("/events?passphrase=wrong", ""), false, 401, "not valid"),
-            (head("/events?type=bogus", bearer), false, 400, "valid types are: capability_invoked"),
-            (head("/events?agent=", bearer), false, 400, "`agent` has an empty value"),
-            (head("/events?type=health_alert,", bearer), false, 400, "`type` has an empty value"),
+            (
+                head("/events", "Authorization: Bearer krx_user_bad\r\n"),
+                false,
+                401,
+                "not valid",
+            ),
+            (
+                head("/events?passphrase=wrong", ""),
+                false,
+                401,
+                "not valid",
+            ),
+            (
+                head("/events?type=bogus", bearer),
+                false,
+                400,
+                "valid types are: capability_invoked",
+            ),
+            (
+                head("/events?agent=", bearer),
+                false,
+                400,
+                "`agent` has an empty value",
+            ),
+            (
+                head("/events?type=health_alert,", bearer),
+                false,
+                400,
+                "`type` has an empty value",
+            ),
             (head("/events?since=-1", bearer), false, 400, "`since`"),
             (head("/events?since=1e3", bearer), false, 400, "`since`"),
             (head("/", ""), false, 200, ""),
@@ -427,7 +530,12 @@ mod tests {
             assert_eq!(status(&d), *want, "{raw}");
             if let Decision::Refuse(r) = &d {
                 assert!(r.body.contains(body), "{raw}: {}", r.body);
-                assert_eq!(r.body.trim_end().matches(". ").count(), 0, "one sentence: {}", r.body);
+                assert_eq!(
+                    r.body.trim_end().matches(". ").count(),
+                    0,
+                    "one sentence: {}",
+                    r.body
+                );
                 if r.status == 401 {
                     assert!(r.headers.contains(&("WWW-Authenticate", "Bearer".into())));
                 }
@@ -444,18 +552,26 @@ mod tests {
             ),
             false,
         );
-        let Decision::Upgrade(u) = d else { panic!("{d:?}") };
+        let Decision::Upgrade(u) = d else {
+            panic!("{d:?}")
+        };
         assert_eq!(u.principal, Principal::User([1; 32]));
         assert_eq!(u.since, Some(41));
         assert_eq!(
             u.filter.types,
             Some(EventType::CapabilityInvoked.bit() | EventType::PolicyViolation.bit())
         );
-        assert_eq!(u.filter.agents, Some(vec!["a-1".into(), "a2".into(), "a3".into()]));
+        assert_eq!(
+            u.filter.agents,
+            Some(vec!["a-1".into(), "a2".into(), "a3".into()])
+        );
         assert_eq!(u.filter.sessions, Some(vec!["s1".into()]));
         let resp = String::from_utf8(u.response).unwrap();
         // RFC 6455 §1.3's worked example.
-        assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"), "{resp}");
+        assert!(
+            resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+            "{resp}"
+        );
     }
 
     #[test]
@@ -466,7 +582,9 @@ mod tests {
 
     #[test]
     fn response_bytes() {
-        let r = Response::text(401, "No.").header("WWW-Authenticate", "Bearer".into()).to_bytes();
+        let r = Response::text(401, "No.")
+            .header("WWW-Authenticate", "Bearer".into())
+            .to_bytes();
         let s = String::from_utf8(r).unwrap();
         assert!(s.starts_with("HTTP/1.1 401 Unauthorized\r\n"));
         assert!(s.contains("Content-Length: 4\r\n"));

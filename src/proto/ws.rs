@@ -43,7 +43,11 @@ enum State {
     /// Skipping this many payload bytes of a data frame.
     Skip(u64),
     /// Collecting a control frame's payload.
-    Control { opcode: u8, len: usize, mask: [u8; 4] },
+    Control {
+        opcode: u8,
+        len: usize,
+        mask: [u8; 4],
+    },
     /// A close frame was received or a violation found; further bytes are ignored.
     Done,
 }
@@ -95,7 +99,11 @@ impl InboundDecoder {
                 State::Skip(n) => {
                     let k = n.min(data.len() as u64);
                     data = &data[k as usize..];
-                    self.state = if n == k { State::Header } else { State::Skip(n - k) };
+                    self.state = if n == k {
+                        State::Header
+                    } else {
+                        State::Skip(n - k)
+                    };
                 }
                 State::Header => {
                     let before = self.head_len;
@@ -123,21 +131,37 @@ impl InboundDecoder {
         }
     }
 
-    fn control_frame(&mut self, opcode: u8, payload: Vec<u8>, on: &mut impl FnMut(Inbound)) -> Result<(), Violation> {
+    fn control_frame(
+        &mut self,
+        opcode: u8,
+        payload: Vec<u8>,
+        on: &mut impl FnMut(Inbound),
+    ) -> Result<(), Violation> {
         match opcode {
             0x9 => on(Inbound::Ping(payload)),
             0xA => on(Inbound::Pong),
             _ => {
                 let code = match payload.len() {
                     0 => None,
-                    1 => return Err(violation(close_code::PROTOCOL_ERROR, "close frame with a 1-byte payload")),
+                    1 => {
+                        return Err(violation(
+                            close_code::PROTOCOL_ERROR,
+                            "close frame with a 1-byte payload",
+                        ))
+                    }
                     _ => {
                         let code = u16::from_be_bytes([payload[0], payload[1]]);
                         if !valid_close_code(code) {
-                            return Err(violation(close_code::PROTOCOL_ERROR, "invalid close code"));
+                            return Err(violation(
+                                close_code::PROTOCOL_ERROR,
+                                "invalid close code",
+                            ));
                         }
                         if std::str::from_utf8(&payload[2..]).is_err() {
-                            return Err(violation(close_code::INVALID_PAYLOAD, "close reason is not valid UTF-8"));
+                            return Err(violation(
+                                close_code::INVALID_PAYLOAD,
+                                "close reason is not valid UTF-8",
+                            ));
                         }
                         Some(code)
                     }
@@ -166,10 +190,16 @@ impl InboundDecoder {
         };
         // Decidable from the first two bytes: refuse before waiting for more.
         if rsv != 0 {
-            return Err(violation(close_code::PROTOCOL_ERROR, "reserved bits set without a negotiated extension"));
+            return Err(violation(
+                close_code::PROTOCOL_ERROR,
+                "reserved bits set without a negotiated extension",
+            ));
         }
         if !masked {
-            return Err(violation(close_code::PROTOCOL_ERROR, "client frames must be masked"));
+            return Err(violation(
+                close_code::PROTOCOL_ERROR,
+                "client frames must be masked",
+            ));
         }
         let need = 2 + ext + 4;
         if h.len() < need {
@@ -184,27 +214,50 @@ impl InboundDecoder {
         match opcode {
             0x8..=0xA => {
                 if !fin {
-                    return Err(violation(close_code::PROTOCOL_ERROR, "control frames must not be fragmented"));
+                    return Err(violation(
+                        close_code::PROTOCOL_ERROR,
+                        "control frames must not be fragmented",
+                    ));
                 }
                 if len > 125 {
-                    return Err(violation(close_code::PROTOCOL_ERROR, "control frame payload over 125 bytes"));
+                    return Err(violation(
+                        close_code::PROTOCOL_ERROR,
+                        "control frame payload over 125 bytes",
+                    ));
                 }
-                self.state = State::Control { opcode, len: len as usize, mask };
+                self.state = State::Control {
+                    opcode,
+                    len: len as usize,
+                    mask,
+                };
             }
             0x0..=0x2 => {
                 if len > self.max_frame {
-                    return Err(violation(close_code::TOO_BIG, "frame larger than the maximum frame size"));
+                    return Err(violation(
+                        close_code::TOO_BIG,
+                        "frame larger than the maximum frame size",
+                    ));
                 }
                 match (opcode, self.fragmented) {
                     (0x0, false) => {
-                        return Err(violation(close_code::PROTOCOL_ERROR, "continuation frame without a message"))
+                        return Err(violation(
+                            close_code::PROTOCOL_ERROR,
+                            "continuation frame without a message",
+                        ))
                     }
                     (0x1 | 0x2, true) => {
-                        return Err(violation(close_code::PROTOCOL_ERROR, "new message inside a fragmented one"))
+                        return Err(violation(
+                            close_code::PROTOCOL_ERROR,
+                            "new message inside a fragmented one",
+                        ))
                     }
                     _ => self.fragmented = !fin,
                 }
-                self.state = if len == 0 { State::Header } else { State::Skip(len) };
+                self.state = if len == 0 {
+                    State::Header
+                } else {
+                    State::Skip(len)
+                };
             }
             _ => return Err(violation(close_code::PROTOCOL_ERROR, "unknown opcode")),
         }
@@ -267,7 +320,12 @@ mod tests {
             assert_eq!(res, Ok(()), "chunk {chunk}");
             assert_eq!(
                 got,
-                vec![Inbound::Ping(b"hi".to_vec()), Inbound::Ping(vec![]), Inbound::Pong, Inbound::Close(Some(1000))],
+                vec![
+                    Inbound::Ping(b"hi".to_vec()),
+                    Inbound::Ping(vec![]),
+                    Inbound::Pong,
+                    Inbound::Close(Some(1000))
+                ],
                 "chunk {chunk}"
             );
         }

@@ -166,7 +166,11 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
                             let was_open = out.state() == OutState::Open;
                             let queued = out.push_event(&e.frame, e.seq);
                             if was_open && out.state() != OutState::Open {
-                                reactor.shared.metrics.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
+                                reactor
+                                    .shared
+                                    .metrics
+                                    .slow_consumer_closes
+                                    .fetch_add(1, Ordering::Relaxed);
                             }
                             if queued && !out.dirty {
                                 out.dirty = true;
@@ -179,10 +183,18 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
                         // The ingest outran this reactor by a whole window: whatever its
                         // subscribers missed is gone, so each is told where to resume.
                         let oldest = cursor.ring().oldest();
-                        tracing::warn!(reactor = reactor.id, missed_from = cursor.next, oldest, "reactor fell behind the replay window");
+                        tracing::warn!(
+                            reactor = reactor.id,
+                            missed_from = cursor.next,
+                            oldest,
+                            "reactor fell behind the replay window"
+                        );
                         for (_, sub) in subs.iter() {
                             let since = sub.out.borrow().last_seq();
-                            sub.close(close_code::SLOW_CONSUMER, &format!("slow consumer; resume with since={since}"));
+                            sub.close(
+                                close_code::SLOW_CONSUMER,
+                                &format!("slow consumer; resume with since={since}"),
+                            );
                         }
                         cursor.next = oldest;
                     }

@@ -127,7 +127,10 @@ mod tests {
         let a = f(10);
         assert!(o.push_event(&a, 1));
         assert!(o.push_event(&f(20), 2));
-        assert!(!o.push_event(&f(20), 2), "duplicates below the resume point are skipped");
+        assert!(
+            !o.push_event(&f(20), 2),
+            "duplicates below the resume point are skipped"
+        );
         let mut batch = Vec::new();
         o.take_batch(&mut batch);
         assert_eq!(batch.len(), 2);
@@ -141,7 +144,10 @@ mod tests {
     fn overflow_closes_with_resume_point() {
         let mut o = Outbox::new(100, 41);
         assert!(o.push_event(&f(60), 42));
-        assert!(o.push_event(&f(60), 43), "over the bound: the close is what gets queued");
+        assert!(
+            o.push_event(&f(60), 43),
+            "over the bound: the close is what gets queued"
+        );
         assert_eq!(o.state(), OutState::Closing);
         assert!(!o.push_event(&f(1), 44));
         assert!(!o.push_control(f(1)));

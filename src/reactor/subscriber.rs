@@ -14,7 +14,9 @@ use tokio::sync::Notify;
 use super::{OutState, Outbox, Reactor, Shared, Subscriber};
 use crate::frame;
 use crate::io::{advance, write_all, Conn};
-use crate::proto::handshake::{decide, parse_request, Decision, Gate, Parsed, Request, Response, MAX_HEAD};
+use crate::proto::handshake::{
+    decide, parse_request, Decision, Gate, Parsed, Request, Response, MAX_HEAD,
+};
 use crate::proto::ws::{close_code, Inbound, InboundDecoder};
 
 /// How long a closing connection waits for the peer's close before dropping it.
@@ -31,7 +33,14 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C) {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return, // closed before sending a request
         Ok(Err(resp)) => return refuse(&conn, &shared, resp).await,
-        Err(_) => return refuse(&conn, &shared, Response::text(408, "The request head took too long to arrive.")).await,
+        Err(_) => {
+            return refuse(
+                &conn,
+                &shared,
+                Response::text(408, "The request head took too long to arrive."),
+            )
+            .await
+        }
     };
 
     let authenticate = |c: &_| shared.credentials.authenticate(c);
@@ -51,7 +60,10 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C) {
     // be missed, and replay stops exactly where live delivery through the index starts.
     let start = reactor.next_seq.get();
     let sub = Rc::new(Subscriber {
-        out: RefCell::new(Outbox::new(shared.client_queue, up.since.unwrap_or(start.saturating_sub(1)))),
+        out: RefCell::new(Outbox::new(
+            shared.client_queue,
+            up.since.unwrap_or(start.saturating_sub(1)),
+        )),
         wake: Notify::new(),
         principal: up.principal,
         last_heard: Cell::new(Instant::now()),
@@ -98,7 +110,10 @@ impl Drop for Registration<'_> {
         self.reactor.index.borrow_mut().remove(self.id);
         self.reactor.subs.borrow_mut().remove(self.id);
         self.reactor.shared.connections.fetch_sub(1, Relaxed);
-        self.reactor.shared.metrics.subscriber_delta(self.reactor.id, -1);
+        self.reactor
+            .shared
+            .metrics
+            .subscriber_delta(self.reactor.id, -1);
     }
 }
 
@@ -152,7 +167,11 @@ async fn read_loop<C: Conn>(sub: &Subscriber, conn: &C, leftover: Vec<u8>, max_f
             for inbound in got {
                 match inbound {
                     Inbound::Ping(payload) => {
-                        if sub.out.borrow_mut().push_control(frame::pong_frame(&payload)) {
+                        if sub
+                            .out
+                            .borrow_mut()
+                            .push_control(frame::pong_frame(&payload))
+                        {
                             sub.wake.notify_one();
                         }
                     }
@@ -206,7 +225,8 @@ async fn write_loop<C: Conn>(sub: Rc<Subscriber>, conn: Rc<C>, shared: Arc<Share
                 let m = &shared.metrics;
                 m.writevs.fetch_add(1, Relaxed);
                 m.bytes_out.fetch_add(n as u64, Relaxed);
-                m.frames_out.fetch_add((frames - rest.len()) as u64, Relaxed);
+                m.frames_out
+                    .fetch_add((frames - rest.len()) as u64, Relaxed);
                 batch = rest;
             }
             _ => {

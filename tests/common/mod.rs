@@ -3,11 +3,11 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -59,43 +59,24 @@ impl Relay {
     pub async fn start_with(extra: &[&str]) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let token = create_token(dir.path(), "test");
-        let ready = dir.path().join("ready.json");
-        let io = io_backend();
-        let mut args = vec![
-            "serve", "--listen", "127.0.0.1:0", "--ingest", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--io", &io,
-        ];
-        args.extend_from_slice(extra);
-        let ready_s = ready.to_str().unwrap().to_string();
-        args.extend_from_slice(&["--ready-file", &ready_s]);
-        let mut child = Command::new(bin())
-            .args(&args)
-            .env("KRUX_DATA_DIR", dir.path())
-            .env("KRUX_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let info: Value = loop {
-            if let Ok(text) = std::fs::read_to_string(&ready) {
-                break serde_json::from_str(&text).unwrap();
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("relay exited before it was ready: {status}");
-            }
-            assert!(Instant::now() < deadline, "relay not ready within 20 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let addr = |k: &str| info[k].as_str().unwrap().parse().unwrap();
-        assert_eq!(info["pid"], child.id());
+        let (child, ws, ingest, admin) = spawn_relay(dir.path(), extra).await;
         Relay {
-            ws: addr("ws"),
-            ingest: addr("ingest"),
-            admin: addr("admin"),
+            ws,
+            ingest,
+            admin,
             token,
             child,
             dir,
         }
+    }
+
+    /// Kills the relay with SIGKILL (no shutdown of any kind) and starts a new one on the
+    /// same data dir, with the same extra flags.
+    pub async fn crash_and_restart(&mut self, extra: &[&str]) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let (child, ws, ingest, admin) = spawn_relay(self.dir.path(), extra).await;
+        (self.child, self.ws, self.ingest, self.admin) = (child, ws, ingest, admin);
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -104,24 +85,39 @@ impl Relay {
 
     /// Runs a `krux-relay` command against this relay's data dir.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin()).args(args).env("KRUX_DATA_DIR", self.data_dir()).output().unwrap()
+        Command::new(bin())
+            .args(args)
+            .env("KRUX_DATA_DIR", self.data_dir())
+            .output()
+            .unwrap()
     }
 
     /// Subscribes with the relay's token as a Bearer header; `query` is e.g. `type=a,b`.
     pub async fn subscribe(&self, query: &str) -> Ws {
-        self.try_subscribe(query, Some(&self.token)).await.expect("subscription accepted")
+        self.try_subscribe(query, Some(&self.token))
+            .await
+            .expect("subscription accepted")
     }
 
-    pub async fn try_subscribe(&self, query: &str, bearer: Option<&str>) -> Result<Ws, (u16, String)> {
+    pub async fn try_subscribe(
+        &self,
+        query: &str,
+        bearer: Option<&str>,
+    ) -> Result<Ws, (u16, String)> {
         let url = format!("ws://{}/events?{query}", self.ws);
         let mut req = url.into_client_request().unwrap();
         if let Some(t) = bearer {
-            req.headers_mut().insert("Authorization", format!("Bearer {t}").parse().unwrap());
+            req.headers_mut()
+                .insert("Authorization", format!("Bearer {t}").parse().unwrap());
         }
         match tokio_tungstenite::connect_async(req).await {
             Ok((ws, _)) => Ok(ws),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let body = resp.body().as_deref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                let body = resp
+                    .body()
+                    .as_deref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
                 Err((resp.status().as_u16(), body))
             }
             Err(e) => panic!("connect failed: {e}"),
@@ -134,9 +130,52 @@ impl Relay {
         s.write_all(input.as_bytes()).await.unwrap();
         s.shutdown().await.unwrap();
         let mut out = String::new();
-        tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut out)).await.expect("summary in time").unwrap();
-        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut out))
+            .await
+            .expect("summary in time")
+            .unwrap();
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
+}
+
+async fn spawn_relay(dir: &Path, extra: &[&str]) -> (Child, SocketAddr, SocketAddr, SocketAddr) {
+    let ready = dir.join("ready.json");
+    let _ = std::fs::remove_file(&ready);
+    let io = io_backend();
+    let mut child = Command::new(bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--ingest",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--io", &io, "--ready-file", ready.to_str().unwrap()])
+        .args(extra)
+        .env("KRUX_DATA_DIR", dir)
+        .env("KRUX_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let info: Value = loop {
+        if let Ok(text) = std::fs::read_to_string(&ready) {
+            break serde_json::from_str(&text).unwrap();
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("relay exited before it was ready: {status}");
+        }
+        assert!(Instant::now() < deadline, "relay not ready within 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(info["pid"], child.id());
+    let addr = |k: &str| info[k].as_str().unwrap().parse().unwrap();
+    (child, addr("ws"), addr("ingest"), addr("admin"))
 }
 
 pub fn create_token(dir: &Path, name: &str) -> String {
@@ -145,14 +184,22 @@ pub fn create_token(dir: &Path, name: &str) -> String {
         .env("KRUX_DATA_DIR", dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// The next text message as JSON, failing after `within`.
 pub async fn next_event(ws: &mut Ws, within: Duration) -> Value {
     loop {
-        let msg = tokio::time::timeout(within, ws.next()).await.expect("an event in time").expect("stream open").unwrap();
+        let msg = tokio::time::timeout(within, ws.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .unwrap();
         match msg {
             Message::Text(t) => return serde_json::from_str(&t).unwrap(),
             Message::Ping(_) | Message::Pong(_) => continue,
@@ -182,7 +229,10 @@ pub async fn close_code(ws: &mut Ws, within: Duration) -> (u16, String) {
     let deadline = Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, ws.next()).await.expect("a close frame in time") {
+        match tokio::time::timeout(left, ws.next())
+            .await
+            .expect("a close frame in time")
+        {
             Some(Ok(Message::Close(Some(f)))) => return (f.code.into(), f.reason.to_string()),
             Some(Ok(Message::Close(None))) => return (1005, String::new()),
             Some(Ok(_)) => continue,
@@ -204,13 +254,21 @@ pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) 
             }
             let mut chunk = [0u8; 4096];
             let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "connection closed before the response head: {:?}", String::from_utf8_lossy(&buf));
+            assert!(
+                n > 0,
+                "connection closed before the response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
             buf.extend_from_slice(&chunk[..n]);
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
         let len: usize = head
             .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
             .unwrap_or(0);
         while buf.len() < head_end + len {
             let mut chunk = [0u8; 4096];
@@ -221,8 +279,14 @@ pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) 
         let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).into_owned();
         (head, body)
     };
-    let (head, body) = tokio::time::timeout(Duration::from_secs(10), read).await.expect("answer in time");
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, body) = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("answer in time");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     (status, head.trim_end().to_string(), body)
 }
 
@@ -231,12 +295,4 @@ pub fn upgrade_request(target: &str, extra_headers: &str) -> String {
     format!(
         "GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
     )
-}
-
-pub async fn send_close(ws: &mut Ws) {
-    let _ = ws.send(Message::Close(None)).await;
-}
-
-pub fn tmp_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
 }

@@ -1,0 +1,194 @@
+//! `tail` and `demo` as a user runs them.
+
+mod common;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn tail(relay: &Relay, extra: &[&str]) -> std::process::Child {
+    Command::new(bin())
+        .args(["tail", "--url", &format!("ws://{}", relay.ws)])
+        .args(extra)
+        .env("KRUX_TOKEN", &relay.token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the relay counts `n` subscribers (so a published event cannot be missed).
+async fn wait_subscribers(relay: &Relay, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, m) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        if m.contains(&format!("\nkrux_subscribers {n}\n")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} subscribers never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn tail_prints_readable_lines_and_json_with_filters() {
+    let relay = Relay::start().await;
+    let readable = tail(&relay, &["--count", "11"]);
+    let json = tail(
+        &relay,
+        &[
+            "--json",
+            "--type",
+            "health_alert,rate_limit_hit",
+            "--count",
+            "2",
+        ],
+    );
+    let agent = tail(&relay, &["--agent", "deploy-agent", "--count", "2"]);
+    wait_subscribers(&relay, 3).await;
+    relay.publish(SEED).await;
+
+    let out = readable.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 11, "{text}");
+    for (line, part) in lines.iter().zip([
+        "filesystem.read [autonomous] 12ms",
+        "filesystem.read ok 12ms",
+        "PolicyDenied",
+        "system.deny_dangerous_commands",
+        "appr-x1y2z3 process.run",
+        "approved by admin",
+        "Research and analysis agent",
+        "3600s, 47 capabilities",
+        "network.* limit 100/1h",
+        "gmail email.send wr-m1n2o3",
+        "warning disk: Disk usage at 85%",
+    ]) {
+        assert!(line.contains(part), "{line:?} should contain {part:?}");
+    }
+    assert!(
+        lines[0].starts_with("10:30:00.123 capability_invoked"),
+        "{}",
+        lines[0]
+    );
+
+    let out = json.wait_with_output().unwrap();
+    let types: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(types, ["rate_limit_hit", "health_alert"]);
+
+    let out = agent.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.lines().all(|l| l.contains("deploy-agent")) && text.lines().count() == 2,
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn tail_reports_a_refusal() {
+    let relay = Relay::start().await;
+    let out = Command::new(bin())
+        .args([
+            "tail",
+            "--url",
+            &format!("ws://{}", relay.ws),
+            "--token",
+            "krx_user_wrong",
+            "--count",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401") && err.contains("not valid"), "{err}");
+}
+
+#[tokio::test]
+async fn demo_prints_a_working_token_and_tail_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready.json");
+    let mut demo = Command::new(bin())
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--ingest",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--rate",
+            "500",
+            "--duration",
+            "30s",
+            "--io",
+            &io_backend(),
+            "--ready-file",
+            ready.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(demo.stdout.take().unwrap());
+    let mut tail_cmd = None;
+    let mut line = String::new();
+    while tail_cmd.is_none() {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "demo ended before printing a tail command"
+        );
+        if line.contains(" tail --url ") && !line.contains("--type") {
+            tail_cmd = Some(line.trim().to_string());
+        }
+    }
+    // Run exactly what the demo printed, plus a count so it ends.
+    let words: Vec<&str> = tail_cmd.as_deref().unwrap().split_whitespace().collect();
+    let out = Command::new(words[0])
+        .args(&words[1..])
+        .args(["--json", "--count", "200"])
+        .output()
+        .unwrap();
+    let _ = demo.kill();
+    let _ = demo.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 200);
+    let agents: std::collections::HashSet<&str> =
+        events.iter().filter_map(|e| e["agent"].as_str()).collect();
+    assert!(
+        agents.len() > 20,
+        "a fleet, not one agent: {}",
+        agents.len()
+    );
+    assert!(events
+        .windows(2)
+        .all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()));
+}
