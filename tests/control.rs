@@ -62,7 +62,7 @@ async fn ping_gets_pong_and_data_frames_are_ignored() {
     let relay = Relay::start().await;
     let mut ws = relay.subscribe("").await;
     ws.send(Message::Text("hello relay".into())).await.unwrap();
-    ws.send(Message::Ping(b"are you there".to_vec()))
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
         .await
         .unwrap();
     let pong = tokio::time::timeout(Duration::from_secs(5), ws.next())
@@ -70,7 +70,7 @@ async fn ping_gets_pong_and_data_frames_are_ignored() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(pong, Message::Pong(b"are you there".to_vec()));
+    assert_eq!(pong, Message::Pong(b"are you there".to_vec().into()));
     // Still subscribed after the ignored data frame.
     relay.publish(SEED.lines().next().unwrap()).await;
     assert_eq!(
