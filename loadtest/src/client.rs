@@ -1,0 +1,428 @@
+//! The load client: raw WebSocket subscribers that count frames from their headers and
+//! parse a sample of payloads for latency, and publishers that embed their send time in
+//! each event (`"lt"`, nanoseconds since the Unix epoch) at a fixed rate or, at `max`,
+//! bounded by a window of events in flight.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::scenario::{Fanout, Pool, Published, SubFilter};
+
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Latency histograms (microseconds): the whole measurement, and the current second.
+pub struct Latency {
+    pub total: Histogram<u64>,
+    pub interval: Histogram<u64>,
+}
+
+impl Latency {
+    fn new() -> Latency {
+        let h = || Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+        Latency {
+            total: h(),
+            interval: h(),
+        }
+    }
+}
+
+/// Everything the client's tasks share.
+pub struct Shared {
+    pub delivered: AtomicU64,
+    pub published: AtomicU64,
+    /// Sum over published events of the subscribers each should reach.
+    pub expected: AtomicU64,
+    pub rejected: AtomicU64,
+    pub measuring: AtomicBool,
+    /// Publishers stop at this flag, subscribers at `stop` (after the drain).
+    pub stop_publishing: AtomicBool,
+    pub stop: AtomicBool,
+    pub latency: Mutex<Latency>,
+    pub closes: Mutex<BTreeMap<u16, u64>>,
+    pub progress: Notify,
+}
+
+impl Shared {
+    pub fn new() -> Arc<Shared> {
+        Arc::new(Shared {
+            delivered: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            measuring: AtomicBool::new(false),
+            stop_publishing: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            latency: Mutex::new(Latency::new()),
+            closes: Mutex::new(BTreeMap::new()),
+            progress: Notify::new(),
+        })
+    }
+}
+
+/// Opens a subscriber: TCP connect and WebSocket upgrade. Returns the stream, the bytes
+/// that followed the 101 head, and the handshake time.
+pub async fn connect(
+    ws: SocketAddr,
+    token: &str,
+    filter: &SubFilter,
+) -> anyhow::Result<(TcpStream, Vec<u8>, Duration)> {
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(ws)
+        .await
+        .context("connecting a subscriber")?;
+    s.set_nodelay(true)?;
+    let q = filter.query();
+    let sep = if q.is_empty() { "" } else { "&" };
+    let req = format!(
+        "GET /events?access_token={token}{sep}{q} HTTP/1.1\r\nHost: {ws}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let n = s.read_buf(&mut buf).await?;
+        if n == 0 {
+            bail!("the server closed the connection during the handshake");
+        }
+        if let Some(end) = memchr::memmem::find(&buf, b"\r\n\r\n") {
+            if !buf.starts_with(b"HTTP/1.1 101") {
+                bail!(
+                    "handshake refused: {}",
+                    String::from_utf8_lossy(&buf[..end])
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                );
+            }
+            return Ok((s, buf.split_off(end + 4), t0.elapsed()));
+        }
+        if buf.len() > 16 * 1024 {
+            bail!("handshake response too long");
+        }
+    }
+}
+
+/// Incremental frame counting over a byte stream.
+struct FrameCounter {
+    head: [u8; 10],
+    head_len: usize,
+    /// Payload bytes left in the current frame.
+    remaining: u64,
+    opcode: u8,
+    /// The start of a sampled frame's payload (up to `SAMPLE_BYTES`).
+    sample: Option<Vec<u8>>,
+    frames: u64,
+    sample_every: u64,
+}
+
+const SAMPLE_BYTES: usize = 1024;
+
+enum Seen {
+    /// A text frame completed; its sampled payload prefix if it was sampled.
+    Text(Option<Vec<u8>>),
+    Close(u16),
+}
+
+impl FrameCounter {
+    fn new(sample_every: u64) -> Self {
+        FrameCounter {
+            head: [0; 10],
+            head_len: 0,
+            remaining: 0,
+            opcode: 0,
+            sample: None,
+            frames: 0,
+            sample_every: sample_every.max(1),
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8], on: &mut impl FnMut(Seen)) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let k = (self.remaining as usize).min(data.len());
+                if let Some(s) = &mut self.sample {
+                    let room = SAMPLE_BYTES.saturating_sub(s.len());
+                    s.extend_from_slice(&data[..k.min(room)]);
+                }
+                data = &data[k..];
+                self.remaining -= k as u64;
+                if self.remaining == 0 {
+                    self.finish(on);
+                }
+                continue;
+            }
+            // Collect a header: 2 bytes, then 0, 2 or 8 length bytes (server frames are unmasked).
+            let need = |h: &[u8]| -> usize {
+                if h.len() < 2 {
+                    2
+                } else {
+                    match h[1] & 0x7F {
+                        126 => 4,
+                        127 => 10,
+                        _ => 2,
+                    }
+                }
+            };
+            while self.head_len < need(&self.head[..self.head_len]) && !data.is_empty() {
+                self.head[self.head_len] = data[0];
+                self.head_len += 1;
+                data = &data[1..];
+            }
+            let h = &self.head[..self.head_len];
+            if h.len() < need(h) {
+                return;
+            }
+            self.opcode = h[0] & 0x0F;
+            self.remaining = match h[1] & 0x7F {
+                126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+                127 => u64::from_be_bytes(h[2..10].try_into().expect("8 bytes")),
+                n => u64::from(n),
+            };
+            self.head_len = 0;
+            let sampled = self.opcode == 0x8
+                || (self.opcode == 0x1 && self.frames.is_multiple_of(self.sample_every));
+            self.sample = sampled.then(Vec::new);
+            if self.remaining == 0 {
+                self.finish(on);
+            }
+        }
+    }
+
+    fn finish(&mut self, on: &mut impl FnMut(Seen)) {
+        let sample = self.sample.take();
+        match self.opcode {
+            0x1 => {
+                self.frames += 1;
+                on(Seen::Text(sample));
+            }
+            0x8 => {
+                let code = sample
+                    .filter(|p| p.len() >= 2)
+                    .map_or(1005, |p| u16::from_be_bytes([p[0], p[1]]));
+                on(Seen::Close(code));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The send time embedded by the publisher, from a payload prefix.
+fn sent_at(payload: &[u8]) -> Option<u64> {
+    let i = memchr::memmem::find(payload, b"\"lt\":")? + 5;
+    let digits = payload[i..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&payload[i..i + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Reads one subscriber until it is closed or the run stops; returns the frames received
+/// and whether the server closed the stream.
+pub async fn subscribe(
+    mut s: TcpStream,
+    leftover: Vec<u8>,
+    shared: Arc<Shared>,
+    sample_every: u64,
+) -> (u64, bool) {
+    let mut counter = FrameCounter::new(sample_every);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut closed = false;
+    let handle = |data: &[u8], counter: &mut FrameCounter, closed: &mut bool| {
+        let before = counter.frames;
+        counter.feed(data, &mut |seen| match seen {
+            Seen::Text(Some(p)) if shared.measuring.load(Relaxed) => {
+                if let Some(t) = sent_at(&p) {
+                    let us = now_ns().saturating_sub(t) / 1000;
+                    let mut l = shared.latency.lock().expect("latency lock");
+                    let _ = l.total.record(us.max(1));
+                    let _ = l.interval.record(us.max(1));
+                }
+            }
+            Seen::Text(_) => {}
+            Seen::Close(code) => {
+                *shared
+                    .closes
+                    .lock()
+                    .expect("closes lock")
+                    .entry(code)
+                    .or_default() += 1;
+                *closed = true;
+            }
+        });
+        let n = counter.frames - before;
+        if n > 0 {
+            shared.delivered.fetch_add(n, Relaxed);
+            shared.progress.notify_waiters();
+        }
+    };
+    handle(&leftover, &mut counter, &mut closed);
+    while !closed && !shared.stop.load(Relaxed) {
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                *shared
+                    .closes
+                    .lock()
+                    .expect("closes lock")
+                    .entry(1006)
+                    .or_default() += 1;
+                closed = true;
+            }
+            Ok(Ok(n)) => handle(&buf[..n], &mut counter, &mut closed),
+            Err(_) => {} // idle: re-check stop
+        }
+    }
+    (counter.frames, closed)
+}
+
+/// Publishes until `stop`: at `rate` events/s, or as fast as the window allows.
+#[allow(clippy::too_many_arguments)]
+pub async fn publish(
+    ingest: SocketAddr,
+    pool: Arc<Pool>,
+    offset: usize,
+    rate: Option<u64>,
+    window: u64,
+    fanout: Arc<Fanout>,
+    published: Arc<Mutex<Published>>,
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
+    let s = TcpStream::connect(ingest)
+        .await
+        .context("connecting a publisher")?;
+    s.set_nodelay(true)?;
+    let (mut rd, mut wr) = s.into_split();
+    let sh = shared.clone();
+    let replies = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let _ = rd.read_to_end(&mut out).await;
+        let rejected = out
+            .split(|&b| b == b'\n')
+            .filter(|l| memchr::memmem::find(l, b"\"line\":").is_some())
+            .count();
+        sh.rejected.fetch_add(rejected as u64, Relaxed);
+    });
+    let mut i = offset;
+    let mut batch = Vec::with_capacity(64 * 1024);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while !shared.stop_publishing.load(Relaxed) {
+        let n = match rate {
+            Some(r) => {
+                let due = (started.elapsed().as_secs_f64() * r as f64) as u64;
+                if due <= sent {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                (due - sent).min(256)
+            }
+            None => {
+                let expected = shared.expected.load(Relaxed) as f64;
+                let published = shared.published.load(Relaxed) as f64;
+                let delivered = shared.delivered.load(Relaxed) as f64;
+                let avg_fanout = if published > 0.0 {
+                    (expected / published).max(1e-9)
+                } else {
+                    1.0
+                };
+                let in_flight = (expected - delivered) / avg_fanout;
+                let room = window as f64 - in_flight;
+                if room < 1.0 {
+                    // Wait for deliveries (or at most 1 ms, so a stalled run still ends).
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(1), shared.progress.notified())
+                            .await;
+                    continue;
+                }
+                (room as u64).min(256)
+            }
+        };
+        batch.clear();
+        let mut expected = 0;
+        {
+            let mut p = published.lock().expect("published lock");
+            for _ in 0..n {
+                let ev = &pool.events[i % pool.events.len()];
+                i += 1;
+                batch.extend_from_slice(b"{\"lt\":");
+                batch.extend_from_slice(now_ns().to_string().as_bytes());
+                batch.push(b',');
+                batch.extend_from_slice(&ev.rest);
+                batch.push(b'\n');
+                expected += fanout.of(&ev.keys);
+                p.add(&ev.keys);
+            }
+        }
+        shared.expected.fetch_add(expected, Relaxed);
+        shared.published.fetch_add(n, Relaxed);
+        sent += n;
+        wr.write_all(&batch).await.context("publishing")?;
+    }
+    wr.shutdown().await?;
+    let _ = tokio::time::timeout(Duration::from_secs(10), replies).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(payload: &[u8], opcode: u8) -> Vec<u8> {
+        let mut f = vec![0x80 | opcode];
+        match payload.len() {
+            n @ 0..=125 => f.push(n as u8),
+            n @ 126..=0xFFFF => {
+                f.push(126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn counts_frames_and_samples_send_times_in_any_chunking() {
+        let mut stream = Vec::new();
+        for i in 0..20u64 {
+            let pad = "x".repeat(if i % 3 == 0 { 70_000 } else { 200 });
+            stream.extend(frame(
+                format!("{{\"lt\":{},\"pad\":\"{pad}\"}}", 1000 + i).as_bytes(),
+                1,
+            ));
+        }
+        stream.extend(frame(&[0x0F, 0xA1, b'b'], 8));
+        for chunk in [1, 5, 4096, stream.len()] {
+            let mut c = FrameCounter::new(4);
+            let mut samples = Vec::new();
+            let mut close = None;
+            for part in stream.chunks(chunk) {
+                c.feed(part, &mut |s| match s {
+                    Seen::Text(Some(p)) => samples.push(sent_at(&p).unwrap()),
+                    Seen::Text(None) => {}
+                    Seen::Close(code) => close = Some(code),
+                });
+            }
+            assert_eq!(c.frames, 20, "chunk {chunk}");
+            assert_eq!(samples, vec![1000, 1004, 1008, 1012, 1016], "chunk {chunk}");
+            assert_eq!(close, Some(4001));
+        }
+    }
+}

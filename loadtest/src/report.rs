@@ -1,0 +1,216 @@
+//! A run's results: the JSON report, the one-screen summary, and the SVG plot
+//! (deliveries/s and p99 over time, latency CDF).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use plotters::prelude::*;
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Point {
+    pub t_s: f64,
+    pub deliveries_per_s: f64,
+    pub p99_us: u64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    pub target: String,
+    pub scenario: serde_json::Value,
+    pub subscribers_connected: usize,
+    pub handshakes_per_s: f64,
+    pub handshake_p50_us: u64,
+    pub handshake_p99_us: u64,
+    pub events_in_per_s: f64,
+    pub deliveries_per_s: f64,
+    pub expected_deliveries: u64,
+    pub received_deliveries: u64,
+    /// Expected minus received, over subscribers that were not closed by the server.
+    pub lost: u64,
+    pub rejected_events: u64,
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    pub latency_p999_us: u64,
+    pub latency_max_us: u64,
+    pub latency_samples: u64,
+    pub closes_by_code: BTreeMap<u16, u64>,
+    /// Server CPU over the measured interval: seconds and share of one core.
+    pub server_cpu_s: f64,
+    pub server_cpu_pct: f64,
+    pub client_cpu_pct: f64,
+    pub server_rss_bytes: u64,
+    /// (RSS after connecting − RSS before) / subscribers; idle runs only.
+    pub rss_per_connection_bytes: Option<f64>,
+    pub deliveries_per_server_cpu_s: f64,
+    pub measured_s: f64,
+    pub timeline: Vec<Point>,
+    /// Latency CDF: (microseconds, fraction of samples at or below).
+    pub cdf: Vec<(u64, f64)>,
+}
+
+impl Report {
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{target}: {subs} subscribers, {ein:.0} events/s in, {dout:.0} deliveries/s out, loss {lost} ({recv}/{exp})\n",
+            target = self.target,
+            subs = self.subscribers_connected,
+            ein = self.events_in_per_s,
+            dout = self.deliveries_per_s,
+            lost = self.lost,
+            recv = self.received_deliveries,
+            exp = self.expected_deliveries,
+        );
+        s += &format!(
+            "  latency p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs ({} samples)\n",
+            self.latency_p50_us,
+            self.latency_p99_us,
+            self.latency_p999_us,
+            self.latency_max_us,
+            self.latency_samples
+        );
+        s += &format!(
+            "  server CPU {:.0}% ({:.0} deliveries per CPU-second), client CPU {:.0}%, server RSS {:.1} MiB\n",
+            self.server_cpu_pct,
+            self.deliveries_per_server_cpu_s,
+            self.client_cpu_pct,
+            self.server_rss_bytes as f64 / 1048576.0
+        );
+        s += &format!(
+            "  handshakes {:.0}/s (p50 {} µs, p99 {} µs); closes {:?}",
+            self.handshakes_per_s,
+            self.handshake_p50_us,
+            self.handshake_p99_us,
+            self.closes_by_code
+        );
+        if let Some(r) = self.rss_per_connection_bytes {
+            s += &format!("\n  RSS per idle connection: {:.0} bytes", r);
+        }
+        s
+    }
+
+    pub fn write(&self, dir: &Path, stem: &str) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let json = dir.join(format!("{stem}.json"));
+        std::fs::write(&json, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", json.display()))?;
+        if !self.timeline.is_empty() {
+            self.plot(&dir.join(format!("{stem}.svg")))?;
+        }
+        Ok(())
+    }
+
+    fn plot(&self, path: &Path) -> anyhow::Result<()> {
+        let root = SVGBackend::new(path, (900, 900)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let panels = root.split_evenly((3, 1));
+        let t_max = self.timeline.last().map_or(1.0, |p| p.t_s).max(1.0);
+
+        let d_max = self
+            .timeline
+            .iter()
+            .map(|p| p.deliveries_per_s)
+            .fold(1.0, f64::max)
+            * 1.1;
+        let mut c = ChartBuilder::on(&panels[0])
+            .caption(format!("{}: deliveries/s", self.target), ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..t_max, 0.0..d_max)?;
+        c.configure_mesh().x_desc("seconds").draw()?;
+        c.draw_series(LineSeries::new(
+            self.timeline.iter().map(|p| (p.t_s, p.deliveries_per_s)),
+            &BLUE,
+        ))?;
+
+        let l_max = self
+            .timeline
+            .iter()
+            .map(|p| p.p99_us)
+            .max()
+            .unwrap_or(1)
+            .max(1) as f64
+            * 1.1;
+        let mut c = ChartBuilder::on(&panels[1])
+            .caption("p99 publish→receive latency (µs)", ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..t_max, 0.0..l_max)?;
+        c.configure_mesh().x_desc("seconds").draw()?;
+        c.draw_series(LineSeries::new(
+            self.timeline.iter().map(|p| (p.t_s, p.p99_us as f64)),
+            &RED,
+        ))?;
+
+        let x_max = self.cdf.last().map_or(1, |p| p.0).max(1) as f64;
+        let mut c = ChartBuilder::on(&panels[2])
+            .caption("latency CDF", ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(70)
+            .build_cartesian_2d((1.0..x_max).log_scale(), 0.0..1.0)?;
+        c.configure_mesh().x_desc("µs (log)").draw()?;
+        c.draw_series(LineSeries::new(
+            self.cdf.iter().map(|&(us, f)| (us.max(1) as f64, f)),
+            &BLACK,
+        ))?;
+        root.present()?;
+        Ok(())
+    }
+}
+
+/// Median of a set of values (the middle one; mean of the two middle ones).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if !n.is_multiple_of(2) {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
+
+    #[test]
+    fn writes_json_and_svg() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Report {
+            target: "relay".into(),
+            timeline: vec![
+                Point {
+                    t_s: 1.0,
+                    deliveries_per_s: 10.0,
+                    p99_us: 50,
+                },
+                Point {
+                    t_s: 2.0,
+                    deliveries_per_s: 12.0,
+                    p99_us: 40,
+                },
+            ],
+            cdf: vec![(10, 0.5), (50, 0.99), (80, 1.0)],
+            ..Report::default()
+        };
+        r.write(dir.path(), "run").unwrap();
+        let svg = std::fs::read_to_string(dir.path().join("run.svg")).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("latency CDF"));
+        let back: Report =
+            serde_json::from_slice(&std::fs::read(dir.path().join("run.json")).unwrap()).unwrap();
+        assert_eq!(back.timeline.len(), 2);
+    }
+}

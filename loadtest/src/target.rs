@@ -1,0 +1,225 @@
+//! The server under test: attached to by address, or spawned on port 0 (relay, baseline or
+//! limit server) with a fresh data dir and token. Also its CPU time and RSS from /proc.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Relay,
+    Baseline,
+    Limit,
+}
+
+impl Kind {
+    fn binary(self) -> &'static str {
+        match self {
+            Kind::Relay => "krux-relay",
+            Kind::Baseline => "krux-baseline",
+            Kind::Limit => "krux-limit",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    /// Spawn this server on port 0 (default: the relay) instead of attaching to --ws.
+    #[arg(long, value_enum)]
+    pub spawn: Option<Kind>,
+    /// Directory holding krux-relay, krux-baseline and krux-limit (default: next to this binary).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Relay reactor threads when spawning the relay.
+    #[arg(long)]
+    pub reactors: Option<usize>,
+    /// Relay I/O backend when spawning the relay (auto, uring, epoll).
+    #[arg(long, default_value = "auto")]
+    pub io: String,
+    /// WebSocket address of a running server.
+    #[arg(long, default_value = "127.0.0.1:7701")]
+    pub ws: SocketAddr,
+    /// Ingest address of a running server.
+    #[arg(long, default_value = "127.0.0.1:7702")]
+    pub ingest: SocketAddr,
+    /// User token for a running server (or KRUX_TOKEN).
+    #[arg(long, env = "KRUX_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PID of a running server, for its CPU and RSS.
+    #[arg(long)]
+    pub pid: Option<u32>,
+}
+
+/// A server ready for traffic.
+pub struct Target {
+    pub kind: Option<Kind>,
+    pub ws: SocketAddr,
+    pub ingest: SocketAddr,
+    pub token: String,
+    pub pid: Option<u32>,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn bin_dir(args: &TargetArgs) -> anyhow::Result<PathBuf> {
+    match &args.bin_dir {
+        Some(d) => Ok(d.clone()),
+        None => Ok(std::env::current_exe()?
+            .parent()
+            .context("binary has a directory")?
+            .to_path_buf()),
+    }
+}
+
+impl Target {
+    pub fn open(args: &TargetArgs, kind: Option<Kind>) -> anyhow::Result<Target> {
+        let Some(kind) = kind.or(args.spawn) else {
+            let token = args
+                .token
+                .clone()
+                .context("--token (or KRUX_TOKEN) is needed to attach to a running relay")?;
+            return Ok(Target {
+                kind: None,
+                ws: args.ws,
+                ingest: args.ingest,
+                token,
+                pid: args.pid,
+                child: None,
+                _dir: None,
+            });
+        };
+        let bins = bin_dir(args)?;
+        let exe = bins.join(kind.binary());
+        let relay = bins.join("krux-relay");
+        if !exe.exists() {
+            bail!(
+                "{} not found; build with `cargo build --release --workspace`",
+                exe.display()
+            );
+        }
+        let dir = tempfile::tempdir()?;
+        let token = if kind == Kind::Limit {
+            "krx_user_limit_server_checks_no_tokens".to_string()
+        } else {
+            let out = Command::new(&relay)
+                .args(["user-token", "create", "--name", "loadtest"])
+                .env("KRUX_DATA_DIR", dir.path())
+                .output()
+                .context("creating a token with krux-relay")?;
+            if !out.status.success() {
+                bail!(
+                    "user-token create failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            String::from_utf8(out.stdout)?.trim().to_string()
+        };
+        let ready = dir.path().join("ready.json");
+        let mut cmd = Command::new(&exe);
+        match kind {
+            Kind::Relay => {
+                cmd.args(["serve", "--admin", "127.0.0.1:0", "--io", &args.io]);
+                cmd.env("KRUX_DATA_DIR", dir.path()).env("KRUX_LOG", "warn");
+                if let Some(r) = args.reactors {
+                    cmd.args(["--reactors", &r.to_string()]);
+                }
+            }
+            Kind::Baseline => {
+                cmd.arg("--data-dir").arg(dir.path());
+            }
+            Kind::Limit => {}
+        }
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--ingest",
+            "127.0.0.1:0",
+            "--ready-file",
+        ])
+        .arg(&ready);
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let info: serde_json::Value = loop {
+            if let Ok(t) = std::fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str(&t) {
+                    break v;
+                }
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("{} exited before it was ready: {status}", kind.binary());
+            }
+            if Instant::now() > deadline {
+                bail!("{} not ready within 20 s", kind.binary());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let addr = |k: &str| -> anyhow::Result<SocketAddr> {
+            info[k]
+                .as_str()
+                .context("ready file has addresses")?
+                .parse()
+                .context("ready file address")
+        };
+        Ok(Target {
+            kind: Some(kind),
+            ws: addr("ws")?,
+            ingest: addr("ingest")?,
+            token,
+            pid: Some(child.id()),
+            child: Some(child),
+            _dir: Some(dir),
+        })
+    }
+}
+
+/// CPU seconds (user + system) and RSS bytes of a process, from /proc.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcSample {
+    pub cpu_s: f64,
+    pub rss: u64,
+}
+
+pub fn proc_sample(pid: Option<u32>) -> Option<ProcSample> {
+    let path = |f: &str| match pid {
+        Some(p) => format!("/proc/{p}/{f}"),
+        None => format!("/proc/self/{f}"),
+    };
+    let stat = std::fs::read_to_string(path("stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at state (field 3).
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions; it only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(path("status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(ProcSample {
+        cpu_s: ticks / hz,
+        rss: rss_kib * 1024,
+    })
+}
