@@ -8,6 +8,10 @@ use krux_relay::filter::{Filter, SubscriberIndex};
 use krux_relay::frame::event_frame;
 use krux_relay::reactor::Outbox;
 
+// Measure with the allocator the relay runs with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn event_of_size(target: usize) -> String {
     let base = r#"{"type":"capability_invoked","timestamp":"2026-03-15T10:30:00.123Z","agent":"research-agent","session_id":"sess-a1b2c3d4","data":{"capability":"filesystem.read","arguments":{"path":"/workspace/data.csv"},"permission_tier":"autonomous","duration_ms":12,"note":""}}"#;
     let pad = target.saturating_sub(base.len());

@@ -184,26 +184,33 @@ fn check_envelope(root: Value<'_, '_>) -> Result<ValidEvent, LineError> {
     let data = data_v
         .as_object()
         .ok_or_else(|| wrong("data", FieldKind::Obj))?;
+    // One pass over `data`: mark each schema field seen (checking its type), and pick up
+    // `data.session_id` whatever the type, since the session filter matches it too.
+    let schema = etype.data_fields();
+    let mut seen = 0u32;
     let mut data_session: Option<Box<str>> = None;
-    for &(field, kind) in etype.data_fields() {
-        let v = data
-            .get(field)
-            .ok_or(LineError::MissingField(data_field_name(field)))?;
-        if !kind_matches(kind, &v) {
-            return Err(LineError::WrongType {
-                field: format!("data.{field}"),
-                expected: kind.describe(),
-            });
+    for (key, v) in data.iter() {
+        if let Some(i) = schema.iter().position(|(f, _)| *f == key) {
+            let (field, kind) = schema[i];
+            if !kind_matches(kind, &v) {
+                return Err(LineError::WrongType {
+                    field: format!("data.{field}"),
+                    expected: kind.describe(),
+                });
+            }
+            seen |= 1 << i;
         }
-        if field == "session_id" {
+        if key == "session_id" {
             data_session = v.as_str().map(Into::into);
         }
     }
-    // Other types may carry `data.session_id` too; the session filter matches it either way.
-    if data_session.is_none() {
-        data_session = data
-            .get("session_id")
-            .and_then(|v| v.as_str().map(Into::into));
+    if let Some((field, _)) = schema
+        .iter()
+        .enumerate()
+        .find(|(i, _)| seen & (1 << i) == 0)
+        .map(|(_, f)| f)
+    {
+        return Err(LineError::MissingField(data_field_name(field)));
     }
     let data_session = data_session.filter(|d| Some(d) != session.as_ref());
 
