@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,20 +39,75 @@ pub struct Running {
     pub io: IoMode,
     pub reactors: usize,
     pub metrics: Arc<Metrics>,
-    /// Receives the name of any server thread that ends (which only happens on failure).
+    /// Receives the name of any server thread that ends.
     ended: crossbeam_channel::Receiver<String>,
-    _stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    grace: Duration,
+    stop: Arc<AtomicBool>,
 }
 
 impl Running {
-    /// Blocks for as long as the server runs; returns an error if one of its threads died.
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully. Returns an error if a
+    /// server thread died first.
     pub fn wait(self) -> anyhow::Result<()> {
-        let name = self
-            .ended
-            .recv()
-            .unwrap_or_else(|_| "every server thread".into());
-        bail!("{name} stopped unexpectedly")
+        let signals = termination_signals()?;
+        crossbeam_channel::select! {
+            recv(self.ended) -> name => {
+                bail!("{} stopped unexpectedly", name.unwrap_or_else(|_| "every server thread".into()))
+            }
+            recv(signals) -> _ => {
+                tracing::info!("signal received: shutting down");
+                self.shutdown();
+                Ok(())
+            }
+        }
     }
+
+    /// Graceful shutdown: stop accepting; let the ingest finish the lines it received and
+    /// answer each publisher's summary; deliver what is queued; close subscribers with
+    /// 1001 — all within `--shutdown-grace`.
+    pub fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let deadline = std::time::Instant::now() + self.grace + Duration::from_secs(1);
+        for t in self.threads {
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A channel that receives once SIGTERM or SIGINT arrives.
+fn termination_signals() -> anyhow::Result<crossbeam_channel::Receiver<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Register before returning, so a signal sent right after start is not missed.
+    let (mut term, mut int) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    })?;
+    std::thread::Builder::new()
+        .name("krux-signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            });
+            let _ = tx.send(());
+        })?;
+    Ok(rx)
 }
 
 /// Sends the thread's name when it ends, however it ends (panics included).
@@ -123,6 +178,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         admin: admin.local_addr()?,
     };
 
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (producer, cursors) = FrameRing::with_readers(cfg.replay.max(1), seq.peek(), n);
     let shared = Arc::new(Shared {
         client_queue: cfg.client_queue,
@@ -134,10 +190,13 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         credentials,
         metrics: metrics.clone(),
         connections: AtomicUsize::new(0),
-        stop: stop.clone(),
+        shutdown: shutdown_rx.clone(),
+        shutdown_grace: cfg.shutdown_grace,
+        ingest_final_seq: AtomicU64::new(u64::MAX),
     });
 
     let (ended_tx, ended) = crossbeam_channel::unbounded();
+    let mut threads = Vec::new();
     let (up_tx, up_rx) = crossbeam_channel::unbounded::<anyhow::Result<()>>();
 
     let pipeline = Pipeline::new(producer, seq, metrics.clone(), cfg.max_frame);
@@ -146,47 +205,53 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
             up_tx.clone(),
             EndNotice("the ingest thread".into(), ended_tx.clone()),
         );
-        std::thread::Builder::new()
-            .name("krux-ingest".into())
-            .spawn(move || {
-                let _notice = notice;
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => return drop(up.send(Err(e.into()))),
-                };
-                tokio::task::LocalSet::new().block_on(&rt, async move {
-                    match run_ingest(pipeline, ingest, unix, admin, metrics, &up).await {
-                        Ok(never) => match never {},
-                        Err(e) => drop(up.send(Err(e))),
-                    }
-                });
-            })?;
+        let shared = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("krux-ingest".into())
+                .spawn(move || {
+                    let _notice = notice;
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => return drop(up.send(Err(e.into()))),
+                    };
+                    tokio::task::LocalSet::new().block_on(&rt, async move {
+                        if let Err(e) =
+                            run_ingest(pipeline, ingest, unix, admin, &shared, &up).await
+                        {
+                            drop(up.send(Err(e)));
+                        }
+                    });
+                })?,
+        );
     }
 
     for (i, (listener, cursor)) in ws_listeners.into_iter().zip(cursors).enumerate() {
         let (up, shared) = (up_tx.clone(), shared.clone());
         let notice = EndNotice(format!("reactor {i}"), ended_tx.clone());
-        std::thread::Builder::new()
-            .name(format!("krux-reactor-{i}"))
-            .spawn(move || {
-                let _notice = notice;
-                let up2 = up.clone();
-                let res = io::run_reactor(mode, listener, move |lk| async move {
-                    let _ = up2.send(Ok(()));
-                    match lk {
-                        ListenerKind::Uring(l) => reactor::run(i, shared, l, cursor).await,
-                        ListenerKind::Epoll(l) => reactor::run(i, shared, l, cursor).await,
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("krux-reactor-{i}"))
+                .spawn(move || {
+                    let _notice = notice;
+                    let up2 = up.clone();
+                    let res = io::run_reactor(mode, listener, move |lk| async move {
+                        let _ = up2.send(Ok(()));
+                        match lk {
+                            ListenerKind::Uring(l) => reactor::run(i, shared, l, cursor).await,
+                            ListenerKind::Epoll(l) => reactor::run(i, shared, l, cursor).await,
+                        }
+                    });
+                    if let Err(e) = res {
+                        let _ = up.send(Err(
+                            anyhow::Error::new(e).context(format!("starting reactor {i}"))
+                        ));
                     }
-                });
-                if let Err(e) = res {
-                    let _ = up.send(Err(
-                        anyhow::Error::new(e).context(format!("starting reactor {i}"))
-                    ));
-                }
-            })?;
+                })?,
+        );
     }
     drop(up_tx);
     // The ingest thread reports itself up once its listeners are registered (see run_ingest).
@@ -208,7 +273,10 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         reactors: n,
         metrics: shared.metrics.clone(),
         ended,
-        _stop: stop,
+        threads,
+        shutdown: shutdown_tx,
+        grace: cfg.shutdown_grace,
+        stop,
     })
 }
 
@@ -235,49 +303,70 @@ fn write_ready_file(path: &Path, addrs: &Addresses, mode: IoMode) -> anyhow::Res
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-enum Never {}
-
-/// The ingest thread's accept loops: TCP publishers, Unix publishers, the admin port.
+/// The ingest thread: TCP and Unix publishers and the admin port, until shutdown; then it
+/// waits (within the grace period) for every publisher to get its summary, and records the
+/// final seq so the reactors know when everything accepted has been dispatched.
 async fn run_ingest(
     pipeline: Pipeline,
     tcp: TcpListener,
     unix: Option<std::os::unix::net::UnixListener>,
     admin: TcpListener,
-    metrics: Arc<Metrics>,
+    shared: &Shared,
     up: &crossbeam_channel::Sender<anyhow::Result<()>>,
-) -> anyhow::Result<Never> {
+) -> anyhow::Result<()> {
+    let ring = pipeline.ring().clone();
     let pipeline = Rc::new(RefCell::new(pipeline));
     tcp.set_nonblocking(true)?;
     admin.set_nonblocking(true)?;
     let tcp = tokio::net::TcpListener::from_std(tcp)?;
     let admin = tokio::net::TcpListener::from_std(admin)?;
-    if let Some(u) = unix {
-        u.set_nonblocking(true)?;
-        let u = tokio::net::UnixListener::from_std(u)?;
-        let p = pipeline.clone();
-        tokio::task::spawn_local(async move {
-            loop {
-                match u.accept().await {
-                    Ok((s, _)) => drop(tokio::task::spawn_local(crate::ingest::serve_publisher(
-                        s,
-                        p.clone(),
-                    ))),
-                    Err(e) => accept_backoff("ingest unix", e).await,
-                }
-            }
-        });
-    }
-    tokio::task::spawn_local(crate::admin::serve(admin, metrics));
-    let _ = up.send(Ok(()));
-    loop {
-        match tcp.accept().await {
-            Ok((s, _)) => {
-                let _ = s.set_nodelay(true);
-                tokio::task::spawn_local(crate::ingest::serve_publisher(s, pipeline.clone()));
-            }
-            Err(e) => accept_backoff("ingest", e).await,
+    let unix = match unix {
+        Some(u) => {
+            u.set_nonblocking(true)?;
+            Some(tokio::net::UnixListener::from_std(u)?)
         }
+        None => None,
+    };
+    tokio::task::spawn_local(crate::admin::serve(admin, shared.metrics.clone()));
+    let _ = up.send(Ok(()));
+
+    let mut publishers = Vec::new();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let accept_unix = async {
+            match &unix {
+                Some(u) => u.accept().await.map(|(s, _)| s),
+                None => std::future::pending().await,
+            }
+        };
+        let stop = shutdown.clone();
+        tokio::select! {
+            r = tcp.accept() => match r {
+                Ok((s, _)) => {
+                    let _ = s.set_nodelay(true);
+                    publishers.push(tokio::task::spawn_local(crate::ingest::serve_publisher(s, pipeline.clone(), stop)));
+                }
+                Err(e) => accept_backoff("ingest", e).await,
+            },
+            r = accept_unix => match r {
+                Ok(s) => publishers.push(tokio::task::spawn_local(crate::ingest::serve_publisher(s, pipeline.clone(), stop))),
+                Err(e) => accept_backoff("ingest unix", e).await,
+            },
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        publishers.retain(|p| !p.is_finished());
     }
+    drop((tcp, unix));
+    let _ = tokio::time::timeout(shared.shutdown_grace, async {
+        for p in publishers {
+            let _ = p.await;
+        }
+    })
+    .await;
+    shared
+        .ingest_final_seq
+        .store(ring.head(), std::sync::atomic::Ordering::SeqCst);
+    Ok(())
 }
 
 /// Accept errors (EMFILE, ECONNABORTED) are transient: log, pause, keep listening.

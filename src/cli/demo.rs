@@ -124,5 +124,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     println!("\nstopping after {sent} events");
+    drop(out); // the fleet's connection ends, so the ingest has nothing left to wait for
+    server.shutdown();
     Ok(())
 }

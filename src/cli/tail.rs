@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -35,9 +36,12 @@ pub struct TailArgs {
     /// Exit after this many events.
     #[arg(long)]
     pub count: Option<u64>,
+    /// Exit when the connection ends instead of reconnecting and resuming.
+    #[arg(long)]
+    pub no_reconnect: bool,
 }
 
-fn events_url(args: &TailArgs) -> String {
+fn events_url(args: &TailArgs, since: Option<u64>) -> String {
     let enc = |s: &str| {
         percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
     };
@@ -55,7 +59,7 @@ fn events_url(args: &TailArgs) -> String {
             ));
         }
     }
-    if let Some(s) = args.since {
+    if let Some(s) = since {
         params.push(format!("since={s}"));
     }
     let base = args.url.trim_end_matches('/');
@@ -74,11 +78,56 @@ pub fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(tail(args))
 }
 
+/// How one connection ended.
+enum Ended {
+    /// `--count` reached, or the relay closed normally.
+    Done,
+    /// Not worth retrying (refused, revoked, protocol error): the message says why.
+    Fatal(String),
+    /// Worth reconnecting (network, restart, shutdown, slow-consumer close).
+    Lost(String),
+}
+
 async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     let Some(token) = args.token.clone() else {
         bail!("a user token is needed: pass --token or set KRUX_TOKEN (create one with `krux-relay user-token create --name NAME`)");
     };
-    let url = events_url(&args);
+    let mut since = args.since;
+    let mut seen = 0u64;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let mut connected = false;
+        match stream_once(&args, &token, &mut since, &mut seen, &mut connected).await? {
+            Ended::Done => return Ok(ExitCode::SUCCESS),
+            Ended::Fatal(msg) => {
+                eprintln!("{msg}");
+                return Ok(ExitCode::FAILURE);
+            }
+            Ended::Lost(why) if args.no_reconnect => {
+                eprintln!("{why}");
+                return Ok(ExitCode::FAILURE);
+            }
+            Ended::Lost(why) => {
+                if connected {
+                    backoff = Duration::from_millis(250);
+                }
+                let resume = since.map_or("live".to_string(), |s| format!("after seq {s}"));
+                eprintln!("{why}; reconnecting in {backoff:?}, resuming {resume}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(8));
+            }
+        }
+    }
+}
+
+async fn stream_once(
+    args: &TailArgs,
+    token: &str,
+    since: &mut Option<u64>,
+    seen: &mut u64,
+    connected: &mut bool,
+) -> anyhow::Result<Ended> {
+    let url = events_url(args, *since);
     let mut req = url
         .as_str()
         .into_client_request()
@@ -97,48 +146,59 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
                 .as_deref()
                 .map(String::from_utf8_lossy)
                 .unwrap_or_default();
-            bail!(
+            let msg = format!(
                 "the relay refused the subscription: {} {}",
                 resp.status(),
                 body.trim()
             );
+            // 503 (capacity) and 429 (rate limit) pass; the rest will not change by retrying.
+            return Ok(match resp.status().as_u16() {
+                429 | 503 => Ended::Lost(msg),
+                _ => Ended::Fatal(msg),
+            });
         }
-        Err(e) => bail!("cannot connect to {url}: {e}"),
+        Err(e) => return Ok(Ended::Lost(format!("cannot connect to {url}: {e}"))),
     };
+    *connected = true;
     let mut out = std::io::stdout().lock();
-    let mut seen = 0u64;
     while let Some(msg) = ws.next().await {
-        match msg.context("reading from the relay")? {
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => return Ok(Ended::Lost(format!("connection lost: {e}"))),
+        };
+        match msg {
             Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).context("the relay sent invalid JSON")?;
                 if args.json {
                     writeln!(out, "{t}")?;
                 } else {
-                    let v: Value =
-                        serde_json::from_str(&t).context("the relay sent invalid JSON")?;
                     writeln!(out, "{}", readable(&v))?;
                 }
                 out.flush()?;
-                seen += 1;
-                if args.count.is_some_and(|c| seen >= c) {
-                    return Ok(ExitCode::SUCCESS);
+                // A replay_gap notice has no seq: the position stays where it was.
+                if let Some(s) = v.get("seq").and_then(Value::as_u64) {
+                    *since = Some(s);
+                    *seen += 1;
+                    if args.count.is_some_and(|c| *seen >= c) {
+                        return Ok(Ended::Done);
+                    }
                 }
             }
             Message::Close(frame) => {
                 let (code, reason) = frame.map_or((1005, String::new()), |f| {
                     (u16::from(f.code), f.reason.to_string())
                 });
-                eprintln!("relay closed the stream: {code} {reason}");
-                return Ok(if code == 1000 {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
+                let what = format!("relay closed the stream: {code} {reason}");
+                return Ok(match code {
+                    1000 => Ended::Done,
+                    1001 | 1005 | 1006 | 1011 | 1012 | 1013 | 4001 => Ended::Lost(what),
+                    _ => Ended::Fatal(what),
                 });
             }
             _ => {}
         }
     }
-    eprintln!("the connection ended");
-    Ok(ExitCode::FAILURE)
+    Ok(Ended::Lost("the connection ended".into()))
 }
 
 /// One readable line: time, type, agent, session, a short summary of `data`, and `#seq`.
@@ -246,9 +306,10 @@ mod tests {
             since: Some(4),
             json: false,
             count: None,
+            no_reconnect: false,
         };
         assert_eq!(
-            events_url(&args),
+            events_url(&args, args.since),
             "ws://127.0.0.1:1/events?agent=a%20b,c&type=health%5Falert&since=4"
         );
         let v: Value = serde_json::from_str(

@@ -48,6 +48,10 @@ impl Pipeline {
         }
     }
 
+    pub fn ring(&self) -> &Arc<crate::ring::FrameRing> {
+        self.producer.ring()
+    }
+
     pub fn max_line(&self) -> usize {
         self.max_line
     }
@@ -109,10 +113,14 @@ pub fn rejection_line(n: u64, err: &LineError) -> String {
     format!("{{\"line\":{n},\"error\":{msg}}}\n")
 }
 
-/// Serves one publisher connection until it half-closes (summary sent) or goes away.
+/// Serves one publisher connection until it half-closes or goes away, or the server shuts
+/// down; the publisher then gets its summary. At shutdown, lines already received are
+/// accepted or rejected as usual, and an unfinished last line is dropped (never half
+/// accepted).
 pub async fn serve_publisher<S: AsyncRead + AsyncWrite>(
     stream: S,
     pipeline: Rc<RefCell<Pipeline>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut splitter = LineSplitter::new(pipeline.borrow().max_line());
@@ -136,11 +144,14 @@ pub async fn serve_publisher<S: AsyncRead + AsyncWrite>(
                 replies.push_str(&rejection_line(n, &e));
             }
         };
-    loop {
-        let n = match rd.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(_) => return, // reset mid-stream: what was accepted stays accepted
+    let ended_by_peer = loop {
+        let n = tokio::select! {
+            r = rd.read(&mut buf) => match r {
+                Ok(0) => break true,
+                Ok(n) => n,
+                Err(_) => return, // reset mid-stream: what was accepted stays accepted
+            },
+            _ = shutdown.wait_for(|s| *s) => break false,
         };
         {
             let mut p = pipeline.borrow_mut();
@@ -155,8 +166,8 @@ pub async fn serve_publisher<S: AsyncRead + AsyncWrite>(
             }
             replies.clear();
         }
-    }
-    {
+    };
+    if ended_by_peer {
         let mut p = pipeline.borrow_mut();
         splitter.finish(&mut |no, line| handle(&mut p, &mut replies, no, line));
         p.flush();

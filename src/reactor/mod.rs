@@ -12,7 +12,7 @@ pub use outbox::{OutState, Outbox};
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,12 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Open subscriber WebSockets across all reactors (for `--max-connections`).
     pub connections: AtomicUsize,
-    pub stop: Arc<AtomicBool>,
+    /// Becomes true when the server shuts down.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub shutdown_grace: Duration,
+    /// The ring head once the ingest has stopped (u64::MAX before): reactors deliver up
+    /// to it, then close their subscribers.
+    pub ingest_final_seq: AtomicU64,
 }
 
 /// One subscriber as its reactor holds it.
@@ -53,6 +58,14 @@ pub struct Subscriber {
     pub last_heard: Cell<Instant>,
     /// The connection is finished; the writer must stop.
     pub gone: Cell<bool>,
+    /// When housekeeping first saw this subscriber closing.
+    pub closing_since: Cell<Option<Instant>>,
+    /// Shuts the socket down (both ways), ending its pending reads and writes.
+    pub kill: Box<dyn Fn()>,
+    /// While resuming: the next retained seq to replay (not yet in the index).
+    pub replay_next: Cell<Option<u64>>,
+    /// While resuming: the filter, moved into the index once replay catches up.
+    pub pending_filter: RefCell<Option<crate::filter::Filter>>,
 }
 
 impl Subscriber {
@@ -76,6 +89,10 @@ pub struct Reactor {
     cursor_ring: Arc<crate::ring::FrameRing>,
 }
 
+/// How long a closing subscriber may take — to get its close frame out, then to answer
+/// it — before its socket is shut.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// How many ring entries one fan-out round dispatches before yielding to the writers.
 const FANOUT_BATCH: u64 = 256;
 
@@ -91,7 +108,33 @@ pub async fn run<L: Listener>(id: usize, shared: Arc<Shared>, listener: L, curso
     });
     tokio::task::spawn_local(fan_out(reactor.clone(), cursor));
     tokio::task::spawn_local(housekeeping(reactor.clone()));
-    accept_loop(reactor, listener).await;
+    let mut shutdown = reactor.shared.shutdown.clone();
+    tokio::select! {
+        () = accept_loop(reactor.clone(), listener) => {}
+        _ = shutdown.wait_for(|s| *s) => {}
+    }
+    // The listener is closed: drain and say goodbye.
+    drain(&reactor).await;
+}
+
+/// Shutdown: deliver everything the ingest accepted, then close every subscriber with
+/// 1001 after its queued frames, and wait for them to go — all within the grace period.
+async fn drain(reactor: &Reactor) {
+    let shared = &reactor.shared;
+    let deadline = tokio::time::Instant::now() + shared.shutdown_grace;
+    while tokio::time::Instant::now() < deadline {
+        let last = shared.ingest_final_seq.load(Ordering::SeqCst);
+        if last != u64::MAX && reactor.next_seq.get() >= last {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for (_, sub) in reactor.subs.borrow().iter() {
+        sub.close(close_code::GOING_AWAY, "relay shutting down");
+    }
+    while !reactor.subs.borrow().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn accept_loop<L: Listener>(reactor: Rc<Reactor>, listener: L) {
@@ -110,41 +153,71 @@ impl Reactor {
         &self.cursor_ring
     }
 
-    /// Replays retained events `> since` up to the fan-out position into `sub`'s outbox,
-    /// preceded by a `replay_gap` notice when the window no longer reaches `since + 1`.
-    /// Runs between fan-out rounds on the reactor's thread, so when the subscriber is
-    /// then indexed, live delivery continues exactly where replay stopped.
-    pub fn replay(&self, sub: &Subscriber, filter: &crate::filter::Filter, since: u64) {
-        let ring = self.ring();
-        let end = self.next_seq.get();
-        let oldest = ring.oldest();
-        let mut out = sub.out.borrow_mut();
+    /// Starts a resume from `since`: queues the `replay_gap` notice when the window no
+    /// longer reaches `since + 1`, and returns the first seq to replay.
+    pub fn start_replay(&self, sub: &Subscriber, since: u64) -> u64 {
+        let oldest = self.ring().oldest();
         if since.saturating_add(1) < oldest {
             let gap = format!(
                 r#"{{"type":"replay_gap","timestamp":"{}","agent":null,"data":{{"since":{since},"oldest":{oldest}}}}}"#,
                 crate::event::now_rfc3339_millis()
             );
-            out.push_control(frame::text_frame(gap.as_bytes()));
+            sub.out
+                .borrow_mut()
+                .push_control(frame::text_frame(gap.as_bytes()));
         }
-        let mut seq = since.saturating_add(1).max(oldest);
-        while seq < end {
-            match ring.get(seq) {
-                Slot::Ready(e) => {
-                    if filter.matches(&e.keys) {
-                        out.push_event(&e.frame, e.seq);
+        since.saturating_add(1).max(oldest)
+    }
+
+    /// Feeds a resuming subscriber the next retained events, as far as half its queue bound
+    /// allows. Once it reaches the fan-out position it is indexed, and fan-out takes over
+    /// from exactly there: both run on this thread, so nothing is missed or repeated.
+    /// Returns whether replay is still going.
+    pub fn replay_step(&self, id: SubId, sub: &Subscriber) -> bool {
+        const SCAN: u64 = 65_536; // entries looked at per step, so a sparse filter yields too
+        let Some(mut seq) = sub.replay_next.get() else {
+            return false;
+        };
+        let ring = self.ring();
+        let end = self.next_seq.get();
+        let budget = self.shared.client_queue / 2;
+        let stop = seq.saturating_add(SCAN).min(end);
+        {
+            let filter = sub.pending_filter.borrow();
+            let filter = filter
+                .as_ref()
+                .expect("a replaying subscriber keeps its filter");
+            let mut out = sub.out.borrow_mut();
+            while seq < stop && out.unsent() < budget {
+                match ring.get(seq) {
+                    Slot::Ready(e) => {
+                        if filter.matches(&e.keys) {
+                            out.push_event(&e.frame, e.seq);
+                        }
                     }
+                    // Overwritten before it could be replayed: never skip silently.
+                    Slot::Lapped => {
+                        let reason = format!("slow consumer; resume with since={}", out.last_seq());
+                        out.close(close_code::SLOW_CONSUMER, &reason);
+                        sub.replay_next.set(None);
+                        return false;
+                    }
+                    Slot::Pending => unreachable!("seq {seq} is below the fan-out position"),
                 }
-                // Overwritten while replaying: never skip silently.
-                Slot::Lapped => {
-                    let reason = format!("slow consumer; resume with since={}", out.last_seq());
-                    out.close(close_code::SLOW_CONSUMER, &reason);
-                }
-                Slot::Pending => unreachable!("seq {seq} is below the fan-out position"),
+                seq += 1;
             }
-            if out.state() != OutState::Open {
-                break;
-            }
-            seq += 1;
+        }
+        if seq >= end {
+            let filter = sub
+                .pending_filter
+                .take()
+                .expect("a replaying subscriber keeps its filter");
+            self.index.borrow_mut().insert(id, filter);
+            sub.replay_next.set(None);
+            false
+        } else {
+            sub.replay_next.set(Some(seq));
+            true
         }
     }
 }
@@ -213,7 +286,8 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
     }
 }
 
-/// Keepalive pings, dead-peer detection and token revocation, checked every 250 ms.
+/// Keepalive pings, dead-peer detection, token revocation and stuck closes, checked every
+/// 250 ms.
 async fn housekeeping(reactor: Rc<Reactor>) {
     let shared = reactor.shared.clone();
     let tick = Duration::from_millis(250);
@@ -231,6 +305,17 @@ async fn housekeeping(reactor: Rc<Reactor>) {
             for (_, sub) in subs.iter() {
                 if !shared.credentials.still_valid(&sub.principal) {
                     sub.close(close_code::POLICY, "credential revoked");
+                }
+            }
+        }
+
+        for (_, sub) in subs.iter() {
+            if sub.out.borrow().state() != OutState::Open {
+                let since = *sub.closing_since.get().get_or_insert(now);
+                sub.closing_since.set(Some(since));
+                // Even the close frame could not be written (or was never answered).
+                if now.duration_since(since) > CLOSE_GRACE {
+                    (sub.kill)();
                 }
             }
         }
@@ -253,9 +338,6 @@ async fn housekeeping(reactor: Rc<Reactor>) {
                     sub.wake.notify_one();
                 }
             }
-        }
-        if shared.stop.load(Ordering::Relaxed) {
-            return;
         }
     }
 }

@@ -5,13 +5,12 @@ use std::cell::{Cell, RefCell};
 use std::net::Shutdown;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::{OutState, Outbox, Reactor, Shared, Subscriber};
+use super::{OutState, Outbox, Reactor, Shared, Subscriber, CLOSE_GRACE};
 use crate::frame;
 use crate::io::{advance, write_all, Conn};
 use crate::proto::handshake::{
@@ -19,23 +18,22 @@ use crate::proto::handshake::{
 };
 use crate::proto::ws::{close_code, Inbound, InboundDecoder};
 
-/// How long a closing connection waits for the peer's close before dropping it.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Read buffer of an upgraded subscriber: it only ever sends small control frames.
 const SUBSCRIBER_READ_BUF: usize = 512;
 
 static DASHBOARD: &str = include_str!("../../assets/dashboard.html");
 
 pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C) {
+    let conn = Rc::new(conn);
     let shared = reactor.shared.clone();
-    let head = tokio::time::timeout(shared.handshake_timeout, read_head(&conn)).await;
+    let head = tokio::time::timeout(shared.handshake_timeout, read_head(&*conn)).await;
     let (req, leftover) = match head {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return, // closed before sending a request
-        Ok(Err(resp)) => return refuse(&conn, &shared, resp).await,
+        Ok(Err(resp)) => return refuse(&*conn, &shared, resp).await,
         Err(_) => {
             return refuse(
-                &conn,
+                &*conn,
                 &shared,
                 Response::text(408, "The request head took too long to arrive."),
             )
@@ -50,8 +48,8 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C) {
     };
     let up = match decide(&req, &gate) {
         Decision::Upgrade(up) => up,
-        Decision::Refuse(resp) => return refuse(&conn, &shared, resp).await,
-        Decision::Dashboard => return refuse(&conn, &shared, Response::html(DASHBOARD)).await,
+        Decision::Refuse(resp) => return refuse(&*conn, &shared, resp).await,
+        Decision::Dashboard => return refuse(&*conn, &shared, Response::html(DASHBOARD)).await,
     };
     drop(req);
 
@@ -68,18 +66,41 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C) {
         principal: up.principal,
         last_heard: Cell::new(Instant::now()),
         gone: Cell::new(false),
+        closing_since: Cell::new(None),
+        replay_next: Cell::new(None),
+        pending_filter: RefCell::new(None),
+        kill: {
+            let weak = Rc::downgrade(&conn);
+            Box::new(move || {
+                if let Some(c) = weak.upgrade() {
+                    c.shutdown(Shutdown::Both);
+                }
+            })
+        },
     });
-    if let Some(since) = up.since {
-        reactor.replay(&sub, &up.filter, since);
+    let registration = Registration::new(&reactor, sub.clone());
+    match up.since {
+        // Resuming: replayed by the writer as its queue drains, indexed when caught up.
+        Some(since) => {
+            sub.replay_next.set(Some(reactor.start_replay(&sub, since)));
+            *sub.pending_filter.borrow_mut() = Some(up.filter);
+        }
+        None => reactor
+            .index
+            .borrow_mut()
+            .insert(registration.id, up.filter),
     }
-    let registration = Registration::new(&reactor, sub.clone(), up.filter);
-    if write_all(&conn, Bytes::from(up.response)).await.is_err() {
+    if write_all(&*conn, Bytes::from(up.response)).await.is_err() {
         return;
     }
     shared.metrics.handshake(101);
 
-    let conn = Rc::new(conn);
-    tokio::task::spawn_local(write_loop(sub.clone(), conn.clone(), shared.clone()));
+    tokio::task::spawn_local(write_loop(
+        reactor.clone(),
+        registration.id,
+        sub.clone(),
+        conn.clone(),
+    ));
     read_loop(&sub, &*conn, leftover, shared.max_frame).await;
 
     // The peer is gone (or finished closing): stop the writer and forget the subscriber.
@@ -96,9 +117,8 @@ struct Registration<'a> {
 }
 
 impl<'a> Registration<'a> {
-    fn new(reactor: &'a Reactor, sub: Rc<Subscriber>, filter: crate::filter::Filter) -> Self {
+    fn new(reactor: &'a Reactor, sub: Rc<Subscriber>) -> Self {
         let id = reactor.subs.borrow_mut().insert(sub);
-        reactor.index.borrow_mut().insert(id, filter);
         reactor.shared.connections.fetch_add(1, Relaxed);
         reactor.shared.metrics.subscriber_delta(reactor.id, 1);
         Registration { reactor, id }
@@ -198,12 +218,14 @@ async fn read_loop<C: Conn>(sub: &Subscriber, conn: &C, leftover: Vec<u8>, max_f
 
 /// Writes the outbox: everything queued goes out in one writev per round; a partial write
 /// keeps the unwritten tail (sliced, not copied) at the front of the next round.
-async fn write_loop<C: Conn>(sub: Rc<Subscriber>, conn: Rc<C>, shared: Arc<Shared>) {
+async fn write_loop<C: Conn>(reactor: Rc<Reactor>, id: usize, sub: Rc<Subscriber>, conn: Rc<C>) {
+    let metrics = &reactor.shared.metrics;
     let mut batch: Vec<Bytes> = Vec::new();
     loop {
         if sub.gone.get() {
             return;
         }
+        let replaying = reactor.replay_step(id, &sub);
         let state = {
             let mut out = sub.out.borrow_mut();
             out.take_batch(&mut batch);
@@ -213,7 +235,11 @@ async fn write_loop<C: Conn>(sub: Rc<Subscriber>, conn: Rc<C>, shared: Arc<Share
             if state == OutState::CloseTaken {
                 break;
             }
-            sub.wake.notified().await;
+            if replaying {
+                tokio::task::yield_now().await; // a sparse filter: keep scanning
+            } else {
+                sub.wake.notified().await;
+            }
             continue;
         }
         let frames = batch.len();
@@ -222,10 +248,10 @@ async fn write_loop<C: Conn>(sub: Rc<Subscriber>, conn: Rc<C>, shared: Arc<Share
             Ok(n) if n > 0 => {
                 sub.out.borrow_mut().wrote(n);
                 advance(&mut rest, n);
-                let m = &shared.metrics;
-                m.writevs.fetch_add(1, Relaxed);
-                m.bytes_out.fetch_add(n as u64, Relaxed);
-                m.frames_out
+                metrics.writevs.fetch_add(1, Relaxed);
+                metrics.bytes_out.fetch_add(n as u64, Relaxed);
+                metrics
+                    .frames_out
                     .fetch_add((frames - rest.len()) as u64, Relaxed);
                 batch = rest;
             }

@@ -79,6 +79,26 @@ impl Relay {
         (self.child, self.ws, self.ingest, self.admin) = (child, ws, ingest, admin);
     }
 
+    /// Sends SIGTERM and waits (at most `within`) for the exit status.
+    pub async fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let st = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not exit within {within:?} of SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }
@@ -295,4 +315,79 @@ pub fn upgrade_request(target: &str, extra_headers: &str) -> String {
     format!(
         "GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
     )
+}
+
+/// Reads raw WebSocket frames from a plain TCP subscriber (after its 101 head): the seq of
+/// every text frame, and the close frame's code and reason if one came before EOF. Cheap
+/// enough to keep up with a fast relay: buffered reads, and `seq` taken from the end of
+/// the payload, where the relay appends it.
+pub async fn read_raw_frames(
+    s: &mut TcpStream,
+    max_events: usize,
+) -> (Vec<u64>, Option<(u16, String)>) {
+    let mut r = tokio::io::BufReader::with_capacity(256 * 1024, s);
+    let mut seqs = Vec::new();
+    let mut payload = Vec::new();
+    while seqs.len() < max_events {
+        let mut h = [0u8; 2];
+        if r.read_exact(&mut h).await.is_err() {
+            break;
+        }
+        let len = match h[1] & 0x7F {
+            126 => u64::from(r.read_u16().await.unwrap()),
+            127 => r.read_u64().await.unwrap(),
+            n => u64::from(n),
+        };
+        payload.resize(len as usize, 0);
+        if r.read_exact(&mut payload).await.is_err() {
+            break;
+        }
+        match h[0] & 0x0F {
+            0x1 => {
+                let at = payload
+                    .windows(6)
+                    .rposition(|w| w == b"\"seq\":")
+                    .expect("seq in every event")
+                    + 6;
+                let digits = &payload[at..payload.len() - 1];
+                seqs.push(std::str::from_utf8(digits).unwrap().parse().unwrap());
+            }
+            0x8 => {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                return (
+                    seqs,
+                    Some((code, String::from_utf8_lossy(&payload[2..]).into_owned())),
+                );
+            }
+            _ => {}
+        }
+    }
+    (seqs, None)
+}
+
+/// A raw TCP subscriber: upgrade with the relay's token and `query`, return the socket
+/// positioned after the 101 head.
+pub async fn raw_subscribe(relay: &Relay, query: &str, recv_buffer: Option<u32>) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = recv_buffer {
+        sock.set_recv_buffer_size(size).unwrap();
+    }
+    let mut s = sock.connect(relay.ws).await.unwrap();
+    let req = upgrade_request(
+        &format!("/events?{query}"),
+        &format!("Authorization: Bearer {}\r\n", relay.token),
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
 }
