@@ -31,6 +31,9 @@ enum Command {
     /// Manage user tokens (krx_user_…).
     #[command(subcommand)]
     UserToken(cli::token::TokenCommand),
+    /// Manage the operator passphrase.
+    #[command(subcommand)]
+    Passphrase(cli::passphrase::PassphraseCommand),
     /// Send NDJSON events to the ingest port.
     Publish(cli::publish::PublishArgs),
     /// Subscribe and print events.
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS),
         Command::Demo(a) => cli::demo::run(a).map(|()| ExitCode::SUCCESS),
         Command::UserToken(c) => cli::token::run(c, &data_dir).map(|()| ExitCode::SUCCESS),
+        Command::Passphrase(c) => cli::passphrase::run(c, &data_dir).map(|()| ExitCode::SUCCESS),
         Command::Publish(a) => cli::publish::run(a),
         Command::Tail(a) => cli::tail::run(a),
     };

@@ -6,7 +6,6 @@
 //! nothing to brute-force. The operator passphrase, which a human chose, is different and
 //! gets a slow salted hash (see the security issue).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,7 +16,11 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::proto::handshake::{Credential, Principal};
+use subtle::ConstantTimeEq;
+
+use crate::proto::handshake::Principal;
+
+pub mod passphrase;
 
 pub const TOKEN_PREFIX: &str = "krx_user_";
 const TOKEN_CHARS: usize = 40;
@@ -133,16 +136,19 @@ impl TokenStore {
     }
 
     fn write(&self, file: &TokenFile) -> anyhow::Result<()> {
-        let dir = self.path.parent().expect("token file lives in a data dir");
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tmp = self
-            .path
-            .with_extension(format!("tmp.{}", std::process::id()));
         let json = serde_json::to_vec_pretty(file).expect("token file serializes");
-        write_private(&tmp, &json).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("replacing {}", self.path.display()))
+        write_private_atomic(&self.path, &json)
     }
+}
+
+/// Replaces `path` with `bytes` atomically (temp file + rename), readable by its owner
+/// only, so a running server never reads half a file.
+pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().expect("data files live in a data dir");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    write_private(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 
 /// Writes a file readable by its owner only: hashes are not secrets, but they are nobody
@@ -160,88 +166,127 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// The token hashes a running server accepts, reloaded from disk by a watcher thread.
+/// The credentials a running server accepts, reloaded from disk by a watcher thread.
 pub struct LiveCredentials {
-    tokens: ArcSwap<HashMap<[u8; 32], String>>,
-    /// Bumped on every reload that changed the set, so reactors can re-check open streams.
+    tokens: ArcSwap<Vec<([u8; 32], String)>>,
+    passphrase: arc_swap::ArcSwapOption<passphrase::Verifier>,
+    pub failures: passphrase::FailureLimiter,
+    /// Bumped on every reload that changed something, so reactors re-check open streams.
     generation: AtomicU64,
     store: TokenStore,
+    data_dir: PathBuf,
 }
 
 impl LiveCredentials {
     pub fn load(data_dir: &Path) -> anyhow::Result<Arc<LiveCredentials>> {
-        let store = TokenStore::new(data_dir);
         let live = LiveCredentials {
-            tokens: ArcSwap::from_pointee(HashMap::new()),
+            tokens: ArcSwap::from_pointee(Vec::new()),
+            passphrase: arc_swap::ArcSwapOption::empty(),
+            failures: passphrase::FailureLimiter::default(),
             generation: AtomicU64::new(0),
-            store,
+            store: TokenStore::new(data_dir),
+            data_dir: data_dir.to_path_buf(),
         };
         live.reload()?;
         Ok(Arc::new(live))
     }
 
-    /// Re-reads the token file; returns whether the set changed.
+    /// Re-reads the token and passphrase files; returns whether anything changed.
     pub fn reload(&self) -> anyhow::Result<bool> {
-        let set: HashMap<[u8; 32], String> = self
+        let mut tokens: Vec<([u8; 32], String)> = self
             .store
             .list()?
             .into_iter()
             .filter_map(|r| Some((unhex(&r.sha256)?, r.name)))
             .collect();
-        if **self.tokens.load() == set {
-            return Ok(false);
+        tokens.sort();
+        let mut changed = false;
+        if **self.tokens.load() != tokens {
+            self.tokens.store(Arc::new(tokens));
+            changed = true;
         }
-        self.tokens.store(Arc::new(set));
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        Ok(true)
+        let phc = match std::fs::read_to_string(passphrase::path(&self.data_dir)) {
+            Ok(s) => Some(s.trim().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).context("reading the passphrase file"),
+        };
+        let current = self.passphrase.load();
+        if current.as_deref().map(passphrase::Verifier::phc) != phc.as_deref() {
+            self.passphrase.store(
+                phc.map(passphrase::Verifier::new)
+                    .transpose()?
+                    .map(Arc::new),
+            );
+            changed = true;
+        }
+        if changed {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(changed)
     }
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
 
-    pub fn authenticate(&self, cred: &Credential) -> Option<Principal> {
-        match cred {
-            Credential::Token(t) if t.starts_with(TOKEN_PREFIX) => {
-                let h = hash_token(t);
-                self.tokens
-                    .load()
-                    .contains_key(&h)
-                    .then_some(Principal::User(h))
-            }
-            // Operator passphrases are not configured by this build's store.
-            _ => None,
+    /// A user token's principal. Every stored hash is compared in constant time, so the
+    /// time taken says nothing about which one (if any) matched.
+    pub fn authenticate_token(&self, token: &str) -> Option<Principal> {
+        if !token.starts_with(TOKEN_PREFIX) {
+            return None;
         }
+        let h = hash_token(token);
+        let mut found = subtle::Choice::from(0);
+        for (stored, _) in self.tokens.load().iter() {
+            found |= stored.ct_eq(&h);
+        }
+        bool::from(found).then_some(Principal::User(h))
     }
 
-    /// Whether a principal admitted earlier is still valid (false once its token is revoked).
+    /// The operator passphrase verifier, if a passphrase is set.
+    pub fn passphrase(&self) -> Option<Arc<passphrase::Verifier>> {
+        self.passphrase.load_full()
+    }
+
+    /// Whether a principal admitted earlier is still valid (false once its token is
+    /// revoked, or the passphrase was changed or removed).
     pub fn still_valid(&self, p: &Principal) -> bool {
         match p {
-            Principal::User(h) => self.tokens.load().contains_key(h),
-            Principal::Operator => true,
+            Principal::User(h) => self.tokens.load().iter().any(|(stored, _)| stored == h),
+            Principal::Operator(id) => self
+                .passphrase
+                .load()
+                .as_deref()
+                .is_some_and(|v| passphrase_id(v.phc()) == *id),
         }
     }
 
-    /// Polls the token file every `every` until `stop` is set. Changes are seen within one
-    /// period, so a create or revoke takes effect within 1 s with the default.
+    /// Polls the data files every `every` until `stop` is set. Changes are seen within one
+    /// period, so a create, revoke or passphrase change takes effect within 1 s.
     pub fn watch(self: Arc<Self>, every: Duration, stop: Arc<std::sync::atomic::AtomicBool>) {
         std::thread::Builder::new()
-            .name("krux-tokens".into())
+            .name("krux-credentials".into())
             .spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(every);
                     match self.reload() {
                         Ok(true) => tracing::info!(
                             tokens = self.tokens.load().len(),
-                            "user tokens reloaded"
+                            "credentials reloaded"
                         ),
                         Ok(false) => {}
-                        Err(e) => tracing::warn!("keeping the previous user tokens: {e:#}"),
+                        Err(e) => tracing::warn!("keeping the previous credentials: {e:#}"),
                     }
                 }
             })
-            .expect("spawning the token watcher thread");
+            .expect("spawning the credentials watcher thread");
     }
+}
+
+/// Identifies one passphrase setting (a digest of its stored hash), so that streams opened
+/// with an old passphrase are closed when it changes.
+pub fn passphrase_id(phc: &str) -> [u8; 32] {
+    Sha256::digest(phc.as_bytes()).into()
 }
 
 #[cfg(test)]
@@ -271,19 +316,18 @@ mod tests {
         assert!(!on_disk.contains(&t), "only the hash is stored");
         assert_eq!(store.list().unwrap()[0].name, "ops");
 
-        let cred = Credential::Token(t.clone());
-        assert_eq!(live.authenticate(&cred), None, "not reloaded yet");
+        assert_eq!(live.authenticate_token(&t), None, "not reloaded yet");
         let g = live.generation();
         assert!(live.reload().unwrap());
         assert!(live.generation() > g);
-        let p = live.authenticate(&cred).expect("accepted after reload");
+        let p = live.authenticate_token(&t).expect("accepted after reload");
         assert!(live.still_valid(&p));
-        assert_eq!(live.authenticate(&Credential::Token(format!("{t}x"))), None);
+        assert_eq!(live.authenticate_token(&format!("{t}x")), None);
 
         store.revoke("ops").unwrap();
         assert!(store.revoke("ops").is_err());
         assert!(live.reload().unwrap());
-        assert_eq!(live.authenticate(&cred), None);
+        assert_eq!(live.authenticate_token(&t), None);
         assert!(!live.still_valid(&p));
         assert!(!live.reload().unwrap(), "no change, no new generation");
     }

@@ -1,6 +1,7 @@
-//! The commands around the server: `demo`, `user-token`, `publish`, `tail`.
+//! The commands around the server: `demo`, `user-token`, `passphrase`, `publish`, `tail`.
 
 pub mod demo;
+pub mod passphrase;
 pub mod publish;
 pub mod tail;
 pub mod token;

@@ -104,7 +104,18 @@ impl std::fmt::Debug for Credential {
 pub enum Principal {
     /// A user token, identified by its stored hash (so that a revoke can find its streams).
     User([u8; 32]),
-    Operator,
+    /// The operator passphrase, identified by a digest of the stored hash it matched (so
+    /// that changing the passphrase ends the sessions opened with the old one).
+    Operator([u8; 32]),
+}
+
+/// What checking a credential found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    Valid(Principal),
+    Invalid,
+    /// Too many failed attempts from this address: retry after this many seconds.
+    RateLimited(u64),
 }
 
 /// 64 hexadecimal characters: the shape of an agent token (port 7700's credential).
@@ -132,7 +143,7 @@ pub struct Upgrade {
 /// What `decide` needs to know about the server's state.
 pub struct Gate<'a> {
     pub at_capacity: bool,
-    pub authenticate: &'a dyn Fn(&Credential) -> Option<Principal>,
+    pub authenticate: &'a dyn Fn(&Credential) -> Auth,
 }
 
 pub fn decide(req: &Request, gate: &Gate<'_>) -> Decision {
@@ -217,10 +228,22 @@ pub fn decide(req: &Request, gate: &Gate<'_>) -> Decision {
             ))
         }
     };
-    let Some(principal) = (gate.authenticate)(&credential) else {
-        return Decision::Refuse(unauthorized(
-            "The credential is not valid or has been revoked.",
-        ));
+    let principal = match (gate.authenticate)(&credential) {
+        Auth::Valid(p) => p,
+        Auth::Invalid => {
+            return Decision::Refuse(unauthorized(
+                "The credential is not valid or has been revoked.",
+            ))
+        }
+        Auth::RateLimited(secs) => {
+            return Decision::Refuse(
+                Response::text(
+                    429,
+                    &format!("Too many failed attempts from this address; retry in {secs} s."),
+                )
+                .header("Retry-After", secs.to_string()),
+            )
+        }
     };
 
     let (filter, since) = match parse_subscription(&params) {
@@ -267,6 +290,19 @@ pub fn query_pairs(query: &str) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
             (Cow::Owned(decode(k)), Cow::Owned(decode(v)))
         })
         .collect()
+}
+
+/// The query string as it may be logged: the values of `access_token` and `passphrase`
+/// replaced, everything else kept.
+pub fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if matches!(k, "access_token" | "passphrase") => format!("{k}=<redacted>"),
+            _ => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// The filter and `since` of a subscription; the error is the 400 body.
@@ -413,9 +449,12 @@ mod tests {
         };
         assert_eq!(len, raw.len());
         let auth = |c: &Credential| match c {
-            Credential::Token(t) if t == "krx_user_good" => Some(Principal::User([1; 32])),
-            Credential::Passphrase(p) if p == "open sesame" => Some(Principal::Operator),
-            _ => None,
+            Credential::Token(t) if t == "krx_user_good" => Auth::Valid(Principal::User([1; 32])),
+            Credential::Passphrase(p) if p == "open sesame" => {
+                Auth::Valid(Principal::Operator([2; 32]))
+            }
+            Credential::Passphrase(p) if p == "hammering" => Auth::RateLimited(42),
+            _ => Auth::Invalid,
         };
         decide(
             &req,
@@ -504,6 +543,12 @@ mod tests {
                 "not valid",
             ),
             (
+                head("/events?passphrase=hammering", ""),
+                false,
+                429,
+                "retry in 42 s",
+            ),
+            (
                 head("/events?type=bogus", bearer),
                 false,
                 400,
@@ -539,6 +584,9 @@ mod tests {
                 if r.status == 401 {
                     assert!(r.headers.contains(&("WWW-Authenticate", "Bearer".into())));
                 }
+                if r.status == 429 {
+                    assert!(r.headers.contains(&("Retry-After", "42".into())));
+                }
             }
         }
     }
@@ -572,6 +620,15 @@ mod tests {
             resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
             "{resp}"
         );
+    }
+
+    #[test]
+    fn logged_queries_hide_credentials() {
+        assert_eq!(
+            redact_query("type=a&access_token=krx_user_x&passphrase=p%20q&agent=b"),
+            "type=a&access_token=<redacted>&passphrase=<redacted>&agent=b"
+        );
+        assert_eq!(redact_query(""), "");
     }
 
     #[test]

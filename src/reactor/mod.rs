@@ -140,8 +140,8 @@ async fn drain(reactor: &Reactor) {
 async fn accept_loop<L: Listener>(reactor: Rc<Reactor>, listener: L) {
     loop {
         match listener.accept().await {
-            Ok((conn, _peer)) => {
-                tokio::task::spawn_local(subscriber::serve(reactor.clone(), conn));
+            Ok((conn, peer)) => {
+                tokio::task::spawn_local(subscriber::serve(reactor.clone(), conn, peer.ip()));
             }
             Err(e) => crate::server::accept_backoff("reactor", e).await,
         }

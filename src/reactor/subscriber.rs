@@ -2,7 +2,7 @@
 //! reader (control frames in) and the writer (its outbox out, one writev per round).
 
 use std::cell::{Cell, RefCell};
-use std::net::Shutdown;
+use std::net::{IpAddr, Shutdown};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -14,7 +14,8 @@ use super::{OutState, Outbox, Reactor, Shared, Subscriber, CLOSE_GRACE};
 use crate::frame;
 use crate::io::{advance, write_all, Conn};
 use crate::proto::handshake::{
-    decide, parse_request, Decision, Gate, Parsed, Request, Response, MAX_HEAD,
+    decide, parse_request, query_pairs, redact_query, Auth, Credential, Decision, Gate, Parsed,
+    Principal, Request, Response, MAX_HEAD,
 };
 use crate::proto::ws::{close_code, Inbound, InboundDecoder};
 
@@ -23,7 +24,7 @@ const SUBSCRIBER_READ_BUF: usize = 512;
 
 static DASHBOARD: &str = include_str!("../../assets/dashboard.html");
 
-pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C) {
+pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
     let conn = Rc::new(conn);
     let shared = reactor.shared.clone();
     let head = tokio::time::timeout(shared.handshake_timeout, read_head(&*conn)).await;
@@ -41,12 +42,36 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C) {
         }
     };
 
-    let authenticate = |c: &_| shared.credentials.authenticate(c);
+    // The passphrase check may need Argon2: run it (off this thread) before the
+    // synchronous decision, which then only reads its outcome.
+    let passphrase = match query_pairs(req.query.as_deref().unwrap_or(""))
+        .into_iter()
+        .find(|(k, _)| k == "passphrase")
+    {
+        Some((_, p)) if req.path == "/events" && !p.is_empty() => {
+            Some(check_passphrase(&shared, p.into_owned(), peer).await)
+        }
+        _ => None,
+    };
+    let authenticate = |c: &Credential| match c {
+        Credential::Token(t) => shared
+            .credentials
+            .authenticate_token(t)
+            .map_or(Auth::Invalid, Auth::Valid),
+        Credential::Passphrase(_) => passphrase.unwrap_or(Auth::Invalid),
+    };
     let gate = Gate {
         at_capacity: shared.connections.load(Relaxed) >= shared.max_connections,
         authenticate: &authenticate,
     };
-    let up = match decide(&req, &gate) {
+    let decision = decide(&req, &gate);
+    tracing::debug!(
+        %peer,
+        path = %req.path,
+        query = %redact_query(req.query.as_deref().unwrap_or("")),
+        "handshake"
+    );
+    let up = match decision {
         Decision::Upgrade(up) => up,
         Decision::Refuse(resp) => return refuse(&*conn, &shared, resp).await,
         Decision::Dashboard => return refuse(&*conn, &shared, Response::html(DASHBOARD)).await,
@@ -137,6 +162,38 @@ impl Drop for Registration<'_> {
     }
 }
 
+/// Checks an operator passphrase: refused outright while the address is over its failure
+/// limit; cheap after the first success; otherwise Argon2 on the blocking pool, so the
+/// reactor keeps serving its subscribers meanwhile.
+async fn check_passphrase(shared: &Shared, candidate: String, peer: IpAddr) -> Auth {
+    let creds = &shared.credentials;
+    let now = Instant::now();
+    if let Some(secs) = creds.failures.blocked_for(peer, now) {
+        return Auth::RateLimited(secs);
+    }
+    let Some(verifier) = creds.passphrase() else {
+        creds.failures.record_failure(peer, now);
+        return Auth::Invalid;
+    };
+    let ok = match verifier.check_fast(&candidate) {
+        Some(ok) => ok,
+        None => {
+            let v = verifier.clone();
+            tokio::task::spawn_blocking(move || v.check_slow(&candidate))
+                .await
+                .unwrap_or(false)
+        }
+    };
+    if ok {
+        Auth::Valid(Principal::Operator(crate::auth::passphrase_id(
+            verifier.phc(),
+        )))
+    } else {
+        creds.failures.record_failure(peer, now);
+        Auth::Invalid
+    }
+}
+
 /// Reads until a complete request head, bounded by `MAX_HEAD`. `Ok(None)`: the peer left.
 async fn read_head<C: Conn>(conn: &C) -> Result<Option<(Request, Vec<u8>)>, Response> {
     let mut buf = Vec::with_capacity(1024);
@@ -159,6 +216,7 @@ async fn read_head<C: Conn>(conn: &C) -> Result<Option<(Request, Vec<u8>)>, Resp
 
 async fn refuse<C: Conn>(conn: &C, shared: &Shared, resp: Response) {
     shared.metrics.handshake(resp.status);
+    tracing::debug!(status = resp.status, "handshake refused");
     let _ = write_all(conn, Bytes::from(resp.to_bytes())).await;
     conn.shutdown(Shutdown::Write);
     // Let the client read the answer before the socket goes; a short, bounded wait.

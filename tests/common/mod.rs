@@ -59,7 +59,22 @@ impl Relay {
     pub async fn start_with(extra: &[&str]) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let token = create_token(dir.path(), "test");
-        let (child, ws, ingest, admin) = spawn_relay(dir.path(), extra).await;
+        let (child, ws, ingest, admin) = spawn_relay(dir.path(), extra, false).await;
+        Relay {
+            ws,
+            ingest,
+            admin,
+            token,
+            child,
+            dir,
+        }
+    }
+
+    /// Like `start_with`, logging at debug level into `<data dir>/relay.log`.
+    pub async fn start_logged(extra: &[&str]) -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let token = create_token(dir.path(), "test");
+        let (child, ws, ingest, admin) = spawn_relay(dir.path(), extra, true).await;
         Relay {
             ws,
             ingest,
@@ -75,7 +90,7 @@ impl Relay {
     pub async fn crash_and_restart(&mut self, extra: &[&str]) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        let (child, ws, ingest, admin) = spawn_relay(self.dir.path(), extra).await;
+        let (child, ws, ingest, admin) = spawn_relay(self.dir.path(), extra, false).await;
         (self.child, self.ws, self.ingest, self.admin) = (child, ws, ingest, admin);
     }
 
@@ -160,7 +175,12 @@ impl Relay {
     }
 }
 
-async fn spawn_relay(dir: &Path, extra: &[&str]) -> (Child, SocketAddr, SocketAddr, SocketAddr) {
+/// Starts `serve` on `dir`; with `debug_log`, at debug level into `<dir>/relay.log`.
+async fn spawn_relay(
+    dir: &Path,
+    extra: &[&str],
+    debug_log: bool,
+) -> (Child, SocketAddr, SocketAddr, SocketAddr) {
     let ready = dir.join("ready.json");
     let _ = std::fs::remove_file(&ready);
     let io = io_backend();
@@ -177,9 +197,13 @@ async fn spawn_relay(dir: &Path, extra: &[&str]) -> (Child, SocketAddr, SocketAd
         .args(["--io", &io, "--ready-file", ready.to_str().unwrap()])
         .args(extra)
         .env("KRUX_DATA_DIR", dir)
-        .env("KRUX_LOG", "warn")
+        .env("KRUX_LOG", if debug_log { "debug" } else { "warn" })
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(if debug_log {
+            Stdio::from(std::fs::File::create(dir.join("relay.log")).unwrap())
+        } else {
+            Stdio::inherit()
+        })
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -1,0 +1,164 @@
+//! Operator passphrase, failure rate limit, connection cap, keepalive, and secrets kept
+//! out of logs — over real sockets.
+
+mod common;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+
+const PASS: &str = "correct horse battery staple";
+
+fn set_passphrase(relay: &Relay, pass: &str) {
+    let mut child = Command::new(bin())
+        .args(["passphrase", "set"])
+        .env("KRUX_DATA_DIR", relay.data_dir())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{pass}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn passphrase_query(pass: &str) -> String {
+    format!("/events?passphrase={}", pass.replace(' ', "+"))
+}
+
+async fn status_of(relay: &Relay, target: &str) -> (u16, String, String) {
+    raw_http(relay.ws, &upgrade_request(target, "")).await
+}
+
+#[tokio::test]
+async fn operator_passphrase_sessions_and_failure_limit() {
+    let relay = Relay::start().await;
+    // No passphrase set yet: refused.
+    assert_eq!(status_of(&relay, &passphrase_query(PASS)).await.0, 401);
+    set_passphrase(&relay, PASS);
+    let stored = std::fs::read_to_string(relay.data_dir().join("passphrase")).unwrap();
+    assert!(stored.starts_with("$argon2id$") && !stored.contains("horse"));
+
+    // Accepted within 1 s, without a restart (the server polls its data dir every 250 ms;
+    // polling here would itself count as failed attempts).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let url = format!("ws://{}{}", relay.ws, passphrase_query(PASS));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("passphrase accepted");
+    relay.publish(SEED.lines().next().unwrap()).await;
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5)).await["type"],
+        "capability_invoked"
+    );
+
+    // A storm of reconnects with the right passphrase stays cheap and succeeds.
+    for _ in 0..20 {
+        assert_eq!(status_of(&relay, &passphrase_query(PASS)).await.0, 101);
+    }
+
+    // Wrong ones: 401, then 429 with Retry-After for this address — even for the right one.
+    // Five failures per minute are allowed; the attempt before the passphrase existed was one.
+    for _ in 0..4 {
+        let (status, _, body) = status_of(&relay, &passphrase_query("wrong guess here")).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let (status, head, body) = status_of(&relay, &passphrase_query("wrong guess here")).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(head.contains("Retry-After: "), "{head}");
+    assert_eq!(status_of(&relay, &passphrase_query(PASS)).await.0, 429);
+    // User tokens are not affected by the passphrase limit.
+    assert!(relay.try_subscribe("", Some(&relay.token)).await.is_ok());
+
+    // Changing the passphrase ends the sessions opened with the old one (1008).
+    set_passphrase(&relay, "a whole new passphrase");
+    let (code, _) = close_code(&mut ws, Duration::from_secs(3)).await;
+    assert_eq!(code, 1008);
+}
+
+#[tokio::test]
+async fn connection_cap_answers_503_with_retry_after() {
+    let relay = Relay::start_with(&["--max-connections", "2"]).await;
+    let _a = relay.subscribe("").await;
+    let _b = relay.subscribe("").await;
+    let bearer = format!("Authorization: Bearer {}\r\n", relay.token);
+    let (status, head, body) = raw_http(relay.ws, &upgrade_request("/events", &bearer)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(head.contains("Retry-After: 1"), "{head}");
+    drop(_a);
+    // Once one leaves, there is room again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while raw_http(relay.ws, &upgrade_request("/events", &bearer))
+        .await
+        .0
+        != 101
+    {
+        assert!(Instant::now() < deadline, "no room after a subscriber left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn keepalive_drops_silent_peers_and_keeps_answering_ones() {
+    let relay = Relay::start_with(&["--ping-interval", "300ms", "--read-timeout", "400ms"]).await;
+    // A peer that reads but never answers pings (a hung tool, or a half-open connection).
+    let mut silent = raw_subscribe(&relay, "", None).await;
+    // A normal client: tungstenite answers pings as long as it keeps reading.
+    let mut live = relay.subscribe("").await;
+    let reader = tokio::spawn(async move { next_event(&mut live, Duration::from_secs(10)).await });
+    let started = Instant::now();
+    let (events, close) = tokio::time::timeout(
+        Duration::from_secs(5),
+        read_raw_frames(&mut silent, usize::MAX),
+    )
+    .await
+    .expect("the silent peer is dropped");
+    assert!(events.is_empty());
+    assert_eq!(close.map(|c| c.0), Some(1001));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // The answering client is still subscribed well past several ping intervals.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    relay.publish(SEED.lines().next().unwrap()).await;
+    assert_eq!(reader.await.unwrap()["type"], "capability_invoked");
+    let _ = silent.shutdown().await;
+}
+
+#[tokio::test]
+async fn secrets_stay_out_of_logs_and_metrics() {
+    let relay = Relay::start_logged(&[]).await;
+    set_passphrase(&relay, PASS);
+    let token = relay.token.clone();
+    // Give the passphrase a moment to load, then use every credential form.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let _ = status_of(
+        &relay,
+        &format!("/events?access_token={token}&type=health_alert"),
+    )
+    .await;
+    let _ = status_of(&relay, &passphrase_query(PASS)).await;
+    let _ = status_of(
+        &relay,
+        "/events?access_token=krx_user_notvalidbutsecret0123456789",
+    )
+    .await;
+    let (_, _, metrics) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let log = std::fs::read_to_string(relay.data_dir().join("relay.log")).unwrap();
+    assert!(
+        log.contains("access_token=<redacted>"),
+        "requests are logged, redacted:\n{log}"
+    );
+    for secret in [token.as_str(), "horse", "notvalidbutsecret"] {
+        assert!(!log.contains(secret), "log leaks {secret}");
+        assert!(!metrics.contains(secret), "metrics leak {secret}");
+    }
+}
