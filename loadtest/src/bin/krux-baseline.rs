@@ -20,7 +20,7 @@ use futures_util::{SinkExt, StreamExt};
 use krux_relay::auth::LiveCredentials;
 use krux_relay::event::{EventType, FilterKeys};
 use krux_relay::filter::Filter;
-use krux_relay::proto::handshake::{is_agent_token, parse_subscription, query_pairs, Credential};
+use krux_relay::proto::handshake::{is_agent_token, parse_subscription, query_pairs};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -222,11 +222,7 @@ async fn subscriber(stream: TcpStream, hub: Arc<Hub>) {
         if is_agent_token(&token) {
             return Err(refuse(403, "Agent tokens belong on port 7700."));
         }
-        if hub
-            .credentials
-            .authenticate(&Credential::Token(token))
-            .is_none()
-        {
+        if hub.credentials.authenticate_token(&token).is_none() {
             return Err(refuse(
                 401,
                 "The credential is not valid or has been revoked.",
