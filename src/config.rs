@@ -97,6 +97,21 @@ pub struct ServeConfig {
     pub ready_file: Option<PathBuf>,
     #[arg(long, env = "KRUX_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// TLS certificate chain (PEM); the endpoint becomes wss://.
+    #[arg(
+        long,
+        env = "KRUX_TLS_CERT",
+        requires = "tls_key",
+        conflicts_with = "tls_self_signed"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "KRUX_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS with a fresh self-signed certificate (written to <data-dir>/tls-self-signed.pem;
+    /// its fingerprint is printed at start).
+    #[arg(long, env = "KRUX_TLS_SELF_SIGNED")]
+    pub tls_self_signed: bool,
     /// Allow plaintext WebSocket on a non-loopback address.
     #[arg(long, env = "KRUX_INSECURE_PLAINTEXT")]
     pub insecure_plaintext: bool,

@@ -131,13 +131,18 @@ fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
-    if !cfg.listen.ip().is_loopback() && !cfg.insecure_plaintext {
-        bail!(
-            "refusing plaintext WebSocket on non-loopback address {}: tokens would cross the network in the clear; pass --insecure-plaintext to override",
-            cfg.listen
-        );
-    }
+    check_plaintext(cfg)?;
     create_private_dir(data_dir)?;
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::io::tls::config_from_pem(cert, key)?),
+        _ if cfg.tls_self_signed => {
+            let pem = data_dir.join("tls-self-signed.pem");
+            let (config, fingerprint) = crate::io::tls::self_signed(&pem)?;
+            tracing::info!(certificate = %pem.display(), "TLS with a self-signed certificate, SHA-256 fingerprint {fingerprint}");
+            Some(config)
+        }
+        _ => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let credentials = LiveCredentials::load(data_dir)?;
     credentials
@@ -191,6 +196,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         metrics: metrics.clone(),
         connections: AtomicUsize::new(0),
         shutdown: shutdown_rx.clone(),
+        tls,
         shutdown_grace: cfg.shutdown_grace,
         ingest_final_seq: AtomicU64::new(u64::MAX),
     });
@@ -265,7 +271,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
 
     tracing::info!(ws = %addrs.ws, ingest = %addrs.ingest, admin = %addrs.admin, reactors = n, io = ?mode, "krux-relay is up");
     if let Some(path) = &cfg.ready_file {
-        write_ready_file(path, &addrs, mode)?;
+        write_ready_file(path, &addrs, mode, shared.tls.is_some())?;
     }
     Ok(Running {
         addrs,
@@ -280,6 +286,18 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     })
 }
 
+/// Plaintext WebSocket is for loopback only, unless TLS is on or the operator insists.
+fn check_plaintext(cfg: &ServeConfig) -> anyhow::Result<()> {
+    let tls = cfg.tls_self_signed || cfg.tls_cert.is_some();
+    if !cfg.listen.ip().is_loopback() && !tls && !cfg.insecure_plaintext {
+        bail!(
+            "refusing plaintext WebSocket on non-loopback address {}: tokens would cross the network in the clear; use --tls-cert/--tls-key or --tls-self-signed, or pass --insecure-plaintext",
+            cfg.listen
+        );
+    }
+    Ok(())
+}
+
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -289,13 +307,14 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating data dir {}", dir.display()))
 }
 
-fn write_ready_file(path: &Path, addrs: &Addresses, mode: IoMode) -> anyhow::Result<()> {
+fn write_ready_file(path: &Path, addrs: &Addresses, mode: IoMode, tls: bool) -> anyhow::Result<()> {
     let body = serde_json::json!({
         "ws": addrs.ws.to_string(),
         "ingest": addrs.ingest.to_string(),
         "admin": addrs.admin.to_string(),
         "pid": std::process::id(),
         "io": mode,
+        "tls": tls,
     });
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{body}\n"))
@@ -373,4 +392,35 @@ async fn run_ingest(
 pub async fn accept_backoff(what: &str, e: std::io::Error) {
     tracing::warn!("{what}: accept failed: {e}");
     tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: ServeConfig,
+    }
+
+    fn cfg(args: &[&str]) -> ServeConfig {
+        Cli::parse_from(std::iter::once("serve").chain(args.iter().copied())).cfg
+    }
+
+    #[test]
+    fn plaintext_only_on_loopback_unless_tls_or_insisted() {
+        assert!(check_plaintext(&cfg(&[])).is_ok());
+        assert!(check_plaintext(&cfg(&["--listen", "[::1]:7701"])).is_ok());
+        let err = check_plaintext(&cfg(&["--listen", "0.0.0.0:7701"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--insecure-plaintext"), "{err}");
+        assert!(check_plaintext(&cfg(&["--listen", "0.0.0.0:7701", "--tls-self-signed"])).is_ok());
+        assert!(
+            check_plaintext(&cfg(&["--listen", "0.0.0.0:7701", "--insecure-plaintext"])).is_ok()
+        );
+    }
 }

@@ -39,6 +39,28 @@ pub struct TailArgs {
     /// Exit when the connection ends instead of reconnecting and resuming.
     #[arg(long)]
     pub no_reconnect: bool,
+    /// Trust this CA or self-signed certificate (PEM) for wss:// (e.g. the relay's
+    /// <data-dir>/tls-self-signed.pem).
+    #[arg(long)]
+    pub ca_cert: Option<std::path::PathBuf>,
+}
+
+/// A rustls client config trusting exactly the certificates in `pem`.
+fn connector(pem: &std::path::Path) -> anyhow::Result<tokio_tungstenite::Connector> {
+    let mut roots = rustls::RootCertStore::empty();
+    let file = std::fs::File::open(pem).with_context(|| format!("opening {}", pem.display()))?;
+    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+        roots.add(cert.with_context(|| format!("reading {}", pem.display()))?)?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
+        cfg,
+    )))
 }
 
 fn events_url(args: &TailArgs, since: Option<u64>) -> String {
@@ -138,27 +160,29 @@ async fn stream_once(
             .parse()
             .context("the token is not a valid header value")?,
     );
-    let (mut ws, _) = match tokio_tungstenite::connect_async(req).await {
-        Ok(x) => x,
-        Err(tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
-            let msg = format!(
-                "the relay refused the subscription: {} {}",
-                resp.status(),
-                body.trim()
-            );
-            // 503 (capacity) and 429 (rate limit) pass; the rest will not change by retrying.
-            return Ok(match resp.status().as_u16() {
-                429 | 503 => Ended::Lost(msg),
-                _ => Ended::Fatal(msg),
-            });
-        }
-        Err(e) => return Ok(Ended::Lost(format!("cannot connect to {url}: {e}"))),
-    };
+    let tls = args.ca_cert.as_deref().map(connector).transpose()?;
+    let (mut ws, _) =
+        match tokio_tungstenite::connect_async_tls_with_config(req, None, false, tls).await {
+            Ok(x) => x,
+            Err(tungstenite::Error::Http(resp)) => {
+                let body = resp
+                    .body()
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
+                let msg = format!(
+                    "the relay refused the subscription: {} {}",
+                    resp.status(),
+                    body.trim()
+                );
+                // 503 (capacity) and 429 (rate limit) pass; the rest will not change by retrying.
+                return Ok(match resp.status().as_u16() {
+                    429 | 503 => Ended::Lost(msg),
+                    _ => Ended::Fatal(msg),
+                });
+            }
+            Err(e) => return Ok(Ended::Lost(format!("cannot connect to {url}: {e}"))),
+        };
     *connected = true;
     let mut out = std::io::stdout().lock();
     while let Some(msg) = ws.next().await {
@@ -307,6 +331,7 @@ mod tests {
             json: false,
             count: None,
             no_reconnect: false,
+            ca_cert: None,
         };
         assert_eq!(
             events_url(&args, args.since),

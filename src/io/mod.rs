@@ -7,6 +7,7 @@
 //! tasks, timers and `Notify` work the same on either.
 
 pub mod epoll;
+pub mod tls;
 pub mod uring;
 
 use std::future::Future;

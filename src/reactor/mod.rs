@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use crate::auth::LiveCredentials;
 use crate::filter::{SubId, SubscriberIndex};
 use crate::frame;
+use crate::io::tls::TlsConn;
 use crate::io::Listener;
 use crate::metrics::Metrics;
 use crate::proto::handshake::Principal;
@@ -40,6 +41,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Open subscriber WebSockets across all reactors (for `--max-connections`).
     pub connections: AtomicUsize,
+    /// TLS for every subscriber connection, when configured.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Becomes true when the server shuts down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub shutdown_grace: Duration,
@@ -141,7 +144,21 @@ async fn accept_loop<L: Listener>(reactor: Rc<Reactor>, listener: L) {
     loop {
         match listener.accept().await {
             Ok((conn, peer)) => {
-                tokio::task::spawn_local(subscriber::serve(reactor.clone(), conn, peer.ip()));
+                let (r, ip) = (reactor.clone(), peer.ip());
+                match reactor.shared.tls.clone() {
+                    None => drop(tokio::task::spawn_local(subscriber::serve(r, conn, ip))),
+                    Some(config) => drop(tokio::task::spawn_local(async move {
+                        let hs = tokio::time::timeout(
+                            r.shared.handshake_timeout,
+                            TlsConn::accept(conn, config),
+                        );
+                        match hs.await {
+                            Ok(Ok(tls)) => subscriber::serve(r, tls, ip).await,
+                            Ok(Err(e)) => tracing::debug!(%ip, "TLS handshake failed: {e}"),
+                            Err(_) => tracing::debug!(%ip, "TLS handshake timed out"),
+                        }
+                    })),
+                }
             }
             Err(e) => crate::server::accept_backoff("reactor", e).await,
         }
