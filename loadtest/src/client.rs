@@ -74,16 +74,28 @@ impl Shared {
 
 /// Opens a subscriber: TCP connect and WebSocket upgrade. Returns the stream, the bytes
 /// that followed the 101 head, and the handshake time.
+/// A subscriber's byte stream: plain TCP, or TLS over it.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
 pub async fn connect(
     ws: SocketAddr,
     token: &str,
     filter: &SubFilter,
-) -> anyhow::Result<(TcpStream, Vec<u8>, Duration)> {
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> anyhow::Result<(Box<dyn Stream>, Vec<u8>, Duration)> {
     let t0 = Instant::now();
-    let mut s = TcpStream::connect(ws)
+    let tcp = TcpStream::connect(ws)
         .await
         .context("connecting a subscriber")?;
-    s.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
+    let mut s: Box<dyn Stream> = match tls {
+        None => Box::new(tcp),
+        Some(c) => {
+            let name = rustls::pki_types::ServerName::IpAddress(ws.ip().into());
+            Box::new(c.connect(name, tcp).await.context("TLS handshake")?)
+        }
+    };
     let q = filter.query();
     let sep = if q.is_empty() { "" } else { "&" };
     let req = format!(
@@ -234,7 +246,7 @@ fn sent_at(payload: &[u8]) -> Option<u64> {
 /// Reads one subscriber until it is closed or the run stops; returns the frames received
 /// and whether the server closed the stream.
 pub async fn subscribe(
-    mut s: TcpStream,
+    mut s: Box<dyn Stream>,
     leftover: Vec<u8>,
     shared: Arc<Shared>,
     sample_every: u64,

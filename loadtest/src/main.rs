@@ -138,10 +138,11 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
         let mut connecting = tokio::task::JoinSet::new();
         let started = Instant::now();
         for (i, f) in filters.iter().enumerate() {
-            let (sem, f, token, ws) = (sem.clone(), f.clone(), t.token.clone(), t.ws);
+            let (sem, f, token, ws, tls) =
+                (sem.clone(), f.clone(), t.token.clone(), t.ws, t.tls.clone());
             connecting.spawn(async move {
                 let _permit = sem.acquire_owned().await.expect("semaphore open");
-                (i, client::connect(ws, &token, &f).await)
+                (i, client::connect(ws, &token, &f, tls.as_ref()).await)
             });
         }
         let mut conns = Vec::with_capacity(filters.len());

@@ -53,6 +53,28 @@ pub struct TargetArgs {
     /// PID of a running server, for its CPU and RSS.
     #[arg(long)]
     pub pid: Option<u32>,
+    /// Subscribe over TLS: a spawned relay runs with --tls-self-signed.
+    #[arg(long)]
+    pub tls: bool,
+    /// Trust this certificate (PEM) for TLS to a running relay (implies --tls).
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// A TLS connector trusting exactly the certificates in `pem`.
+fn tls_connector(pem: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    let file = std::fs::File::open(pem).with_context(|| format!("opening {}", pem.display()))?;
+    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+        roots.add(cert?)?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)))
 }
 
 /// A server ready for traffic.
@@ -62,6 +84,7 @@ pub struct Target {
     pub ingest: SocketAddr,
     pub token: String,
     pub pid: Option<u32>,
+    pub tls: Option<tokio_rustls::TlsConnector>,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -98,6 +121,7 @@ impl Target {
                 ingest: args.ingest,
                 token,
                 pid: args.pid,
+                tls: args.ca_cert.as_deref().map(tls_connector).transpose()?,
                 child: None,
                 _dir: None,
             });
@@ -137,6 +161,9 @@ impl Target {
                 if let Some(r) = args.reactors {
                     cmd.args(["--reactors", &r.to_string()]);
                 }
+                if args.tls {
+                    cmd.arg("--tls-self-signed");
+                }
             }
             Kind::Baseline => {
                 cmd.arg("--data-dir").arg(dir.path());
@@ -171,6 +198,11 @@ impl Target {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        let tls = match (args.tls, kind) {
+            (false, _) => None,
+            (true, Kind::Relay) => Some(tls_connector(&dir.path().join("tls-self-signed.pem"))?),
+            (true, other) => bail!("--tls: the {} has no TLS", other.binary()),
+        };
         let addr = |k: &str| -> anyhow::Result<SocketAddr> {
             info[k]
                 .as_str()
@@ -184,6 +216,7 @@ impl Target {
             ingest: addr("ingest")?,
             token,
             pid: Some(child.id()),
+            tls,
             child: Some(child),
             _dir: Some(dir),
         })
