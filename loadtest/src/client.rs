@@ -53,10 +53,15 @@ pub struct Shared {
     pub latency: Mutex<Latency>,
     pub closes: Mutex<BTreeMap<u16, u64>>,
     pub progress: Notify,
+    /// Raised per subscriber to make it reconnect (churn, storm).
+    pub churn: Vec<AtomicBool>,
+    pub reconnects: AtomicU64,
+    pub reconnect_latency: Mutex<Histogram<u64>>,
+    pub duplicates: AtomicU64,
 }
 
 impl Shared {
-    pub fn new() -> Arc<Shared> {
+    pub fn new(subscribers: usize) -> Arc<Shared> {
         Arc::new(Shared {
             delivered: AtomicU64::new(0),
             published: AtomicU64::new(0),
@@ -68,6 +73,12 @@ impl Shared {
             latency: Mutex::new(Latency::new()),
             closes: Mutex::new(BTreeMap::new()),
             progress: Notify::new(),
+            churn: (0..subscribers).map(|_| AtomicBool::new(false)).collect(),
+            reconnects: AtomicU64::new(0),
+            reconnect_latency: Mutex::new(
+                Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            ),
+            duplicates: AtomicU64::new(0),
         })
     }
 }
@@ -83,6 +94,7 @@ pub async fn connect(
     token: &str,
     filter: &SubFilter,
     tls: Option<&tokio_rustls::TlsConnector>,
+    since: Option<u64>,
 ) -> anyhow::Result<(Box<dyn Stream>, Vec<u8>, Duration)> {
     let t0 = Instant::now();
     let tcp = TcpStream::connect(ws)
@@ -96,7 +108,14 @@ pub async fn connect(
             Box::new(c.connect(name, tcp).await.context("TLS handshake")?)
         }
     };
-    let q = filter.query();
+    let mut q = filter.query();
+    if let Some(since) = since {
+        q = if q.is_empty() {
+            format!("since={since}")
+        } else {
+            format!("{q}&since={since}")
+        };
+    }
     let sep = if q.is_empty() { "" } else { "&" };
     let req = format!(
         "GET /events?access_token={token}{sep}{q} HTTP/1.1\r\nHost: {ws}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -137,6 +156,12 @@ struct FrameCounter {
     sample: Option<Vec<u8>>,
     frames: u64,
     sample_every: u64,
+    /// Churn runs: read every frame's `seq` (from the payload's tail) to resume from it
+    /// and to count duplicates.
+    track_seq: bool,
+    tail: Vec<u8>,
+    last_seq: u64,
+    duplicates: u64,
 }
 
 const SAMPLE_BYTES: usize = 1024;
@@ -148,7 +173,7 @@ enum Seen {
 }
 
 impl FrameCounter {
-    fn new(sample_every: u64) -> Self {
+    fn new(sample_every: u64, track_seq: bool) -> Self {
         FrameCounter {
             head: [0; 10],
             head_len: 0,
@@ -157,6 +182,28 @@ impl FrameCounter {
             sample: None,
             frames: 0,
             sample_every: sample_every.max(1),
+            track_seq,
+            tail: Vec::new(),
+            last_seq: 0,
+            duplicates: 0,
+        }
+    }
+
+    /// A new connection starts at a frame boundary.
+    fn new_stream(&mut self) {
+        self.head_len = 0;
+        self.remaining = 0;
+        self.sample = None;
+        self.tail.clear();
+    }
+
+    fn keep_tail(&mut self, chunk: &[u8]) {
+        if self.track_seq {
+            self.tail
+                .extend_from_slice(&chunk[chunk.len().saturating_sub(32)..]);
+            if self.tail.len() > 64 {
+                self.tail.drain(..self.tail.len() - 32);
+            }
         }
     }
 
@@ -168,6 +215,7 @@ impl FrameCounter {
                     let room = SAMPLE_BYTES.saturating_sub(s.len());
                     s.extend_from_slice(&data[..k.min(room)]);
                 }
+                self.keep_tail(&data[..k]);
                 data = &data[k..];
                 self.remaining -= k as u64;
                 if self.remaining == 0 {
@@ -214,8 +262,28 @@ impl FrameCounter {
 
     fn finish(&mut self, on: &mut impl FnMut(Seen)) {
         let sample = self.sample.take();
+        let tail = std::mem::take(&mut self.tail);
         match self.opcode {
             0x1 => {
+                if self.track_seq {
+                    // The relay appends `"seq":N}` last; the baseline puts `seq` before
+                    // `session_id`/`timestamp`/`type`, so search the tail's last occurrence.
+                    let seq = memchr::memmem::rfind(&tail, b"\"seq\":").and_then(|i| {
+                        let digits: Vec<u8> = tail[i + 6..]
+                            .iter()
+                            .copied()
+                            .take_while(u8::is_ascii_digit)
+                            .collect();
+                        std::str::from_utf8(&digits).ok()?.parse::<u64>().ok()
+                    });
+                    if let Some(seq) = seq {
+                        if seq <= self.last_seq {
+                            self.duplicates += 1;
+                            return;
+                        }
+                        self.last_seq = seq;
+                    }
+                }
                 self.frames += 1;
                 on(Seen::Text(sample));
             }
@@ -243,19 +311,31 @@ fn sent_at(payload: &[u8]) -> Option<u64> {
         .ok()
 }
 
+/// How a subscriber reconnects when asked to (churn and storm runs).
+#[derive(Clone)]
+pub struct Reconnect {
+    pub ws: SocketAddr,
+    pub token: String,
+    pub filter: SubFilter,
+    pub tls: Option<tokio_rustls::TlsConnector>,
+}
+
 /// Reads one subscriber until it is closed or the run stops; returns the frames received
-/// and whether the server closed the stream.
+/// (duplicates excluded) and whether the server closed the stream. With `reconnect`, it
+/// drops its connection whenever `shared.churn[idx]` is raised and resumes with `since`.
 pub async fn subscribe(
     mut s: Box<dyn Stream>,
     leftover: Vec<u8>,
     shared: Arc<Shared>,
     sample_every: u64,
+    idx: usize,
+    reconnect: Option<Reconnect>,
 ) -> (u64, bool) {
-    let mut counter = FrameCounter::new(sample_every);
+    let mut counter = FrameCounter::new(sample_every, reconnect.is_some());
     let mut buf = vec![0u8; 64 * 1024];
     let mut closed = false;
     let handle = |data: &[u8], counter: &mut FrameCounter, closed: &mut bool| {
-        let before = counter.frames;
+        let before = (counter.frames, counter.duplicates);
         counter.feed(data, &mut |seen| match seen {
             Seen::Text(Some(p)) if shared.measuring.load(Relaxed) => {
                 if let Some(t) = sent_at(&p) {
@@ -276,29 +356,72 @@ pub async fn subscribe(
                 *closed = true;
             }
         });
-        let n = counter.frames - before;
+        let n = counter.frames - before.0;
+        shared
+            .duplicates
+            .fetch_add(counter.duplicates - before.1, Relaxed);
         if n > 0 {
             shared.delivered.fetch_add(n, Relaxed);
             shared.progress.notify_waiters();
         }
     };
     handle(&leftover, &mut counter, &mut closed);
-    while !closed && !shared.stop.load(Relaxed) {
-        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
+    loop {
+        let mut asked = false;
+        while !closed && !shared.stop.load(Relaxed) {
+            if reconnect.is_some() && shared.churn[idx].swap(false, Relaxed) {
+                asked = true;
+                break;
+            }
+            match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    *shared
+                        .closes
+                        .lock()
+                        .expect("closes lock")
+                        .entry(1006)
+                        .or_default() += 1;
+                    closed = true;
+                }
+                Ok(Ok(n)) => handle(&buf[..n], &mut counter, &mut closed),
+                Err(_) => {} // idle: re-check stop and churn
+            }
+        }
+        let Some(r) = reconnect.as_ref().filter(|_| asked) else {
+            return (counter.frames, closed);
+        };
+        drop(s);
+        match connect(
+            r.ws,
+            &r.token,
+            &r.filter,
+            r.tls.as_ref(),
+            Some(counter.last_seq),
+        )
+        .await
+        {
+            Ok((next, leftover, took)) => {
+                s = next;
+                counter.new_stream();
+                shared.reconnects.fetch_add(1, Relaxed);
+                let _ = shared
+                    .reconnect_latency
+                    .lock()
+                    .expect("latency lock")
+                    .record((took.as_micros() as u64).max(1));
+                handle(&leftover, &mut counter, &mut closed);
+            }
+            Err(_) => {
                 *shared
                     .closes
                     .lock()
                     .expect("closes lock")
-                    .entry(1006)
+                    .entry(0)
                     .or_default() += 1;
-                closed = true;
+                return (counter.frames, true);
             }
-            Ok(Ok(n)) => handle(&buf[..n], &mut counter, &mut closed),
-            Err(_) => {} // idle: re-check stop
         }
     }
-    (counter.frames, closed)
 }
 
 /// Publishes until `stop`: at `rate` events/s, or as fast as the window allows.
@@ -422,7 +545,7 @@ mod tests {
         }
         stream.extend(frame(&[0x0F, 0xA1, b'b'], 8));
         for chunk in [1, 5, 4096, stream.len()] {
-            let mut c = FrameCounter::new(4);
+            let mut c = FrameCounter::new(4, true);
             let mut samples = Vec::new();
             let mut close = None;
             for part in stream.chunks(chunk) {

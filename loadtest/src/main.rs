@@ -123,7 +123,7 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
         let pool = Arc::new(Pool::generate(sc, 4096)?);
         let filters = pool.filters(sc)?;
         let fanout = Arc::new(Fanout::new(&filters));
-        let shared = Shared::new();
+        let shared = Shared::new(filters.len());
         let published = Arc::new(Mutex::new(Published::default()));
         let rss_before = proc_sample(t.pid).map_or(0, |p| p.rss);
 
@@ -142,7 +142,7 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
                 (sem.clone(), f.clone(), t.token.clone(), t.ws, t.tls.clone());
             connecting.spawn(async move {
                 let _permit = sem.acquire_owned().await.expect("semaphore open");
-                (i, client::connect(ws, &token, &f, tls.as_ref()).await)
+                (i, client::connect(ws, &token, &f, tls.as_ref(), None).await)
             });
         }
         let mut conns = Vec::with_capacity(filters.len());
@@ -170,7 +170,18 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
         for (i, s, leftover) in conns {
             let sh = shared.clone();
             let every = sc.sample_every;
-            readers.spawn(async move { (i, client::subscribe(s, leftover, sh, every).await) });
+            let reconnect = (sc.churn > 0 || sc.storm).then(|| client::Reconnect {
+                ws: t.ws,
+                token: t.token.clone(),
+                filter: filters[i].clone(),
+                tls: t.tls.clone(),
+            });
+            readers.spawn(async move {
+                (
+                    i,
+                    client::subscribe(s, leftover, sh, every, i, reconnect).await,
+                )
+            });
         }
 
         if sc.idle {
@@ -228,11 +239,23 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
         let live = ProgressBar::new_spinner().with_prefix(label.clone());
         live.set_style(ProgressStyle::with_template("{prefix} {spinner} {msg}").expect("template"));
         let mut last = (d0, Instant::now());
+        let mut stormed = false;
+        let mut pick = 0x9e37_79b9_7f4a_7c15_u64;
         while m0.elapsed() < sc.duration {
             tokio::time::sleep(
                 Duration::from_secs(1).min(sc.duration.saturating_sub(m0.elapsed())),
             )
             .await;
+            if sc.storm && !stormed && m0.elapsed() >= sc.duration / 2 {
+                stormed = true;
+                shared.churn.iter().for_each(|f| f.store(true, Relaxed));
+            }
+            for _ in 0..sc.churn {
+                pick = pick
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                shared.churn[(pick >> 33) as usize % shared.churn.len()].store(true, Relaxed);
+            }
             let d = shared.delivered.load(Relaxed);
             let dt = last.1.elapsed().as_secs_f64().max(1e-9);
             let rate_now = (d - last.0) as f64 / dt;
@@ -302,6 +325,12 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
             .map(|v| (v.value_iterated_to(), v.quantile_iterated_to()))
             .collect();
         report.closes_by_code = shared.closes.lock().expect("closes lock").clone();
+        report.reconnects = shared.reconnects.load(Relaxed);
+        report.duplicates = shared.duplicates.load(Relaxed);
+        report.reconnect_p99_us = percentile(
+            &shared.reconnect_latency.lock().expect("latency lock"),
+            0.99,
+        );
         if let (Some(a), Some(b)) = (s0, s1) {
             report.server_cpu_s = b.cpu_s - a.cpu_s;
             report.server_cpu_pct = 100.0 * report.server_cpu_s / measured_s;

@@ -35,6 +35,11 @@ pub struct Report {
     pub latency_max_us: u64,
     pub latency_samples: u64,
     pub closes_by_code: BTreeMap<u16, u64>,
+    /// Churn and storm runs: reconnects made (each resuming with `since`), frames seen
+    /// twice, and the reconnect handshake's p99.
+    pub reconnects: u64,
+    pub duplicates: u64,
+    pub reconnect_p99_us: u64,
     /// Server CPU over the measured interval: seconds and share of one core.
     pub server_cpu_s: f64,
     pub server_cpu_pct: f64,
@@ -83,6 +88,12 @@ impl Report {
             self.handshake_p99_us,
             self.closes_by_code
         );
+        if self.reconnects > 0 {
+            s += &format!(
+                "\n  reconnects with since: {} (p99 {} µs), duplicates {}",
+                self.reconnects, self.reconnect_p99_us, self.duplicates
+            );
+        }
         if let Some(r) = self.rss_per_connection_bytes {
             s += &format!("\n  RSS per idle connection: {:.0} bytes", r);
         }

@@ -47,6 +47,12 @@ pub struct Scenario {
     /// Only connect the subscribers and measure the server's RSS per idle connection.
     #[arg(long)]
     pub idle: bool,
+    /// Subscribers per second that drop their connection and resume with `since`.
+    #[arg(long, default_value_t = 0)]
+    pub churn: usize,
+    /// Halfway through, every subscriber reconnects at once with `since` (reconnect storm).
+    #[arg(long)]
+    pub storm: bool,
     /// Client runtime threads (1 keeps the client to one core; the rest is the server's).
     #[arg(long, default_value_t = 1)]
     pub client_threads: usize,

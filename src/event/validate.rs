@@ -106,6 +106,19 @@ impl Validator {
 
     /// Validates one line (without its newline; surrounding whitespace allowed).
     pub fn validate(&mut self, line: &[u8]) -> Result<ValidEvent, LineError> {
+        // JSON never has raw control characters (other than whitespace) anywhere, and
+        // simd-json lets a NUL after a number through (found by the ingest_line fuzzer),
+        // so refuse them before parsing: subscribers must only ever get valid JSON.
+        if let Some(at) = line
+            .iter()
+            .position(|&b| b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n'))
+        {
+            return Err(LineError::InvalidJson(format!(
+                "control character 0x{:02x} at byte {}",
+                line[at],
+                at + 1
+            )));
+        }
         self.scratch.clear();
         self.scratch.extend_from_slice(line);
         let mut tape: Tape<'_> = self
@@ -383,6 +396,18 @@ mod tests {
             let err = check(line).expect_err(line).to_string();
             assert!(err.contains(want), "{line}\n  got:  {err}\n  want: {want}");
         }
+    }
+
+    #[test]
+    fn control_characters_are_refused_wherever_they_are() {
+        // A NUL after a number: simd-json alone accepts this (fuzzer finding).
+        let nul = b"{\"type\":\"health_alert\",\"agent\":null,\"data\":{\"component\":\"c\",\"severity\":\"s\",\"message\":\"m\",\"threshold\":\"t\",\"n\":12\0\0}}";
+        let err = Validator::new().validate(nul).unwrap_err().to_string();
+        assert!(err.contains("control character 0x00"), "{err}");
+        let raw_tab_in_string = b"{\"type\":\"health_alert\",\"agent\":null,\"data\":{\"component\":\"c\x01\",\"severity\":\"s\",\"message\":\"m\",\"threshold\":\"t\"}}";
+        assert!(Validator::new().validate(raw_tab_in_string).is_err());
+        let whitespace = b"{\"type\":\"health_alert\",\t\"agent\":null,\r\"data\":{\"component\":\"c\",\"severity\":\"s\",\"message\":\"m\",\"threshold\":\"t\"}}";
+        assert!(Validator::new().validate(whitespace).is_ok());
     }
 
     #[test]
