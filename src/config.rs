@@ -1,5 +1,6 @@
-//! `serve` settings: flags, `KRUX_*` environment variables (flags win), and the value
-//! syntaxes of the contract (`500ms`, `10s`, `2m`; `512`, `64KiB`, `16MiB`).
+//! `serve` settings: flags, `KRUX_*` environment variables, a TOML config file (flags win
+//! over the environment, which wins over the file), and the value syntaxes of the
+//! contract (`500ms`, `10s`, `2m`; `512`, `64KiB`, `16MiB`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +42,44 @@ pub fn default_data_dir() -> PathBuf {
         Some(h) => PathBuf::from(h).join(".local/share/krux-relay"),
         None => PathBuf::from(".krux-relay"),
     }
+}
+
+/// Loads a TOML config file into the `KRUX_*` environment variables that are not set yet,
+/// so that clap's usual precedence applies: flag, then environment, then file. `known`
+/// lists the environment names of the settings (from the `serve` command's arguments);
+/// a key outside it is an error, not silently ignored.
+///
+/// Keys are the flag names (`listen`, `ping-interval` or `ping_interval`, …); values are
+/// strings, numbers or booleans.
+pub fn load_config_file(path: &std::path::Path, known: &[String]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing config file {}", path.display()))?;
+    for (key, value) in table {
+        let env = format!("KRUX_{}", key.to_ascii_uppercase().replace('-', "_"));
+        anyhow::ensure!(
+            known.contains(&env),
+            "{}: unknown setting `{key}` (settings are serve's flag names, e.g. `listen`, `ping-interval`)",
+            path.display()
+        );
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => anyhow::bail!(
+                "{}: `{key}` must be a string, number or boolean, not {}",
+                path.display(),
+                other.type_str()
+            ),
+        };
+        if std::env::var_os(&env).is_none() {
+            std::env::set_var(&env, text);
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Args)]

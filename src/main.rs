@@ -18,6 +18,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(flatten)]
     data_dir: DataDirArg,
+    /// TOML file of serve settings (flag names as keys); flags and KRUX_* variables win.
+    // Read by `load_config` before parsing; declared here for --help and validation.
+    #[arg(long = "config", env = "KRUX_CONFIG", global = true)]
+    _config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +44,31 @@ enum Command {
     Tail(cli::tail::TailArgs),
 }
 
+/// Finds `--config FILE` (or `KRUX_CONFIG`) ahead of parsing, and loads it.
+fn load_config() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let from_flag = args
+        .iter()
+        .enumerate()
+        .find_map(|(i, a)| match a.strip_prefix("--config") {
+            Some("") => args.get(i + 1).cloned(),
+            Some(rest) => rest.strip_prefix('=').map(str::to_string),
+            None => None,
+        });
+    let Some(path) = from_flag.or_else(|| std::env::var("KRUX_CONFIG").ok()) else {
+        return Ok(());
+    };
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let serve = cmd.find_subcommand("serve").expect("serve is a subcommand");
+    let mut known: Vec<String> = serve
+        .get_arguments()
+        .chain(cmd.get_arguments())
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect();
+    known.retain(|k| k != "KRUX_CONFIG");
+    krux_relay::config::load_config_file(std::path::Path::new(&path), &known)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -48,6 +77,11 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // The config file feeds the environment before clap reads it (flag > env > file).
+    if let Err(e) = load_config() {
+        eprintln!("krux-relay: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let args = Cli::parse();
     let data_dir = args.data_dir.resolve();
     let result = match args.command {
