@@ -424,6 +424,28 @@ pub async fn subscribe(
     }
 }
 
+/// Reads a stalled subscriber to its end: the close code the server sent (0 if the
+/// stream ended without one, e.g. shut because even the close could not be written).
+pub async fn final_close(mut s: Box<dyn Stream>) -> u16 {
+    let mut counter = FrameCounter::new(u64::MAX, false);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut code = 0;
+    let read_all = async {
+        while code == 0 {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => counter.feed(&buf[..n], &mut |seen| {
+                    if let Seen::Close(c) = seen {
+                        code = c;
+                    }
+                }),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(30), read_all).await;
+    code
+}
+
 /// Publishes until `stop`: at `rate` events/s, or as fast as the window allows.
 #[allow(clippy::too_many_arguments)]
 pub async fn publish(

@@ -166,6 +166,21 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
             ..Report::default()
         };
 
+        // Stalled subscribers: connected, then never read (until the end, to see how the
+        // server closed them). Their traffic is not counted.
+        let mut stalled = Vec::new();
+        for _ in 0..sc.stalled {
+            let (s, _, _) = client::connect(
+                t.ws,
+                &t.token,
+                &scenario::SubFilter::All,
+                t.tls.as_ref(),
+                None,
+            )
+            .await?;
+            stalled.push(s);
+        }
+
         let mut readers = tokio::task::JoinSet::new();
         for (i, s, leftover) in conns {
             let sh = shared.clone();
@@ -305,6 +320,11 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
             if !closed && frames < want {
                 lost += want - frames;
             }
+        }
+
+        for s in stalled {
+            let code = client::final_close(s).await;
+            *report.stalled_closes.entry(code).or_default() += 1;
         }
 
         let lat = shared.latency.lock().expect("latency lock");

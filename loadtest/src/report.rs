@@ -38,6 +38,8 @@ pub struct Report {
     /// Churn and storm runs: reconnects made (each resuming with `since`), frames seen
     /// twice, and the reconnect handshake's p99.
     pub reconnects: u64,
+    /// How the server ended each `--stalled` subscriber (close code; 0: no close frame).
+    pub stalled_closes: BTreeMap<u16, u64>,
     pub duplicates: u64,
     pub reconnect_p99_us: u64,
     /// Server CPU over the measured interval: seconds and share of one core.
@@ -92,6 +94,12 @@ impl Report {
             s += &format!(
                 "\n  reconnects with since: {} (p99 {} µs), duplicates {}",
                 self.reconnects, self.reconnect_p99_us, self.duplicates
+            );
+        }
+        if !self.stalled_closes.is_empty() {
+            s += &format!(
+                "\n  stalled subscribers ended with: {:?}",
+                self.stalled_closes
             );
         }
         if let Some(r) = self.rss_per_connection_bytes {

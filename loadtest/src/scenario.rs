@@ -50,6 +50,9 @@ pub struct Scenario {
     /// Subscribers per second that drop their connection and resume with `since`.
     #[arg(long, default_value_t = 0)]
     pub churn: usize,
+    /// Extra subscribers that never read (isolation: the others must not notice them).
+    #[arg(long, default_value_t = 0)]
+    pub stalled: usize,
     /// Halfway through, every subscriber reconnects at once with `since` (reconnect storm).
     #[arg(long)]
     pub storm: bool,
