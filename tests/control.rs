@@ -9,28 +9,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-/// A raw upgraded connection: (socket, bytes already read after the 101 head).
-async fn raw_subscriber(relay: &Relay) -> TcpStream {
-    let mut s = TcpStream::connect(relay.ws).await.unwrap();
-    let req = upgrade_request(
-        "/events",
-        &format!("Authorization: Bearer {}\r\n", relay.token),
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    s
-}
-
 /// Reads one server frame: (opcode, payload).
 async fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
     let mut h = [0u8; 2];
@@ -82,7 +60,7 @@ async fn ping_gets_pong_and_data_frames_are_ignored() {
 #[tokio::test]
 async fn close_is_answered_with_the_same_code() {
     let relay = Relay::start().await;
-    let mut s = raw_subscriber(&relay).await;
+    let mut s = raw_subscribe(&relay, "", None).await;
     s.write_all(&masked(0x88, &[0x03, 0xE8, b'b', b'y', b'e']))
         .await
         .unwrap();
@@ -114,7 +92,7 @@ async fn protocol_violations_close_with_rfc_codes() {
         (masked(0x88, &[0x03, 0xE8, 0xC3, 0x28]), 1007), // close reason not UTF-8
     ];
     for (bytes, code) in cases {
-        let mut s = raw_subscriber(&relay).await;
+        let mut s = raw_subscribe(&relay, "", None).await;
         s.write_all(&bytes).await.unwrap();
         let (op, payload) = read_frame(&mut s).await;
         assert_eq!(op, 0x8, "{bytes:02x?}");

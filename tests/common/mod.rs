@@ -57,24 +57,18 @@ impl Relay {
     }
 
     pub async fn start_with(extra: &[&str]) -> Relay {
-        let dir = tempfile::tempdir().unwrap();
-        let token = create_token(dir.path(), "test");
-        let (child, ws, ingest, admin) = spawn_relay(dir.path(), extra, false).await;
-        Relay {
-            ws,
-            ingest,
-            admin,
-            token,
-            child,
-            dir,
-        }
+        Self::launch(extra, false).await
     }
 
     /// Like `start_with`, logging at debug level into `<data dir>/relay.log`.
     pub async fn start_logged(extra: &[&str]) -> Relay {
+        Self::launch(extra, true).await
+    }
+
+    async fn launch(extra: &[&str], debug_log: bool) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let token = create_token(dir.path(), "test");
-        let (child, ws, ingest, admin) = spawn_relay(dir.path(), extra, true).await;
+        let (child, ws, ingest, admin) = spawn_relay(dir.path(), extra, debug_log).await;
         Relay {
             ws,
             ingest,

@@ -10,11 +10,12 @@
 //! What it leaves out (not on the measured path): durable `seq`, replay, keepalive pings,
 //! the admin port, TLS.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use krux_relay::auth::LiveCredentials;
@@ -23,7 +24,7 @@ use krux_relay::filter::Filter;
 use krux_relay::proto::handshake::{is_agent_token, parse_subscription, query_pairs};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -76,16 +77,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tx,
         credentials,
     });
-    let ws = TcpListener::bind(args.listen).await?;
-    let ingest = TcpListener::bind(args.ingest).await?;
-    if let Some(path) = &args.ready_file {
-        let body = serde_json::json!({
-            "ws": ws.local_addr()?.to_string(),
-            "ingest": ingest.local_addr()?.to_string(),
-            "pid": std::process::id(),
-        });
-        std::fs::write(path, body.to_string()).context("writing the ready file")?;
-    }
+    let (ws, ingest) = common::bind(args.listen, args.ingest, args.ready_file.as_deref()).await?;
     let h = hub.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = ingest.accept().await {

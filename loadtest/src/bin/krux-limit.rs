@@ -3,16 +3,17 @@
 //! socket with one writev per socket per batch. It approximates what this machine can do
 //! at all, so a report can say how close the relay gets.
 
+mod common;
+
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 
 #[derive(Parser)]
@@ -36,16 +37,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let ws = TcpListener::bind(args.listen).await?;
-    let ingest = TcpListener::bind(args.ingest).await?;
-    if let Some(path) = &args.ready_file {
-        let body = serde_json::json!({
-            "ws": ws.local_addr()?.to_string(),
-            "ingest": ingest.local_addr()?.to_string(),
-            "pid": std::process::id(),
-        });
-        std::fs::write(path, body.to_string()).context("writing the ready file")?;
-    }
+    let (ws, ingest) = common::bind(args.listen, args.ingest, args.ready_file.as_deref()).await?;
     let (tx, _) = broadcast::channel::<Batch>(65_536);
     let seq = Arc::new(std::sync::Mutex::new(0u64));
     let t = tx.clone();
