@@ -85,9 +85,12 @@ async fn protocol_violations_close_with_rfc_codes() {
         f.extend_from_slice(&[0; 4]);
         f
     };
-    let cases: [(Vec<u8>, u16); 4] = [
+    let cases: [(Vec<u8>, u16); 7] = [
         (vec![0x89, 0x00], 1002),                        // unmasked
         (masked(0x89 | 0x40, b""), 1002),                // reserved bit
+        (masked(0x09, b"x"), 1002),                      // fragmented control frame
+        (masked(0x83, b""), 1002),                       // unknown opcode
+        (masked(0x88, &[0x03, 0xED]), 1002),             // close code 1005 may not be sent
         (oversized, 1009),                               // over --max-frame
         (masked(0x88, &[0x03, 0xE8, 0xC3, 0x28]), 1007), // close reason not UTF-8
     ];
