@@ -78,10 +78,11 @@ fn enqueue_fanout(c: &mut Criterion) {
         let mut outs: Vec<Outbox> = (0..1000).map(|_| Outbox::new(usize::MAX, 0)).collect();
         let mut seq = 0u64;
         let mut batch = Vec::new();
+        let at = std::time::Instant::now();
         b.iter(|| {
             seq += 1;
             for o in outs.iter_mut() {
-                o.push_event(&frame, seq);
+                o.push_event(&frame, seq, at);
             }
             // Drain so that queues stay short, as writers keep them in the relay.
             if seq.is_multiple_of(64) {

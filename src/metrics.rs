@@ -6,6 +6,11 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use crate::event::EventType;
 
+/// Upper bounds (µs) of the ingest→write latency histogram's buckets (+Inf follows).
+const LATENCY_BUCKETS_US: [u64; 13] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
 /// HTTP statuses a handshake can end with, in the order they are rendered.
 const STATUSES: [u16; 11] = [101, 200, 400, 401, 403, 404, 405, 408, 426, 431, 503];
 
@@ -13,6 +18,11 @@ const STATUSES: [u16; 11] = [101, 200, 400, 401, 403, 404, 405, 408, 426, 431, 5
 pub struct Metrics {
     /// Open subscribers per reactor (shows how SO_REUSEPORT spread them).
     reactor_subscribers: Vec<AtomicI64>,
+    /// Bytes queued for subscribers and not yet written, per reactor (sampled 4×/s).
+    reactor_queued: Vec<AtomicI64>,
+    /// Ingest→write latency: per-bucket counts (not cumulative; the last is +Inf), sum, count.
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    latency_sum_us: AtomicU64,
     events_in: [AtomicU64; 11],
     pub events_rejected: AtomicU64,
     pub frames_out: AtomicU64,
@@ -27,6 +37,7 @@ impl Metrics {
     pub fn new(reactors: usize) -> Metrics {
         Metrics {
             reactor_subscribers: (0..reactors).map(|_| AtomicI64::new(0)).collect(),
+            reactor_queued: (0..reactors).map(|_| AtomicI64::new(0)).collect(),
             ..Metrics::default()
         }
     }
@@ -41,6 +52,23 @@ impl Metrics {
 
     pub fn event_in(&self, t: EventType) {
         self.events_in[t.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn set_reactor_queued(&self, r: usize, bytes: usize) {
+        if let Some(g) = self.reactor_queued.get(r) {
+            g.store(bytes as i64, Relaxed);
+        }
+    }
+
+    /// One gathered write completed: its oldest event frame was accepted `d` ago.
+    pub fn observe_ingest_to_write(&self, d: std::time::Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        let i = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency_buckets[i].fetch_add(1, Relaxed);
+        self.latency_sum_us.fetch_add(us, Relaxed);
     }
 
     pub fn events_in_total(&self) -> u64 {
@@ -116,6 +144,32 @@ impl Metrics {
                 g.load(Relaxed)
             );
         }
+        let _ = writeln!(out, "# HELP krux_reactor_queued_bytes Bytes queued for subscribers and not yet written, per reactor.\n# TYPE krux_reactor_queued_bytes gauge");
+        for (i, g) in self.reactor_queued.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "krux_reactor_queued_bytes{{reactor=\"{i}\"}} {}",
+                g.load(Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP krux_ingest_to_write_seconds From ingest acceptance to the kernel taking the write, for the oldest event frame of each gathered write.\n# TYPE krux_ingest_to_write_seconds histogram");
+        let mut cumulative = 0;
+        for (i, c) in self.latency_buckets.iter().enumerate() {
+            cumulative += c.load(Relaxed);
+            let le = LATENCY_BUCKETS_US
+                .get(i)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(
+                out,
+                "krux_ingest_to_write_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "krux_ingest_to_write_seconds_sum {}",
+            self.latency_sum_us.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "krux_ingest_to_write_seconds_count {cumulative}");
         let _ = writeln!(out, "# HELP krux_handshakes_total Handshake results on port 7701, by HTTP status.\n# TYPE krux_handshakes_total counter");
         for (i, s) in STATUSES.iter().enumerate() {
             let _ = writeln!(
@@ -143,6 +197,18 @@ mod tests {
         assert!(text.contains("krux_handshakes_total{status=\"401\"} 1"));
         assert!(text.contains("krux_reactor_subscribers{reactor=\"1\"} 1"));
         assert!(text.contains("krux_subscribers 1"));
+        m.observe_ingest_to_write(std::time::Duration::from_micros(300));
+        m.observe_ingest_to_write(std::time::Duration::from_secs(5));
+        m.set_reactor_queued(0, 1234);
+        let text = m.render();
+        assert!(
+            text.contains("krux_ingest_to_write_seconds_bucket{le=\"0.00025\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("krux_ingest_to_write_seconds_bucket{le=\"0.0005\"} 1"));
+        assert!(text.contains("krux_ingest_to_write_seconds_bucket{le=\"+Inf\"} 2"));
+        assert!(text.contains("krux_ingest_to_write_seconds_count 2"));
+        assert!(text.contains("krux_reactor_queued_bytes{reactor=\"0\"} 1234"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("krux_"), "{line}");
         }

@@ -26,6 +26,8 @@ pub struct Entry {
     /// The complete WebSocket text frame, shared by every subscriber that gets it.
     pub frame: Bytes,
     pub keys: FilterKeys,
+    /// When the ingest accepted the event (for the ingest→write latency metric).
+    pub accepted_at: std::time::Instant,
 }
 
 /// What a reader finds at a given `seq`.
@@ -178,6 +180,7 @@ mod tests {
     fn entry(seq: u64) -> Entry {
         Entry {
             seq,
+            accepted_at: std::time::Instant::now(),
             frame: Bytes::from(seq.to_string()),
             keys: FilterKeys {
                 etype: EventType::HealthAlert,

@@ -77,6 +77,7 @@ impl Pipeline {
         self.metrics.event_in(valid.keys.etype);
         self.producer.publish(Entry {
             seq,
+            accepted_at: std::time::Instant::now(),
             frame,
             keys: valid.keys,
         });

@@ -209,7 +209,7 @@ impl Reactor {
                 match ring.get(seq) {
                     Slot::Ready(e) => {
                         if filter.matches(&e.keys) {
-                            out.push_event(&e.frame, e.seq);
+                            out.push_event(&e.frame, e.seq, e.accepted_at);
                         }
                     }
                     // Overwritten before it could be replayed: never skip silently.
@@ -254,7 +254,7 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
                         index.for_each_match(&e.keys, |id| {
                             let mut out = subs[id].out.borrow_mut();
                             let was_open = out.state() == OutState::Open;
-                            let queued = out.push_event(&e.frame, e.seq);
+                            let queued = out.push_event(&e.frame, e.seq, e.accepted_at);
                             if was_open && out.state() != OutState::Open {
                                 reactor
                                     .shared
@@ -326,6 +326,8 @@ async fn housekeeping(reactor: Rc<Reactor>) {
             }
         }
 
+        let queued: usize = subs.iter().map(|(_, sub)| sub.out.borrow().unsent()).sum();
+        shared.metrics.set_reactor_queued(reactor.id, queued);
         for (_, sub) in subs.iter() {
             if sub.out.borrow().state() != OutState::Open {
                 let since = *sub.closing_since.get().get_or_insert(now);

@@ -2,6 +2,7 @@
 //! the byte bound that detects a slow consumer, and the close sequence.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -30,6 +31,9 @@ pub struct Outbox {
     state: OutState,
     /// Already in the reactor's list of outboxes to wake this round.
     pub dirty: bool,
+    /// When the ingest accepted the oldest queued event frame (an upper bound once part of
+    /// the queue has been taken), for the ingest→write latency metric.
+    oldest_at: Option<Instant>,
 }
 
 impl Outbox {
@@ -43,6 +47,7 @@ impl Outbox {
             last_seq,
             state: OutState::Open,
             dirty: false,
+            oldest_at: None,
         }
     }
 
@@ -61,7 +66,7 @@ impl Outbox {
     /// Queues an event frame (a refcount bump, no copy). Frames at or below the resume
     /// point are skipped. Returns whether the writer has something new to do. Past the
     /// byte bound, the subscriber is closed as a slow consumer instead.
-    pub fn push_event(&mut self, frame: &Bytes, seq: u64) -> bool {
+    pub fn push_event(&mut self, frame: &Bytes, seq: u64, accepted_at: Instant) -> bool {
         if self.state != OutState::Open || seq <= self.last_seq {
             return false;
         }
@@ -72,6 +77,7 @@ impl Outbox {
         self.unsent += frame.len();
         self.frames.push_back(frame.clone());
         self.last_seq = seq;
+        self.oldest_at.get_or_insert(accepted_at);
         true
     }
 
@@ -99,11 +105,17 @@ impl Outbox {
     }
 
     /// Moves up to `MAX_IOV - batch.len()` queued frames into `batch` for one writev.
-    pub fn take_batch(&mut self, batch: &mut Vec<Bytes>) {
+    /// Returns when the oldest event frame taken was accepted by the ingest, if any was.
+    pub fn take_batch(&mut self, batch: &mut Vec<Bytes>) -> Option<Instant> {
         let n = self.frames.len().min(MAX_IOV.saturating_sub(batch.len()));
         batch.extend(self.frames.drain(..n));
         if self.frames.is_empty() && self.state == OutState::Closing {
             self.state = OutState::CloseTaken;
+        }
+        if self.frames.is_empty() {
+            self.oldest_at.take()
+        } else {
+            self.oldest_at
         }
     }
 
@@ -117,6 +129,10 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn now() -> Instant {
+        Instant::now()
+    }
+
     fn f(n: usize) -> Bytes {
         Bytes::from(vec![b'x'; n])
     }
@@ -125,14 +141,17 @@ mod tests {
     fn queues_shared_handles_in_order() {
         let mut o = Outbox::new(1000, 0);
         let a = f(10);
-        assert!(o.push_event(&a, 1));
-        assert!(o.push_event(&f(20), 2));
+        assert!(o.push_event(&a, 1, now()));
+        assert!(o.push_event(&f(20), 2, now()));
         assert!(
-            !o.push_event(&f(20), 2),
+            !o.push_event(&f(20), 2, now()),
             "duplicates below the resume point are skipped"
         );
         let mut batch = Vec::new();
-        o.take_batch(&mut batch);
+        assert!(
+            o.take_batch(&mut batch).is_some(),
+            "event frames carry their ingest time"
+        );
         assert_eq!(batch.len(), 2);
         assert_eq!(batch[0].as_ptr(), a.as_ptr(), "the same bytes, not a copy");
         assert_eq!(o.unsent(), 30);
@@ -143,13 +162,13 @@ mod tests {
     #[test]
     fn overflow_closes_with_resume_point() {
         let mut o = Outbox::new(100, 41);
-        assert!(o.push_event(&f(60), 42));
+        assert!(o.push_event(&f(60), 42, now()));
         assert!(
-            o.push_event(&f(60), 43),
+            o.push_event(&f(60), 43, now()),
             "over the bound: the close is what gets queued"
         );
         assert_eq!(o.state(), OutState::Closing);
-        assert!(!o.push_event(&f(1), 44));
+        assert!(!o.push_event(&f(1), 44, now()));
         assert!(!o.push_control(f(1)));
         let mut batch = Vec::new();
         o.take_batch(&mut batch);
@@ -165,7 +184,7 @@ mod tests {
         let mut o = Outbox::new(usize::MAX, 0);
         let fr = f(1);
         for s in 1..=(MAX_IOV as u64 + 5) {
-            o.push_event(&fr, s);
+            o.push_event(&fr, s, now());
         }
         let mut batch = vec![f(1)];
         o.take_batch(&mut batch);

@@ -279,6 +279,8 @@ async fn read_loop<C: Conn>(sub: &Subscriber, conn: &C, leftover: Vec<u8>, max_f
 async fn write_loop<C: Conn>(reactor: Rc<Reactor>, id: usize, sub: Rc<Subscriber>, conn: Rc<C>) {
     let metrics = &reactor.shared.metrics;
     let mut batch: Vec<Bytes> = Vec::new();
+    // Ingest time of the oldest event frame in `batch` (kept across a partial write).
+    let mut oldest_at = None;
     loop {
         if sub.gone.get() {
             return;
@@ -286,7 +288,8 @@ async fn write_loop<C: Conn>(reactor: Rc<Reactor>, id: usize, sub: Rc<Subscriber
         let replaying = reactor.replay_step(id, &sub);
         let state = {
             let mut out = sub.out.borrow_mut();
-            out.take_batch(&mut batch);
+            let taken_at = out.take_batch(&mut batch);
+            oldest_at = oldest_at.or(taken_at);
             out.state()
         };
         if batch.is_empty() {
@@ -311,6 +314,11 @@ async fn write_loop<C: Conn>(reactor: Rc<Reactor>, id: usize, sub: Rc<Subscriber
                 metrics
                     .frames_out
                     .fetch_add((frames - rest.len()) as u64, Relaxed);
+                if rest.is_empty() {
+                    if let Some(at) = oldest_at.take() {
+                        metrics.observe_ingest_to_write(at.elapsed());
+                    }
+                }
                 batch = rest;
             }
             _ => {
