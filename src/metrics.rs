@@ -71,10 +71,6 @@ impl Metrics {
         self.latency_sum_us.fetch_add(us, Relaxed);
     }
 
-    pub fn events_in_total(&self) -> u64 {
-        self.events_in.iter().map(|c| c.load(Relaxed)).sum()
-    }
-
     pub fn handshake(&self, status: u16) {
         if let Some(i) = STATUSES.iter().position(|&s| s == status) {
             self.handshakes[i].fetch_add(1, Relaxed);
