@@ -106,7 +106,7 @@ async fn connection_cap_answers_503_with_retry_after() {
 
 #[tokio::test]
 async fn keepalive_drops_silent_peers_and_keeps_answering_ones() {
-    let relay = Relay::start_with(&["--ping-interval", "300ms", "--read-timeout", "400ms"]).await;
+    let relay = Relay::start_with(&["--ping-interval", "300ms", "--read-timeout", "1s"]).await;
     // A peer that reads but never answers pings (a hung tool, or a half-open connection).
     let mut silent = raw_subscribe(&relay, "", None).await;
     // A normal client: tungstenite answers pings as long as it keeps reading.
