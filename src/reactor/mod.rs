@@ -309,8 +309,11 @@ async fn housekeeping(reactor: Rc<Reactor>) {
     let shared = reactor.shared.clone();
     let tick = Duration::from_millis(250);
     let mut seen_generation = shared.credentials.generation();
+    // Recent ping times: a subscriber is dropped once the first ping it has not answered
+    // (the first after it was last heard from) is `read_timeout` old, however short the
+    // ping interval.
+    let mut pings: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
     let mut last_ping = Instant::now();
-    let mut ping_pending = false;
     loop {
         tokio::time::sleep(tick).await;
         let now = Instant::now();
@@ -339,18 +342,22 @@ async fn housekeeping(reactor: Rc<Reactor>) {
             }
         }
 
-        if ping_pending && now.duration_since(last_ping) >= shared.read_timeout {
-            ping_pending = false;
-            for (_, sub) in subs.iter() {
-                if sub.last_heard.get() < last_ping {
-                    // Silent since the ping: a half-open or hung peer.
+        let keep = shared.read_timeout + shared.ping_interval + Duration::from_secs(1);
+        while pings.front().is_some_and(|&p| now.duration_since(p) > keep) {
+            pings.pop_front();
+        }
+        for (_, sub) in subs.iter() {
+            let heard = sub.last_heard.get();
+            if let Some(&unanswered) = pings.iter().find(|&&p| p > heard) {
+                if now.duration_since(unanswered) >= shared.read_timeout {
+                    // Silent since a ping: a half-open or hung peer.
                     sub.close(close_code::GOING_AWAY, "no pong within the read timeout");
                 }
             }
         }
         if now.duration_since(last_ping) >= shared.ping_interval {
             last_ping = now;
-            ping_pending = true;
+            pings.push_back(now);
             let ping = frame::ping_frame(b"");
             for (_, sub) in subs.iter() {
                 if sub.out.borrow_mut().push_control(ping.clone()) {
