@@ -55,8 +55,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "krux-relay demo: {} agents publishing ~{} events/s",
         args.agents, args.rate
     );
+    // With TLS flags the endpoints are wss:// and tail must trust the certificate.
+    let (ws, http, trust) = if args.serve.tls_self_signed || args.serve.tls_cert.is_some() {
+        let ca = args
+            .serve
+            .tls_cert
+            .clone()
+            .unwrap_or_else(|| dir.0.join("tls-self-signed.pem"));
+        ("wss", "https", format!(" --ca-cert {}", ca.display()))
+    } else {
+        ("ws", "http", String::new())
+    };
     println!(
-        "  subscribers: ws://{}/events   ingest: {}   admin: http://{}/metrics",
+        "  subscribers: {ws}://{}/events   ingest: {}   admin: http://{}/metrics",
         addrs.ws, addrs.ingest, addrs.admin
     );
     println!(
@@ -64,11 +75,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         server.io, server.reactors
     );
     println!("  user token: {token}");
-    println!("  dashboard:  http://{}/?access_token={token}", addrs.ws);
+    println!("  dashboard:  {http}://{}/?access_token={token}", addrs.ws);
     println!("\nWatch the stream (in another terminal):");
-    println!("  {exe} tail --url ws://{} --token {token}", addrs.ws);
     println!(
-        "  {exe} tail --url ws://{} --token {token} --type policy_violation,approval_requested",
+        "  {exe} tail --url {ws}://{}{trust} --token {token}",
+        addrs.ws
+    );
+    println!(
+        "  {exe} tail --url {ws}://{}{trust} --token {token} --type policy_violation,approval_requested",
         addrs.ws
     );
     println!("\nCtrl-C stops the demo.");
