@@ -31,9 +31,9 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
     let (req, leftover) = match head {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return, // closed before sending a request
-        Ok(Err(resp)) => return refuse(&*conn, &shared, resp).await,
+        Ok(Err(resp)) => return answer_and_close(&*conn, &shared, resp).await,
         Err(_) => {
-            return refuse(
+            return answer_and_close(
                 &*conn,
                 &shared,
                 Response::text(408, "The request head took too long to arrive."),
@@ -48,7 +48,7 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
         .into_iter()
         .find(|(k, _)| k == "passphrase")
     {
-        Some((_, p)) if req.path == "/events" && !p.is_empty() => {
+        Some((_, p)) if req.path == "/events" && req.upgrade_websocket && !p.is_empty() => {
             Some(check_passphrase(&shared, p.into_owned(), peer).await)
         }
         _ => None,
@@ -73,8 +73,10 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
     );
     let up = match decision {
         Decision::Upgrade(up) => up,
-        Decision::Refuse(resp) => return refuse(&*conn, &shared, resp).await,
-        Decision::Dashboard => return refuse(&*conn, &shared, Response::html(DASHBOARD)).await,
+        Decision::Refuse(resp) => return answer_and_close(&*conn, &shared, resp).await,
+        Decision::Dashboard => {
+            return answer_and_close(&*conn, &shared, Response::html(DASHBOARD)).await
+        }
     };
     drop(req);
 
@@ -214,9 +216,10 @@ async fn read_head<C: Conn>(conn: &C) -> Result<Option<(Request, Vec<u8>)>, Resp
     }
 }
 
-async fn refuse<C: Conn>(conn: &C, shared: &Shared, resp: Response) {
+/// Writes a complete HTTP response (a refusal, or the dashboard page) and ends the connection.
+async fn answer_and_close<C: Conn>(conn: &C, shared: &Shared, resp: Response) {
     shared.metrics.handshake(resp.status);
-    tracing::debug!(status = resp.status, "handshake refused");
+    tracing::debug!(status = resp.status, "answered without an upgrade");
     let _ = write_all(conn, Bytes::from(resp.to_bytes())).await;
     conn.shutdown(Shutdown::Write);
     // Let the client read the answer before the socket goes; a short, bounded wait.
