@@ -205,6 +205,11 @@ impl Reactor {
                 .as_ref()
                 .expect("a replaying subscriber keeps its filter");
             let mut out = sub.out.borrow_mut();
+            if out.state() != OutState::Open {
+                // Closing (revoked, shutting down, protocol error): nothing more to replay.
+                sub.replay_next.set(None);
+                return false;
+            }
             while seq < stop && out.unsent() < budget {
                 match ring.get(seq) {
                     Slot::Ready(e) => {
