@@ -1,7 +1,6 @@
 //! wss:// with the relay's self-signed certificate trusted by the client.
 
 mod common;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -10,20 +9,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 fn client_trusting(pem: &std::path::Path) -> tokio_tungstenite::Connector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(pem).unwrap(),
-    )) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tokio_tungstenite::Connector::Rustls(Arc::new(cfg))
+    tokio_tungstenite::Connector::Rustls(krux_relay::io::tls::client_config_trusting(pem).unwrap())
 }
 
 #[tokio::test]

@@ -63,18 +63,9 @@ pub struct TargetArgs {
 
 /// A TLS connector trusting exactly the certificates in `pem`.
 fn tls_connector(pem: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
-    let mut roots = rustls::RootCertStore::empty();
-    let file = std::fs::File::open(pem).with_context(|| format!("opening {}", pem.display()))?;
-    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
-        roots.add(cert?)?;
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
+    Ok(tokio_rustls::TlsConnector::from(
+        krux_relay::io::tls::client_config_trusting(pem)?,
     ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)))
 }
 
 /// A server ready for traffic.

@@ -45,22 +45,11 @@ pub struct TailArgs {
     pub ca_cert: Option<std::path::PathBuf>,
 }
 
-/// A rustls client config trusting exactly the certificates in `pem`.
+/// A connector trusting exactly the certificates in `pem`.
 fn connector(pem: &std::path::Path) -> anyhow::Result<tokio_tungstenite::Connector> {
-    let mut roots = rustls::RootCertStore::empty();
-    let file = std::fs::File::open(pem).with_context(|| format!("opening {}", pem.display()))?;
-    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
-        roots.add(cert.with_context(|| format!("reading {}", pem.display()))?)?;
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
+    Ok(tokio_tungstenite::Connector::Rustls(
+        crate::io::tls::client_config_trusting(pem)?,
     ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
-        cfg,
-    )))
 }
 
 fn events_url(args: &TailArgs, since: Option<u64>) -> String {

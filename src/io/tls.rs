@@ -51,6 +51,23 @@ pub fn self_signed(cert_out: &Path) -> anyhow::Result<(Arc<rustls::ServerConfig>
     Ok((build(vec![der], key)?, fingerprint))
 }
 
+/// A client config trusting exactly the certificates in `pem` (a CA, or the relay's
+/// self-signed certificate): what `tail --ca-cert`, the load client and the tests use.
+pub fn client_config_trusting(pem: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    let file = std::fs::File::open(pem).with_context(|| format!("opening {}", pem.display()))?;
+    for cert in rustls_pemfile::certs(&mut io::BufReader::new(file)) {
+        roots.add(cert.with_context(|| format!("reading {}", pem.display()))?)?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
 /// `AB:CD:…` SHA-256 of a DER certificate, as browsers show it.
 pub fn fingerprint(der: &[u8]) -> String {
     use sha2::Digest;

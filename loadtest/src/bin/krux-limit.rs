@@ -29,11 +29,7 @@ struct Args {
 type Batch = Arc<Vec<Bytes>>;
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(run(args))
+    common::block_on(run(Args::parse()))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

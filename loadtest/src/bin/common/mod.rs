@@ -7,6 +7,16 @@ use std::path::Path;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+/// Runs a server on a multi-threaded tokio runtime (a tokio service's default shape).
+pub fn block_on(
+    server: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(server)
+}
+
 /// Binds the WebSocket and ingest listeners and, if asked, writes the ready file.
 pub async fn bind(
     ws: SocketAddr,
