@@ -119,6 +119,9 @@ pub struct ServeConfig {
     pub ping_interval: Duration,
     #[arg(long, env = "KRUX_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub read_timeout: Duration,
+    /// Time a client has to complete its TLS handshake and send its request head.
+    #[arg(long, env = "KRUX_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
     /// Largest inbound frame, and largest published line.
     #[arg(long, env = "KRUX_MAX_FRAME", default_value = "16MiB", value_parser = parse_size)]
     pub max_frame: usize,

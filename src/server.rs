@@ -191,7 +191,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         max_connections: cfg.max_connections,
         ping_interval: cfg.ping_interval,
         read_timeout: cfg.read_timeout,
-        handshake_timeout: Duration::from_secs(10),
+        handshake_timeout: cfg.handshake_timeout,
         credentials,
         metrics: metrics.clone(),
         connections: AtomicUsize::new(0),

@@ -162,3 +162,29 @@ async fn secrets_stay_out_of_logs_and_metrics() {
         assert!(!metrics.contains(secret), "metrics leak {secret}");
     }
 }
+
+#[tokio::test]
+async fn slow_and_oversized_request_heads_are_cut_off() {
+    let relay = Relay::start_with(&["--handshake-timeout", "500ms"]).await;
+    // Slowloris: half a head, then nothing.
+    let mut s = tokio::net::TcpStream::connect(relay.ws).await.unwrap();
+    s.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = String::new();
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // A head over 8 KiB.
+    let big = format!(
+        "GET /events HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(9000)
+    );
+    let (status, _, body) = raw_http(relay.ws, &big).await;
+    assert_eq!(status, 431, "{body}");
+}
