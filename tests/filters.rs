@@ -6,12 +6,11 @@ use std::time::Duration;
 
 use common::*;
 
-/// Publishes the seed, then a marker only the "everything" subscriber and the marker
-/// filters see, and returns the seqs each subscription received.
+/// Subscribes with each query, publishes the seed, and returns `type:agent` of every
+/// event each subscription received (a stream counts as done after 600 ms of silence).
 async fn received(relay: &Relay, queries: &[&str]) -> Vec<Vec<String>> {
     let mut subs = Vec::new();
     for q in queries {
-        // The marker (a health alert for agent "marker") ends every stream.
         subs.push(relay.subscribe(q).await);
     }
     let replies = relay.publish(SEED).await;

@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -33,14 +32,10 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long, default_value = "127.0.0.1:7701")]
-    listen: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:7702")]
-    ingest: SocketAddr,
+    #[command(flatten)]
+    net: common::Listen,
     #[arg(long)]
     data_dir: PathBuf,
-    #[arg(long)]
-    ready_file: Option<PathBuf>,
     /// Broadcast channel capacity (events a subscriber may lag before it is closed).
     #[arg(long, default_value_t = 65_536)]
     capacity: usize,
@@ -73,7 +68,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tx,
         credentials,
     });
-    let (ws, ingest) = common::bind(args.listen, args.ingest, args.ready_file.as_deref()).await?;
+    let (ws, ingest) = args.net.bind().await?;
     let h = hub.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = ingest.accept().await {

@@ -6,8 +6,6 @@
 mod common;
 
 use std::io::IoSlice;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -18,12 +16,8 @@ use tokio::sync::broadcast;
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long, default_value = "127.0.0.1:7701")]
-    listen: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:7702")]
-    ingest: SocketAddr,
-    #[arg(long)]
-    ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    net: common::Listen,
 }
 
 type Batch = Arc<Vec<Bytes>>;
@@ -33,7 +27,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let (ws, ingest) = common::bind(args.listen, args.ingest, args.ready_file.as_deref()).await?;
+    let (ws, ingest) = args.net.bind().await?;
     let (tx, _) = broadcast::channel::<Batch>(65_536);
     let seq = Arc::new(std::sync::Mutex::new(0u64));
     let t = tx.clone();

@@ -2,7 +2,7 @@
 //! in the relay's format, so `krux-loadtest` starts them all the same way.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -17,25 +17,34 @@ pub fn block_on(
         .block_on(server)
 }
 
-/// Binds the WebSocket and ingest listeners and, if asked, writes the ready file.
-pub async fn bind(
-    ws: SocketAddr,
-    ingest: SocketAddr,
-    ready_file: Option<&Path>,
-) -> anyhow::Result<(TcpListener, TcpListener)> {
-    let ws = TcpListener::bind(ws)
-        .await
-        .with_context(|| format!("binding {ws}"))?;
-    let ingest = TcpListener::bind(ingest)
-        .await
-        .with_context(|| format!("binding {ingest}"))?;
-    if let Some(path) = ready_file {
-        let body = serde_json::json!({
-            "ws": ws.local_addr()?.to_string(),
-            "ingest": ingest.local_addr()?.to_string(),
-            "pid": std::process::id(),
-        });
-        std::fs::write(path, body.to_string()).context("writing the ready file")?;
+/// The listening flags both reference servers take, as the relay spells them.
+#[derive(clap::Args)]
+pub struct Listen {
+    #[arg(long, default_value = "127.0.0.1:7701")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:7702")]
+    pub ingest: SocketAddr,
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+}
+
+impl Listen {
+    /// Binds the WebSocket and ingest listeners and, if asked, writes the ready file.
+    pub async fn bind(&self) -> anyhow::Result<(TcpListener, TcpListener)> {
+        let ws = TcpListener::bind(self.listen)
+            .await
+            .with_context(|| format!("binding {}", self.listen))?;
+        let ingest = TcpListener::bind(self.ingest)
+            .await
+            .with_context(|| format!("binding {}", self.ingest))?;
+        if let Some(path) = &self.ready_file {
+            let body = serde_json::json!({
+                "ws": ws.local_addr()?.to_string(),
+                "ingest": ingest.local_addr()?.to_string(),
+                "pid": std::process::id(),
+            });
+            std::fs::write(path, body.to_string()).context("writing the ready file")?;
+        }
+        Ok((ws, ingest))
     }
-    Ok((ws, ingest))
 }
