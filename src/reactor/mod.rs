@@ -334,10 +334,19 @@ async fn housekeeping(reactor: Rc<Reactor>) {
             }
         }
 
-        let queued: usize = subs.iter().map(|(_, sub)| sub.out.borrow().unsent()).sum();
-        shared.metrics.set_reactor_queued(reactor.id, queued);
+        let keep = shared.read_timeout + shared.ping_interval + Duration::from_secs(1);
+        while pings.front().is_some_and(|&p| now.duration_since(p) > keep) {
+            pings.pop_front();
+        }
+        // One pass: queue depth, stuck closes, silent peers.
+        let mut queued = 0;
         for (_, sub) in subs.iter() {
-            if sub.out.borrow().state() != OutState::Open {
+            let (unsent, state) = {
+                let out = sub.out.borrow();
+                (out.unsent(), out.state())
+            };
+            queued += unsent;
+            if state != OutState::Open {
                 let since = *sub.closing_since.get().get_or_insert(now);
                 sub.closing_since.set(Some(since));
                 // Even the close frame could not be written (or was never answered).
@@ -345,13 +354,6 @@ async fn housekeeping(reactor: Rc<Reactor>) {
                     (sub.kill)();
                 }
             }
-        }
-
-        let keep = shared.read_timeout + shared.ping_interval + Duration::from_secs(1);
-        while pings.front().is_some_and(|&p| now.duration_since(p) > keep) {
-            pings.pop_front();
-        }
-        for (_, sub) in subs.iter() {
             let heard = sub.last_heard.get();
             if let Some(&unanswered) = pings.iter().find(|&&p| p > heard) {
                 if now.duration_since(unanswered) >= shared.read_timeout {
@@ -360,6 +362,7 @@ async fn housekeeping(reactor: Rc<Reactor>) {
                 }
             }
         }
+        shared.metrics.set_reactor_queued(reactor.id, queued);
         if now.duration_since(last_ping) >= shared.ping_interval {
             last_ping = now;
             pings.push_back(now);
