@@ -152,8 +152,10 @@ struct FrameCounter {
     /// Payload bytes left in the current frame.
     remaining: u64,
     opcode: u8,
-    /// The start of a sampled frame's payload (up to `SAMPLE_BYTES`).
-    sample: Option<Vec<u8>>,
+    /// Whether the current frame is sampled, and the start of its payload (up to
+    /// `SAMPLE_BYTES`); the buffer is reused, so sampling never allocates.
+    sampled: bool,
+    sample: Vec<u8>,
     frames: u64,
     sample_every: u64,
     /// Churn runs: read every frame's `seq` (from the payload's tail) to resume from it
@@ -166,9 +168,9 @@ struct FrameCounter {
 
 const SAMPLE_BYTES: usize = 1024;
 
-enum Seen {
+enum Seen<'a> {
     /// A text frame completed; its sampled payload prefix if it was sampled.
-    Text(Option<Vec<u8>>),
+    Text(Option<&'a [u8]>),
     Close(u16),
 }
 
@@ -179,7 +181,8 @@ impl FrameCounter {
             head_len: 0,
             remaining: 0,
             opcode: 0,
-            sample: None,
+            sampled: false,
+            sample: Vec::with_capacity(SAMPLE_BYTES),
             frames: 0,
             sample_every: sample_every.max(1),
             track_seq,
@@ -193,7 +196,7 @@ impl FrameCounter {
     fn new_stream(&mut self) {
         self.head_len = 0;
         self.remaining = 0;
-        self.sample = None;
+        self.sampled = false;
         self.tail.clear();
     }
 
@@ -211,9 +214,9 @@ impl FrameCounter {
         while !data.is_empty() {
             if self.remaining > 0 {
                 let k = (self.remaining as usize).min(data.len());
-                if let Some(s) = &mut self.sample {
-                    let room = SAMPLE_BYTES.saturating_sub(s.len());
-                    s.extend_from_slice(&data[..k.min(room)]);
+                if self.sampled {
+                    let room = SAMPLE_BYTES.saturating_sub(self.sample.len());
+                    self.sample.extend_from_slice(&data[..k.min(room)]);
                 }
                 self.keep_tail(&data[..k]);
                 data = &data[k..];
@@ -221,6 +224,29 @@ impl FrameCounter {
                 if self.remaining == 0 {
                     self.finish(on);
                 }
+                continue;
+            }
+            // Fast path: whole unsampled short text frames, counted from their headers alone.
+            if self.head_len == 0 && !self.track_seq {
+                while data.len() >= 4 && data[0] == 0x81 && data[1] <= 126 {
+                    let end = match data[1] {
+                        126 => 4 + usize::from(u16::from_be_bytes([data[2], data[3]])),
+                        n => 2 + usize::from(n),
+                    };
+                    if end > data.len() || self.frames.is_multiple_of(self.sample_every) {
+                        break;
+                    }
+                    self.frames += 1;
+                    data = &data[end..];
+                }
+                if data.is_empty() {
+                    return;
+                }
+            }
+            // A whole short-frame header at hand.
+            if self.head_len == 0 && data.len() >= 2 && data[1] & 0x7F < 126 {
+                self.start_frame(data[0] & 0x0F, u64::from(data[1] & 0x7F), on);
+                data = &data[2..];
                 continue;
             }
             // Collect a header: 2 bytes, then 0, 2 or 8 length bytes (server frames are unmasked).
@@ -244,24 +270,30 @@ impl FrameCounter {
             if h.len() < need(h) {
                 return;
             }
-            self.opcode = h[0] & 0x0F;
-            self.remaining = match h[1] & 0x7F {
+            let len = match h[1] & 0x7F {
                 126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
                 127 => u64::from_be_bytes(h[2..10].try_into().expect("8 bytes")),
                 n => u64::from(n),
             };
             self.head_len = 0;
-            let sampled = self.opcode == 0x8
-                || (self.opcode == 0x1 && self.frames.is_multiple_of(self.sample_every));
-            self.sample = sampled.then(Vec::new);
-            if self.remaining == 0 {
-                self.finish(on);
-            }
+            self.start_frame(h[0] & 0x0F, len, on);
+        }
+    }
+
+    fn start_frame(&mut self, opcode: u8, len: u64, on: &mut impl FnMut(Seen)) {
+        self.opcode = opcode;
+        self.remaining = len;
+        self.sampled =
+            opcode == 0x8 || (opcode == 0x1 && self.frames.is_multiple_of(self.sample_every));
+        self.sample.clear();
+        if len == 0 {
+            self.finish(on);
         }
     }
 
     fn finish(&mut self, on: &mut impl FnMut(Seen)) {
-        let sample = self.sample.take();
+        let sample = self.sampled.then_some(&self.sample[..]);
+        self.sampled = false;
         let tail = std::mem::take(&mut self.tail);
         match self.opcode {
             0x1 => {
@@ -300,7 +332,10 @@ impl FrameCounter {
 
 /// The send time embedded by the publisher, from a payload prefix.
 fn sent_at(payload: &[u8]) -> Option<u64> {
-    let i = memchr::memmem::find(payload, b"\"lt\":")? + 5;
+    // Built once: constructing a searcher per sample showed up in profiles.
+    static LT: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"lt\":"));
+    let i = LT.find(payload)? + 5;
     let digits = payload[i..]
         .iter()
         .take_while(|b| b.is_ascii_digit())
@@ -338,7 +373,7 @@ pub async fn subscribe(
         let before = (counter.frames, counter.duplicates);
         counter.feed(data, &mut |seen| match seen {
             Seen::Text(Some(p)) if shared.measuring.load(Relaxed) => {
-                if let Some(t) = sent_at(&p) {
+                if let Some(t) = sent_at(p) {
                     let us = now_ns().saturating_sub(t) / 1000;
                     let mut l = shared.latency.lock().expect("latency lock");
                     let _ = l.total.record(us.max(1));
@@ -366,6 +401,10 @@ pub async fn subscribe(
         }
     };
     handle(&leftover, &mut counter, &mut closed);
+    // One timer for the subscriber's life, re-armed only when it fires: a timeout per
+    // read would insert a timer entry per read.
+    let tick = tokio::time::sleep(Duration::from_millis(100));
+    tokio::pin!(tick);
     loop {
         let mut asked = false;
         while !closed && !shared.stop.load(Relaxed) {
@@ -373,7 +412,14 @@ pub async fn subscribe(
                 asked = true;
                 break;
             }
-            match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            let read = tokio::select! {
+                r = s.read(&mut buf) => Ok(r),
+                () = &mut tick => {
+                    tick.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(100));
+                    Err(())
+                }
+            };
+            match read {
                 Ok(Ok(0)) | Ok(Err(_)) => {
                     *shared
                         .closes
@@ -559,20 +605,23 @@ mod tests {
     fn counts_frames_and_samples_send_times_in_any_chunking() {
         let mut stream = Vec::new();
         for i in 0..20u64 {
-            let pad = "x".repeat(if i % 3 == 0 { 70_000 } else { 200 });
+            let pad = "x".repeat([70_000, 200, 50][i as usize % 3]);
             stream.extend(frame(
                 format!("{{\"lt\":{},\"pad\":\"{pad}\"}}", 1000 + i).as_bytes(),
                 1,
             ));
         }
         stream.extend(frame(&[0x0F, 0xA1, b'b'], 8));
-        for chunk in [1, 5, 4096, stream.len()] {
-            let mut c = FrameCounter::new(4, true);
+        for (chunk, track_seq) in [1, 5, 4096, stream.len()]
+            .into_iter()
+            .flat_map(|c| [(c, true), (c, false)])
+        {
+            let mut c = FrameCounter::new(4, track_seq);
             let mut samples = Vec::new();
             let mut close = None;
             for part in stream.chunks(chunk) {
                 c.feed(part, &mut |s| match s {
-                    Seen::Text(Some(p)) => samples.push(sent_at(&p).unwrap()),
+                    Seen::Text(Some(p)) => samples.push(sent_at(p).unwrap()),
                     Seen::Text(None) => {}
                     Seen::Close(code) => close = Some(code),
                 });
