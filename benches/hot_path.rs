@@ -1,11 +1,10 @@
 //! Hot-path micro-benchmarks: validate + frame one event, index matching over 10k mixed
 //! subscribers, and queueing one frame to 1k subscriber outboxes.
 
-use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use krux_relay::event::{EventType, Validator};
 use krux_relay::filter::{Filter, SubscriberIndex};
-use krux_relay::frame::event_frame;
+use krux_relay::frame::FrameArena;
 use krux_relay::reactor::Outbox;
 
 // Measure with the allocator the relay runs with.
@@ -23,13 +22,14 @@ fn validate_and_frame(c: &mut Criterion) {
     for size in [300usize, 2048] {
         let line = event_of_size(size);
         let mut v = Validator::new();
+        let mut arena = FrameArena::new();
         g.throughput(Throughput::Elements(1));
         g.bench_function(format!("{size}B"), |b| {
             let mut seq = 0u64;
             b.iter(|| {
                 seq += 1;
                 let ev = v.validate(black_box(line.as_bytes())).expect("valid");
-                black_box((event_frame(line.as_bytes(), None, seq), ev.keys))
+                black_box((arena.event_frame(line.as_bytes(), None, seq), ev.keys))
             })
         });
     }
@@ -73,7 +73,9 @@ fn index_match(c: &mut Criterion) {
 }
 
 fn enqueue_fanout(c: &mut Criterion) {
-    let frame = Bytes::from(vec![b'x'; 300]);
+    // Consecutive ~300 B frames of one arena, as the ingest builds them.
+    let mut arena = FrameArena::new();
+    let line = event_of_size(290);
     c.bench_function("enqueue_1k_subscribers", |b| {
         let mut outs: Vec<Outbox> = (0..1000).map(|_| Outbox::new(usize::MAX, 0)).collect();
         let mut seq = 0u64;
@@ -81,6 +83,7 @@ fn enqueue_fanout(c: &mut Criterion) {
         let at = std::time::Instant::now();
         b.iter(|| {
             seq += 1;
+            let frame = arena.event_frame(line.as_bytes(), None, seq);
             for o in outs.iter_mut() {
                 o.push_event(&frame, seq, at);
             }

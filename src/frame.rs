@@ -1,6 +1,8 @@
 //! Outbound WebSocket frames. An event's frame — header and payload, the published
 //! envelope with `"seq"` appended — is built here exactly once, at ingest, into one
-//! `Bytes` that every matching subscriber then shares.
+//! `Bytes` that every matching subscriber then shares. Event frames are built back to
+//! back in arena chunks, so a subscriber's queue holds runs of them (`Span`), not one
+//! handle per frame.
 //!
 //! Server frames are never masked (RFC 6455 §5.1), so the same bytes are valid on every
 //! connection.
@@ -36,35 +38,176 @@ fn put_header(out: &mut BytesMut, opcode: u8, len: usize) {
     }
 }
 
-/// Builds the text frame of one accepted event.
-///
-/// `envelope` is the validated line, trimmed, ending in its closing `}`; the frame's
-/// payload is that object with `"timestamp"` (when `stamp` is given) and `"seq"` appended
-/// as its last members, so every field the publisher sent passes through byte for byte.
-pub fn event_frame(envelope: &[u8], stamp: Option<&str>, seq: u64) -> Bytes {
-    debug_assert_eq!(
-        envelope.last(),
-        Some(&b'}'),
-        "envelope is a validated JSON object"
-    );
-    let body = &envelope[..envelope.len() - 1];
-    let mut seq_buf = itoa_buf(seq);
-    let seq_txt = seq_buf.format();
-    let stamp_len = stamp.map_or(0, |s| ",\"timestamp\":\"\"".len() + s.len());
-    let len = body.len() + stamp_len + ",\"seq\":}".len() + seq_txt.len();
-    let mut out = BytesMut::with_capacity(header_len(len) + len);
-    put_header(&mut out, OP_TEXT, len);
-    out.put_slice(body);
-    if let Some(s) = stamp {
-        out.put_slice(b",\"timestamp\":\"");
-        out.put_slice(s.as_bytes());
-        out.put_u8(b'"');
+/// Where the ingest builds event frames: back to back in large shared chunks. Each frame
+/// is still its own `Bytes` (split off the chunk), but consecutive frames are adjacent in
+/// memory, so a subscriber's queue can hand a run of them to the kernel as one buffer
+/// (`Span`): fewer, larger copies into socket buffers and no per-frame refcount per
+/// subscriber.
+#[derive(Default)]
+pub struct FrameArena {
+    buf: BytesMut,
+    chunk: u64,
+}
+
+/// Chunk size: room for ~800 typical frames; a larger frame gets a chunk of its own size.
+const CHUNK: usize = 256 * 1024;
+
+/// Chunk ids are unique in the process, so frames of different arenas never look adjacent.
+static NEXT_CHUNK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// One event's frame and the chunk it was built in. Only `FrameArena` makes these, which
+/// is what `Span` relies on: frames with the same `chunk` are consecutive slices of one
+/// allocation, in the order they were built.
+#[derive(Debug, Clone)]
+pub struct EventFrame {
+    bytes: Bytes,
+    chunk: u64,
+}
+
+impl EventFrame {
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
     }
-    out.put_slice(b",\"seq\":");
-    out.put_slice(seq_txt.as_bytes());
-    out.put_u8(b'}');
-    debug_assert_eq!(out.len(), header_len(len) + len);
-    out.freeze()
+}
+
+impl std::ops::Deref for EventFrame {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl FrameArena {
+    pub fn new() -> FrameArena {
+        FrameArena::default()
+    }
+
+    /// Builds the text frame of one accepted event.
+    ///
+    /// `envelope` is the validated line, trimmed, ending in its closing `}`; the frame's
+    /// payload is that object with `"timestamp"` (when `stamp` is given) and `"seq"`
+    /// appended as its last members, so every field the publisher sent passes through
+    /// byte for byte.
+    pub fn event_frame(&mut self, envelope: &[u8], stamp: Option<&str>, seq: u64) -> EventFrame {
+        debug_assert_eq!(
+            envelope.last(),
+            Some(&b'}'),
+            "envelope is a validated JSON object"
+        );
+        let body = &envelope[..envelope.len() - 1];
+        let mut seq_buf = itoa_buf(seq);
+        let seq_txt = seq_buf.format();
+        let stamp_len = stamp.map_or(0, |s| ",\"timestamp\":\"\"".len() + s.len());
+        let len = body.len() + stamp_len + ",\"seq\":}".len() + seq_txt.len();
+        let total = header_len(len) + len;
+        // A fresh chunk when this frame does not fit: never let `BytesMut` grow (it would
+        // reallocate), so frames already handed out stay where they are.
+        if self.buf.capacity() < total {
+            self.buf = BytesMut::with_capacity(total.max(CHUNK));
+            self.chunk = NEXT_CHUNK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let out = &mut self.buf;
+        put_header(out, OP_TEXT, len);
+        out.put_slice(body);
+        if let Some(s) = stamp {
+            out.put_slice(b",\"timestamp\":\"");
+            out.put_slice(s.as_bytes());
+            out.put_u8(b'"');
+        }
+        out.put_slice(b",\"seq\":");
+        out.put_slice(seq_txt.as_bytes());
+        out.put_u8(b'}');
+        debug_assert_eq!(out.len(), total);
+        EventFrame {
+            bytes: out.split().freeze(),
+            chunk: self.chunk,
+        }
+    }
+}
+
+/// Bytes queued for one subscriber: a control frame, or a run of event frames that lie
+/// back to back in one arena chunk, written as one buffer.
+#[derive(Debug)]
+pub struct Span {
+    /// The run's first frame: holding it keeps the whole chunk alive.
+    first: Bytes,
+    /// The arena chunk of the run (None: a lone frame that never grows).
+    chunk: Option<u64>,
+    /// Bytes already written, counted from the start of `first`.
+    start: usize,
+    /// The run's end, counted from the start of `first` (past `first.len()` once grown).
+    end: usize,
+    /// Frames in the run (for the frames-out metric).
+    frames: u32,
+}
+
+impl Span {
+    pub fn event(frame: &EventFrame) -> Span {
+        Span {
+            first: frame.bytes.clone(),
+            chunk: Some(frame.chunk),
+            start: 0,
+            end: frame.bytes.len(),
+            frames: 1,
+        }
+    }
+
+    /// Appends `frame` if it is the next frame of this run's chunk, right where the run
+    /// ends (no refcount, no new buffer). Returns false otherwise.
+    pub fn extend(&mut self, frame: &EventFrame) -> bool {
+        if self.chunk != Some(frame.chunk)
+            || self.first.as_ptr().wrapping_add(self.end) != frame.bytes.as_ptr()
+        {
+            return false;
+        }
+        self.end += frame.bytes.len();
+        self.frames += 1;
+        true
+    }
+
+    pub fn frames(&self) -> u32 {
+        self.frames
+    }
+
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Drops the first `n` bytes (written by a partial write).
+    pub fn advance(&mut self, n: usize) {
+        assert!(n <= self.len(), "advancing past the end of a span");
+        self.start += n;
+    }
+}
+
+impl From<Bytes> for Span {
+    fn from(b: Bytes) -> Span {
+        Span {
+            end: b.len(),
+            first: b,
+            chunk: None,
+            start: 0,
+            frames: 1,
+        }
+    }
+}
+
+impl std::ops::Deref for Span {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `end` only grows in `extend`, by the length of a frame of the same arena
+        // chunk that starts exactly at the run's end. Frames of one chunk are consecutive
+        // slices of one `BytesMut` allocation that is never reallocated (`FrameArena`
+        // starts a new chunk instead) and never written behind its split point, so
+        // `first.as_ptr()..+end` lies in that allocation, is initialized, and is immutable.
+        // `first` holds a reference to the allocation, so it outlives `self`; and
+        // `start <= end`.
+        unsafe { std::slice::from_raw_parts(self.first.as_ptr().add(self.start), self.len()) }
+    }
 }
 
 /// The payload of an event frame (its bytes after the header).
@@ -141,6 +284,10 @@ impl ItoaBuf {
 mod tests {
     use super::*;
 
+    fn event_frame(envelope: &[u8], stamp: Option<&str>, seq: u64) -> EventFrame {
+        FrameArena::new().event_frame(envelope, stamp, seq)
+    }
+
     #[test]
     fn small_event_frame() {
         let f = event_frame(br#"{"a":1}"#, None, 42);
@@ -179,6 +326,50 @@ mod tests {
             assert_eq!(len as usize, n);
             assert!(h.is_final && h.mask.is_none());
         }
+    }
+
+    #[test]
+    fn consecutive_frames_form_one_run() {
+        let mut arena = FrameArena::new();
+        let frames: Vec<EventFrame> = (1..=100)
+            .map(|seq| arena.event_frame(br#"{"k":"v"}"#, None, seq))
+            .collect();
+        let mut run = Span::event(&frames[0]);
+        for f in &frames[1..] {
+            assert!(run.extend(f), "adjacent frames of one chunk merge");
+        }
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.to_vec()).collect();
+        assert_eq!(&run[..], &expected[..]);
+        run.advance(5);
+        assert_eq!(&run[..], &expected[5..]);
+        drop(frames); // the run keeps the chunk alive on its own
+        assert_eq!(&run[..], &expected[5..]);
+    }
+
+    #[test]
+    fn runs_break_at_gaps_chunks_and_other_arenas() {
+        let mut arena = FrameArena::new();
+        let a = arena.event_frame(br#"{"k":1}"#, None, 1);
+        let b = arena.event_frame(br#"{"k":2}"#, None, 2);
+        let c = arena.event_frame(br#"{"k":3}"#, None, 3);
+        let mut skip = Span::event(&a);
+        assert!(
+            !skip.extend(&c),
+            "a filtered-out frame in between breaks the run"
+        );
+        assert!(!Span::event(&b).extend(&a), "order matters");
+        let big = "x".repeat(CHUNK);
+        let huge = arena.event_frame(format!(r#"{{"k":"{big}"}}"#).as_bytes(), None, 4);
+        assert!(
+            !Span::event(&c).extend(&huge),
+            "a new chunk starts a new run"
+        );
+        let other = FrameArena::new().event_frame(br#"{"k":5}"#, None, 5);
+        assert!(!Span::event(&huge).extend(&other));
+        let mut lone = Span::from(Bytes::from_static(b"abc"));
+        assert!(!lone.extend(&a), "control frames never grow");
+        lone.advance(1);
+        assert_eq!(&lone[..], b"bc");
     }
 
     #[test]

@@ -14,17 +14,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::event::FilterKeys;
+use crate::frame::EventFrame;
 
 /// One accepted event, as the reactors see it.
 #[derive(Debug)]
 pub struct Entry {
     pub seq: u64,
     /// The complete WebSocket text frame, shared by every subscriber that gets it.
-    pub frame: Bytes,
+    pub frame: EventFrame,
     pub keys: FilterKeys,
     /// When the ingest accepted the event (for the ingest→write latency metric).
     pub accepted_at: std::time::Instant,
@@ -178,10 +178,11 @@ mod tests {
     use crate::event::EventType;
 
     fn entry(seq: u64) -> Entry {
+        thread_local!(static ARENA: std::cell::RefCell<crate::frame::FrameArena> = Default::default());
         Entry {
             seq,
             accepted_at: std::time::Instant::now(),
-            frame: Bytes::from(seq.to_string()),
+            frame: ARENA.with_borrow_mut(|a| a.event_frame(b"{}", None, seq)),
             keys: FilterKeys {
                 etype: EventType::HealthAlert,
                 agent: None,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::event::{now_rfc3339_millis, LineError, Validator};
-use crate::frame::event_frame;
+use crate::frame::FrameArena;
 use crate::metrics::Metrics;
 use crate::ring::{Entry, Producer};
 
@@ -26,6 +26,8 @@ use crate::ring::{Entry, Producer};
 /// a line and its entry in the ring.
 pub struct Pipeline {
     validator: Validator,
+    /// Frames are built here, back to back (see `FrameArena`).
+    arena: FrameArena,
     producer: Producer,
     seq: SeqAllocator,
     metrics: Arc<Metrics>,
@@ -41,6 +43,7 @@ impl Pipeline {
     ) -> Pipeline {
         Pipeline {
             validator: Validator::new(),
+            arena: FrameArena::new(),
             producer,
             seq,
             metrics,
@@ -73,7 +76,7 @@ impl Pipeline {
             tracing::error!("cannot persist sequence numbers: {e:#}");
             LineError::Unavailable("the relay cannot persist sequence numbers".into())
         })?;
-        let frame = event_frame(text, stamp.as_deref(), seq);
+        let frame = self.arena.event_frame(text, stamp.as_deref(), seq);
         self.metrics.event_in(valid.keys.etype);
         self.producer.publish(Entry {
             seq,

@@ -4,9 +4,8 @@
 use std::io::{self, IoSlice};
 use std::net::{Shutdown, SocketAddr};
 
-use bytes::Bytes;
-
 use super::{Conn, Listener};
+use crate::frame::Span;
 
 pub struct EpollListener(tokio::net::TcpListener);
 
@@ -44,7 +43,7 @@ impl Conn for EpollConn {
         }
     }
 
-    async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>) {
+    async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>) {
         loop {
             if let Err(e) = self.0.writable().await {
                 return (Err(e), bufs);

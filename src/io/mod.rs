@@ -1,8 +1,9 @@
 //! The I/O seam: the only code that differs between the io_uring and the epoll backend.
 //!
 //! Everything above it (handshake, subscriber queues, fan-out) sees a `Conn` that reads
-//! into an owned buffer and writes a vector of shared `Bytes` (owned buffers are what
-//! io_uring needs: the kernel holds them while the operation is in flight). Both backends
+//! into an owned buffer and writes a vector of `Span`s — runs of shared frame bytes
+//! (owned buffers are what io_uring needs: the kernel holds them while the operation is
+//! in flight). Both backends
 //! run one single-threaded runtime per reactor thread with `tokio::task::spawn_local`, so
 //! tasks, timers and `Notify` work the same on either.
 
@@ -15,6 +16,8 @@ use std::io;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
+
+use crate::frame::Span;
 
 /// Which backend a reactor runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -53,7 +56,7 @@ pub trait Conn: 'static {
     /// Reads into `buf`'s spare capacity; returns the buffer with the bytes appended.
     async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
     /// One gathered write of `bufs` (at most `MAX_IOV` of them); may be partial.
-    async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>);
+    async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>);
     fn shutdown(&self, how: std::net::Shutdown);
 }
 
@@ -68,7 +71,7 @@ pub const MAX_IOV: usize = 1024;
 
 /// Writes all of `buf` (handshake responses and other one-off writes).
 pub async fn write_all<C: Conn>(conn: &C, buf: Bytes) -> io::Result<()> {
-    let mut pending = vec![buf];
+    let mut pending = vec![Span::from(buf)];
     while !pending.is_empty() {
         let (res, mut bufs) = conn.writev(pending).await;
         let n = res?;
@@ -81,14 +84,16 @@ pub async fn write_all<C: Conn>(conn: &C, buf: Bytes) -> io::Result<()> {
     Ok(())
 }
 
-/// Drops the first `n` bytes of a gathered write: whole buffers, then a cheap `Bytes`
-/// slice of the first partly written one.
-pub fn advance(bufs: &mut Vec<Bytes>, mut n: usize) {
+/// Drops the first `n` bytes of a gathered write: whole spans, then the written start of
+/// the first partly written one. Returns the frames written completely.
+pub fn advance(bufs: &mut Vec<Span>, mut n: usize) -> u64 {
+    let mut frames = 0;
     let full = bufs
         .iter()
         .take_while(|b| {
             if n >= b.len() {
                 n -= b.len();
+                frames += u64::from(b.frames());
                 true
             } else {
                 false
@@ -97,9 +102,9 @@ pub fn advance(bufs: &mut Vec<Bytes>, mut n: usize) {
         .count();
     bufs.drain(..full);
     if n > 0 {
-        let first = &mut bufs[0];
-        *first = first.slice(n..);
+        bufs[0].advance(n);
     }
+    frames
 }
 
 /// A reactor thread's runtime and listener: the one switch between backends.
@@ -143,21 +148,18 @@ mod tests {
 
     #[test]
     fn advance_over_partial_writes() {
-        let mut v = vec![
-            Bytes::from_static(b"abc"),
-            Bytes::from_static(b"de"),
-            Bytes::from_static(b"fgh"),
-        ];
-        advance(&mut v, 0);
+        let mut v: Vec<Span> = [&b"abc"[..], b"de", b"fgh"]
+            .into_iter()
+            .map(|b| Span::from(Bytes::from_static(b)))
+            .collect();
+        let left = |v: &Vec<Span>| v.iter().map(|s| s.to_vec()).collect::<Vec<_>>();
+        assert_eq!(advance(&mut v, 0), 0);
         assert_eq!(v.len(), 3);
-        advance(&mut v, 4);
-        assert_eq!(
-            v,
-            vec![Bytes::from_static(b"e"), Bytes::from_static(b"fgh")]
-        );
-        advance(&mut v, 3);
-        assert_eq!(v, vec![Bytes::from_static(b"h")]);
-        advance(&mut v, 1);
+        assert_eq!(advance(&mut v, 4), 1);
+        assert_eq!(left(&v), vec![b"e".to_vec(), b"fgh".to_vec()]);
+        assert_eq!(advance(&mut v, 3), 1);
+        assert_eq!(left(&v), vec![b"h".to_vec()]);
+        assert_eq!(advance(&mut v, 1), 1);
         assert!(v.is_empty());
     }
 }

@@ -18,6 +18,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::Bytes;
+
+use crate::frame::Span;
 use rustls::ServerConnection;
 
 use super::{write_all, Conn};
@@ -187,7 +189,7 @@ impl<C: Conn> Conn for TlsConn<C> {
         }
     }
 
-    async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>) {
+    async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>) {
         let (accepted, out) = {
             let mut tls = self.tls.borrow_mut();
             let mut accepted = 0;

@@ -5,9 +5,25 @@
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 
-use bytes::Bytes;
-
 use super::{Conn, Listener};
+use crate::frame::Span;
+
+// SAFETY: a span's bytes live in a buffer it holds a reference to (see `Span`'s `Deref`),
+// which does not move or change while the span exists, including while it is owned by an
+// in-flight operation; `bytes_init == bytes_total` because the bytes are all initialized.
+unsafe impl tokio_uring::buf::IoBuf for Span {
+    fn stable_ptr(&self) -> *const u8 {
+        self.as_ptr()
+    }
+
+    fn bytes_init(&self) -> usize {
+        self.len()
+    }
+
+    fn bytes_total(&self) -> usize {
+        self.len()
+    }
+}
 
 pub struct UringListener(tokio_uring::net::TcpListener);
 
@@ -40,7 +56,7 @@ impl Conn for UringConn {
         (res, slice.into_inner())
     }
 
-    async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>) {
+    async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>) {
         self.0.writev(bufs).await
     }
 

@@ -1,4 +1,4 @@
-//! One subscriber's outbound queue, sans-IO: shared frame handles waiting to be written,
+//! One subscriber's outbound queue, sans-IO: runs of shared frames waiting to be written,
 //! the byte bound that detects a slow consumer, and the close sequence.
 
 use std::collections::VecDeque;
@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::frame::close_frame;
+use crate::frame::{close_frame, EventFrame, Span};
 use crate::io::MAX_IOV;
 use crate::proto::ws::close_code;
 
@@ -21,7 +21,8 @@ pub enum OutState {
 
 #[derive(Debug)]
 pub struct Outbox {
-    frames: VecDeque<Bytes>,
+    /// Consecutive event frames of one arena chunk share one entry.
+    frames: VecDeque<Span>,
     /// Bytes queued or in flight and not yet acknowledged by the kernel.
     unsent: usize,
     limit: usize,
@@ -63,10 +64,11 @@ impl Outbox {
         self.unsent
     }
 
-    /// Queues an event frame (a refcount bump, no copy). Frames at or below the resume
-    /// point are skipped. Returns whether the writer has something new to do. Past the
-    /// byte bound, the subscriber is closed as a slow consumer instead.
-    pub fn push_event(&mut self, frame: &Bytes, seq: u64, accepted_at: Instant) -> bool {
+    /// Queues an event frame: usually it extends the last run (an addition, no refcount,
+    /// no copy). Frames at or below the resume point are skipped. Returns whether the
+    /// writer has something new to do. Past the byte bound, the subscriber is closed as a
+    /// slow consumer instead.
+    pub fn push_event(&mut self, frame: &EventFrame, seq: u64, accepted_at: Instant) -> bool {
         if self.state != OutState::Open || seq <= self.last_seq {
             return false;
         }
@@ -75,7 +77,9 @@ impl Outbox {
             return self.close(close_code::SLOW_CONSUMER, &reason);
         }
         self.unsent += frame.len();
-        self.frames.push_back(frame.clone());
+        if !self.frames.back_mut().is_some_and(|run| run.extend(frame)) {
+            self.frames.push_back(Span::event(frame));
+        }
         self.last_seq = seq;
         self.oldest_at.get_or_insert(accepted_at);
         true
@@ -87,7 +91,7 @@ impl Outbox {
             return false;
         }
         self.unsent += frame.len();
-        self.frames.push_back(frame);
+        self.frames.push_back(frame.into());
         true
     }
 
@@ -99,14 +103,14 @@ impl Outbox {
         }
         let f = close_frame(code, reason);
         self.unsent += f.len();
-        self.frames.push_back(f);
+        self.frames.push_back(f.into());
         self.state = OutState::Closing;
         true
     }
 
-    /// Moves up to `MAX_IOV - batch.len()` queued frames into `batch` for one writev.
+    /// Moves up to `MAX_IOV - batch.len()` queued runs into `batch` for one writev.
     /// Returns when the oldest event frame taken was accepted by the ingest, if any was.
-    pub fn take_batch(&mut self, batch: &mut Vec<Bytes>) -> Option<Instant> {
+    pub fn take_batch(&mut self, batch: &mut Vec<Span>) -> Option<Instant> {
         let n = self.frames.len().min(MAX_IOV.saturating_sub(batch.len()));
         batch.extend(self.frames.drain(..n));
         if self.frames.is_empty() && self.state == OutState::Closing {
@@ -128,51 +132,62 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::FrameArena;
 
     fn now() -> Instant {
         Instant::now()
     }
 
-    fn f(n: usize) -> Bytes {
-        Bytes::from(vec![b'x'; n])
+    fn ev(arena: &mut FrameArena, seq: u64) -> EventFrame {
+        arena.event_frame(br#"{"type":"health_alert","data":{}}"#, None, seq)
     }
 
     #[test]
-    fn queues_shared_handles_in_order() {
+    fn consecutive_frames_share_one_run_without_copies() {
+        let mut arena = FrameArena::new();
+        let (a, b, c) = (ev(&mut arena, 1), ev(&mut arena, 2), ev(&mut arena, 3));
         let mut o = Outbox::new(1000, 0);
-        let a = f(10);
         assert!(o.push_event(&a, 1, now()));
-        assert!(o.push_event(&f(20), 2, now()));
+        assert!(o.push_event(&b, 2, now()));
         assert!(
-            !o.push_event(&f(20), 2, now()),
+            !o.push_event(&b, 2, now()),
             "duplicates below the resume point are skipped"
         );
+        assert!(o.push_control(Bytes::from_static(b"\x8a\x00")));
+        assert!(o.push_event(&c, 3, now()));
         let mut batch = Vec::new();
         assert!(
             o.take_batch(&mut batch).is_some(),
             "event frames carry their ingest time"
         );
-        assert_eq!(batch.len(), 2);
+        assert_eq!(batch.len(), 3, "a+b, the pong, c");
         assert_eq!(batch[0].as_ptr(), a.as_ptr(), "the same bytes, not a copy");
-        assert_eq!(o.unsent(), 30);
-        o.wrote(25);
+        assert_eq!(&batch[0][..], [&a[..], &b[..]].concat());
+        assert_eq!(batch[0].frames(), 2);
+        assert_eq!(&batch[2][..], &c[..]);
+        let total = a.len() + b.len() + 2 + c.len();
+        assert_eq!(o.unsent(), total);
+        o.wrote(total - 5);
         assert_eq!(o.unsent(), 5);
     }
 
     #[test]
     fn overflow_closes_with_resume_point() {
-        let mut o = Outbox::new(100, 41);
-        assert!(o.push_event(&f(60), 42, now()));
+        let mut arena = FrameArena::new();
+        let (a, b) = (ev(&mut arena, 42), ev(&mut arena, 43));
+        let mut o = Outbox::new(a.len() + b.len() - 1, 41);
+        assert!(o.push_event(&a, 42, now()));
         assert!(
-            o.push_event(&f(60), 43, now()),
+            o.push_event(&b, 43, now()),
             "over the bound: the close is what gets queued"
         );
         assert_eq!(o.state(), OutState::Closing);
-        assert!(!o.push_event(&f(1), 44, now()));
-        assert!(!o.push_control(f(1)));
+        assert!(!o.push_event(&ev(&mut arena, 44), 44, now()));
+        assert!(!o.push_control(Bytes::from_static(b"x")));
         let mut batch = Vec::new();
         o.take_batch(&mut batch);
         assert_eq!(o.state(), OutState::CloseTaken);
+        assert_eq!(batch.len(), 2, "a, then the close");
         let close = batch.last().unwrap();
         assert_eq!(close[0], 0x88);
         assert_eq!(&close[2..4], &4001u16.to_be_bytes());
@@ -182,11 +197,11 @@ mod tests {
     #[test]
     fn batches_respect_iov_max() {
         let mut o = Outbox::new(usize::MAX, 0);
-        let fr = f(1);
-        for s in 1..=(MAX_IOV as u64 + 5) {
-            o.push_event(&fr, s, now());
+        // Control frames never merge, so each is one buffer.
+        for _ in 0..MAX_IOV + 5 {
+            o.push_control(Bytes::from_static(b"x"));
         }
-        let mut batch = vec![f(1)];
+        let mut batch = vec![Span::from(Bytes::from_static(b"y"))];
         o.take_batch(&mut batch);
         assert_eq!(batch.len(), MAX_IOV);
         batch.clear();

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::{OutState, Outbox, Reactor, Shared, Subscriber, CLOSE_GRACE};
-use crate::frame;
+use crate::frame::{self, Span};
 use crate::io::{advance, write_all, Conn};
 use crate::proto::handshake::{
     decide, parse_request, query_pairs, redact_query, Auth, Credential, Decision, Gate, Parsed,
@@ -281,7 +281,7 @@ async fn read_loop<C: Conn>(sub: &Subscriber, conn: &C, leftover: Vec<u8>, max_f
 /// keeps the unwritten tail (sliced, not copied) at the front of the next round.
 async fn write_loop<C: Conn>(reactor: Rc<Reactor>, id: usize, sub: Rc<Subscriber>, conn: Rc<C>) {
     let metrics = &reactor.shared.metrics;
-    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch: Vec<Span> = Vec::new();
     // Ingest time of the oldest event frame in `batch` (kept across a partial write).
     let mut oldest_at = None;
     loop {
@@ -306,17 +306,14 @@ async fn write_loop<C: Conn>(reactor: Rc<Reactor>, id: usize, sub: Rc<Subscriber
             }
             continue;
         }
-        let frames = batch.len();
         let (res, mut rest) = conn.writev(std::mem::take(&mut batch)).await;
         match res {
             Ok(n) if n > 0 => {
                 sub.out.borrow_mut().wrote(n);
-                advance(&mut rest, n);
+                let frames = advance(&mut rest, n);
                 metrics.writevs.fetch_add(1, Relaxed);
                 metrics.bytes_out.fetch_add(n as u64, Relaxed);
-                metrics
-                    .frames_out
-                    .fetch_add((frames - rest.len()) as u64, Relaxed);
+                metrics.frames_out.fetch_add(frames, Relaxed);
                 if rest.is_empty() {
                     if let Some(at) = oldest_at.take() {
                         metrics.observe_ingest_to_write(at.elapsed());
