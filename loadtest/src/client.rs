@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::scenario::{Fanout, Pool, Published, SubFilter};
+use crate::scenario::{Fanout, Pool, Published};
 
 pub fn now_ns() -> u64 {
     SystemTime::now()
@@ -92,7 +92,7 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for 
 pub async fn connect(
     ws: SocketAddr,
     token: &str,
-    filter: &SubFilter,
+    query: &str,
     tls: Option<&tokio_rustls::TlsConnector>,
     since: Option<u64>,
 ) -> anyhow::Result<(Box<dyn Stream>, Vec<u8>, Duration)> {
@@ -108,7 +108,7 @@ pub async fn connect(
             Box::new(c.connect(name, tcp).await.context("TLS handshake")?)
         }
     };
-    let mut q = filter.query();
+    let mut q = query.to_string();
     if let Some(since) = since {
         q = if q.is_empty() {
             format!("since={since}")
@@ -351,7 +351,8 @@ fn sent_at(payload: &[u8]) -> Option<u64> {
 pub struct Reconnect {
     pub ws: SocketAddr,
     pub token: String,
-    pub filter: SubFilter,
+    /// The subscriber's filter as a query string.
+    pub query: String,
     pub tls: Option<tokio_rustls::TlsConnector>,
 }
 
@@ -440,7 +441,7 @@ pub async fn subscribe(
         match connect(
             r.ws,
             &r.token,
-            &r.filter,
+            &r.query,
             r.tls.as_ref(),
             Some(counter.last_seq),
         )

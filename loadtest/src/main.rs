@@ -8,6 +8,7 @@ mod client;
 mod report;
 mod scenario;
 mod target;
+mod worker;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
@@ -46,6 +47,9 @@ enum Command {
         /// Where to write the JSON report and the SVG plot.
         #[arg(long, default_value = "loadtest-report")]
         out: PathBuf,
+        /// Exit 1 if any delivery was lost (or a subscriber could not connect).
+        #[arg(long)]
+        fail_on_loss: bool,
     },
     /// The same scenario against relay, baseline and limit server, alternating.
     Compare {
@@ -65,17 +69,26 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // A worker process (see `worker`): spawned by `run`, not for people.
+    if std::env::args().nth(1).as_deref() == Some("worker") {
+        return worker::main();
+    }
     match Cli::parse().command {
         Command::Run {
             scenario,
             target,
             out,
+            fail_on_loss,
         } => {
             let t = Target::open(&target, None)?;
             let report = run_once(&scenario, &t)?;
             println!("{}", report.summary());
             report.write(&out, "run")?;
             println!("report: {}", out.join("run.json").display());
+            if fail_on_loss && report.lost > 0 {
+                eprintln!("krux-loadtest: {} deliveries lost", report.lost);
+                std::process::exit(1);
+            }
         }
         Command::Compare {
             scenario,
@@ -94,7 +107,7 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -127,76 +140,77 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
         let published = Arc::new(Mutex::new(Published::default()));
         let rss_before = proc_sample(t.pid).map_or(0, |p| p.rss);
 
-        // Connect, bounded concurrency.
-        let bar = ProgressBar::new(filters.len() as u64)
-            .with_style(
-                ProgressStyle::with_template("{prefix} connecting {pos}/{len} {wide_bar}")
-                    .expect("template"),
-            )
-            .with_prefix(label.clone());
-        let sem = Arc::new(tokio::sync::Semaphore::new(sc.connect_concurrency.max(1)));
-        let mut connecting = tokio::task::JoinSet::new();
+        let workers = sc.workers.unwrap_or(if filters.len() > worker::PER_WORKER {
+            filters.len().div_ceil(worker::PER_WORKER)
+        } else {
+            0
+        });
+        let reconnect = sc.churn > 0 || sc.storm;
         let started = Instant::now();
-        for (i, f) in filters.iter().enumerate() {
-            let (sem, f, token, ws, tls) =
-                (sem.clone(), f.clone(), t.token.clone(), t.ws, t.tls.clone());
-            connecting.spawn(async move {
-                let _permit = sem.acquire_owned().await.expect("semaphore open");
-                (i, client::connect(ws, &token, &f, tls.as_ref(), None).await)
-            });
-        }
-        let mut conns = Vec::with_capacity(filters.len());
-        let mut hs = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-        while let Some(r) = connecting.join_next().await {
-            let (i, res) = r?;
-            let (s, leftover, took) = res.with_context(|| format!("subscriber {i}"))?;
-            let _ = hs.record((took.as_micros() as u64).max(1));
-            conns.push((i, s, leftover));
-            bar.inc(1);
-        }
+        let (mut subs, hs) = if workers > 0 {
+            eprintln!(
+                "{label}: connecting {} subscribers from {workers} worker processes",
+                filters.len()
+            );
+            let cfg = worker::Config {
+                ws: t.ws,
+                token: t.token.clone(),
+                ca_pem: t.ca_pem.clone(),
+                queries: filters.iter().map(|f| f.query()).collect(),
+                sample_every: sc.sample_every,
+                reconnect,
+                connect_concurrency: sc.connect_concurrency.div_ceil(workers),
+                threads: sc.client_threads,
+            };
+            let (w, hs) = worker::Workers::start(workers, cfg, shared.clone()).await?;
+            (Subscribers::Workers(w), hs)
+        } else {
+            let (conns, hs) = connect_all(sc, t, &filters, &label).await?;
+            let mut readers = tokio::task::JoinSet::new();
+            for (i, s, leftover) in conns {
+                let sh = shared.clone();
+                let every = sc.sample_every;
+                let reconnect = reconnect.then(|| client::Reconnect {
+                    ws: t.ws,
+                    token: t.token.clone(),
+                    query: filters[i].query(),
+                    tls: t.tls.clone(),
+                });
+                readers.spawn(async move {
+                    (
+                        i,
+                        client::subscribe(s, leftover, sh, every, i, reconnect).await,
+                    )
+                });
+            }
+            (Subscribers::Local(readers), hs)
+        };
         let connect_s = started.elapsed().as_secs_f64();
-        bar.finish_and_clear();
         let mut report = Report {
             target: label.clone(),
             scenario: serde_json::to_value(sc)?,
-            subscribers_connected: conns.len(),
-            handshakes_per_s: conns.len() as f64 / connect_s.max(1e-9),
+            subscribers_connected: filters.len(),
+            handshakes_per_s: filters.len() as f64 / connect_s.max(1e-9),
             handshake_p50_us: percentile(&hs, 0.5),
             handshake_p99_us: percentile(&hs, 0.99),
             ..Report::default()
+        };
+        let client_cpu = |subs: &Subscribers| -> Option<f64> {
+            let mut cpu = proc_sample(None)?.cpu_s;
+            if let Subscribers::Workers(w) = subs {
+                for pid in w.pids() {
+                    cpu += proc_sample(Some(pid))?.cpu_s;
+                }
+            }
+            Some(cpu)
         };
 
         // Stalled subscribers: connected, then never read (until the end, to see how the
         // server closed them). Their traffic is not counted.
         let mut stalled = Vec::new();
         for _ in 0..sc.stalled {
-            let (s, _, _) = client::connect(
-                t.ws,
-                &t.token,
-                &scenario::SubFilter::All,
-                t.tls.as_ref(),
-                None,
-            )
-            .await?;
+            let (s, _, _) = client::connect(t.ws, &t.token, "", t.tls.as_ref(), None).await?;
             stalled.push(s);
-        }
-
-        let mut readers = tokio::task::JoinSet::new();
-        for (i, s, leftover) in conns {
-            let sh = shared.clone();
-            let every = sc.sample_every;
-            let reconnect = (sc.churn > 0 || sc.storm).then(|| client::Reconnect {
-                ws: t.ws,
-                token: t.token.clone(),
-                filter: filters[i].clone(),
-                tls: t.tls.clone(),
-            });
-            readers.spawn(async move {
-                (
-                    i,
-                    client::subscribe(s, leftover, sh, every, i, reconnect).await,
-                )
-            });
         }
 
         if sc.idle {
@@ -206,8 +220,7 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
             report.rss_per_connection_bytes = Some(
                 (after as f64 - rss_before as f64) / report.subscribers_connected.max(1) as f64,
             );
-            shared.stop.store(true, Relaxed);
-            while readers.join_next().await.is_some() {}
+            subs.finish(&shared).await?;
             return Ok(report);
         }
 
@@ -249,7 +262,7 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
             shared.delivered.load(Relaxed),
             shared.published.load(Relaxed),
         );
-        let (s0, c0) = (proc_sample(t.pid), proc_sample(None));
+        let (s0, c0) = (proc_sample(t.pid), client_cpu(&subs));
         let m0 = Instant::now();
         let live = ProgressBar::new_spinner().with_prefix(label.clone());
         live.set_style(ProgressStyle::with_template("{prefix} {spinner} {msg}").expect("template"));
@@ -263,13 +276,14 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
             .await;
             if sc.storm && !stormed && m0.elapsed() >= sc.duration / 2 {
                 stormed = true;
-                shared.churn.iter().for_each(|f| f.store(true, Relaxed));
+                subs.storm(&shared).await?;
             }
             for _ in 0..sc.churn {
                 pick = pick
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
-                shared.churn[(pick >> 33) as usize % shared.churn.len()].store(true, Relaxed);
+                subs.churn(&shared, (pick >> 33) as usize % filters.len())
+                    .await?;
             }
             let d = shared.delivered.load(Relaxed);
             let dt = last.1.elapsed().as_secs_f64().max(1e-9);
@@ -298,7 +312,7 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
             shared.delivered.load(Relaxed),
             shared.published.load(Relaxed),
         );
-        let (s1, c1) = (proc_sample(t.pid), proc_sample(None));
+        let (s1, c1) = (proc_sample(t.pid), client_cpu(&subs));
         shared.measuring.store(false, Relaxed);
         shared.stop_publishing.store(true, Relaxed);
         live.finish_and_clear();
@@ -311,11 +325,9 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
         while shared.delivered.load(Relaxed) < expected_total && Instant::now() < drain_until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        shared.stop.store(true, Relaxed);
         let published = published.lock().expect("published lock").clone();
         let mut lost = 0;
-        while let Some(r) = readers.join_next().await {
-            let (i, (frames, closed)) = r?;
+        for (i, (frames, closed)) in subs.finish(&shared).await?.into_iter().enumerate() {
             let want = published.expected(&filters[i]);
             if !closed && frames < want {
                 lost += want - frames;
@@ -358,11 +370,95 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
             report.deliveries_per_server_cpu_s = (d1 - d0) as f64 / report.server_cpu_s.max(1e-9);
         }
         if let (Some(a), Some(b)) = (c0, c1) {
-            report.client_cpu_pct = 100.0 * (b.cpu_s - a.cpu_s) / measured_s;
+            report.client_cpu_pct = 100.0 * (b - a) / measured_s;
         }
         report.measured_s = measured_s;
         Ok(report)
     })
+}
+
+type Connected = (usize, Box<dyn client::Stream>, Vec<u8>);
+
+/// Connects every subscriber from this process, a bounded number at a time. Returns the
+/// streams and the handshake times.
+async fn connect_all(
+    sc: &Scenario,
+    t: &Target,
+    filters: &[scenario::SubFilter],
+    label: &str,
+) -> anyhow::Result<(Vec<Connected>, Histogram<u64>)> {
+    let bar = ProgressBar::new(filters.len() as u64)
+        .with_style(
+            ProgressStyle::with_template("{prefix} connecting {pos}/{len} {wide_bar}")
+                .expect("template"),
+        )
+        .with_prefix(label.to_string());
+    let sem = Arc::new(tokio::sync::Semaphore::new(sc.connect_concurrency.max(1)));
+    let mut connecting = tokio::task::JoinSet::new();
+    for (i, f) in filters.iter().enumerate() {
+        let (sem, q, token, ws, tls) = (sem.clone(), f.query(), t.token.clone(), t.ws, t.tls.clone());
+        connecting.spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore open");
+            (i, client::connect(ws, &token, &q, tls.as_ref(), None).await)
+        });
+    }
+    let mut conns = Vec::with_capacity(filters.len());
+    let mut hs = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    while let Some(r) = connecting.join_next().await {
+        let (i, res) = r?;
+        let (s, leftover, took) = res.with_context(|| format!("subscriber {i}"))?;
+        let _ = hs.record((took.as_micros() as u64).max(1));
+        conns.push((i, s, leftover));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok((conns, hs))
+}
+
+/// Where the subscriber sockets live: tasks of this process, or worker processes.
+enum Subscribers {
+    Local(tokio::task::JoinSet<(usize, (u64, bool))>),
+    Workers(worker::Workers),
+}
+
+impl Subscribers {
+    /// Subscriber `i` drops its connection and resumes with `since`.
+    async fn churn(&mut self, shared: &Shared, i: usize) -> anyhow::Result<()> {
+        match self {
+            Subscribers::Local(_) => {
+                shared.churn[i].store(true, Relaxed);
+                Ok(())
+            }
+            Subscribers::Workers(w) => w.churn(i).await,
+        }
+    }
+
+    /// Every subscriber reconnects at once.
+    async fn storm(&mut self, shared: &Shared) -> anyhow::Result<()> {
+        match self {
+            Subscribers::Local(_) => {
+                shared.churn.iter().for_each(|f| f.store(true, Relaxed));
+                Ok(())
+            }
+            Subscribers::Workers(w) => w.storm().await,
+        }
+    }
+
+    /// Stops every subscriber; per subscriber (in order): frames received, closed by the server.
+    async fn finish(self, shared: &Shared) -> anyhow::Result<Vec<(u64, bool)>> {
+        match self {
+            Subscribers::Local(mut readers) => {
+                shared.stop.store(true, Relaxed);
+                let mut out = vec![(0, false); shared.churn.len()];
+                while let Some(r) = readers.join_next().await {
+                    let (i, res) = r?;
+                    out[i] = res;
+                }
+                Ok(out)
+            }
+            Subscribers::Workers(w) => w.finish().await,
+        }
+    }
 }
 
 /// Runs relay, baseline and limit alternately; prints medians and ratios. Returns whether

@@ -42,7 +42,7 @@ pub struct Scenario {
     #[arg(long, default_value_t = 200)]
     pub connect_concurrency: usize,
     /// Parse one frame in this many, per subscriber, for latency.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 32)]
     pub sample_every: u64,
     /// Only connect the subscribers and measure the server's RSS per idle connection.
     #[arg(long)]
@@ -59,6 +59,10 @@ pub struct Scenario {
     /// Client runtime threads (1 keeps the client to one core; the rest is the server's).
     #[arg(long, default_value_t = 1)]
     pub client_threads: usize,
+    /// Worker processes that hold the subscriber sockets (a process may open at most
+    /// 20,000 files here). Default: none up to 15,000 subscribers, then one per 15,000.
+    #[arg(long)]
+    pub workers: Option<usize>,
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -62,7 +62,7 @@ pub struct TargetArgs {
 }
 
 /// A TLS connector trusting exactly the certificates in `pem`.
-fn tls_connector(pem: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+pub fn tls_connector(pem: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
     Ok(tokio_rustls::TlsConnector::from(
         krux_relay::io::tls::client_config_trusting(pem)?,
     ))
@@ -76,6 +76,8 @@ pub struct Target {
     pub token: String,
     pub pid: Option<u32>,
     pub tls: Option<tokio_rustls::TlsConnector>,
+    /// The certificate `tls` trusts (worker processes build their own connector from it).
+    pub ca_pem: Option<std::path::PathBuf>,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -113,6 +115,7 @@ impl Target {
                 token,
                 pid: args.pid,
                 tls: args.ca_cert.as_deref().map(tls_connector).transpose()?,
+                ca_pem: args.ca_cert.clone(),
                 child: None,
                 _dir: None,
             });
@@ -189,11 +192,12 @@ impl Target {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let tls = match (args.tls, kind) {
+        let ca_pem = match (args.tls, kind) {
             (false, _) => None,
-            (true, Kind::Relay) => Some(tls_connector(&dir.path().join("tls-self-signed.pem"))?),
+            (true, Kind::Relay) => Some(dir.path().join("tls-self-signed.pem")),
             (true, other) => bail!("--tls: the {} has no TLS", other.binary()),
         };
+        let tls = ca_pem.as_deref().map(tls_connector).transpose()?;
         let addr = |k: &str| -> anyhow::Result<SocketAddr> {
             info[k]
                 .as_str()
@@ -208,6 +212,7 @@ impl Target {
             token,
             pid: Some(child.id()),
             tls,
+            ca_pem,
             child: Some(child),
             _dir: Some(dir),
         })
