@@ -138,6 +138,18 @@ impl SubscriberIndex {
 
     /// Calls `f` once for every subscriber whose filter matches `keys`.
     pub fn for_each_match(&self, keys: &FilterKeys, mut f: impl FnMut(SubId)) {
+        self.everything.iter().copied().for_each(&mut f);
+        self.for_each_filtered_match(keys, f);
+    }
+
+    /// The subscribers without a filter: they get every event (the fan-out serves them a
+    /// whole round of events at a time).
+    pub fn unfiltered(&self) -> &[SubId] {
+        &self.everything
+    }
+
+    /// Like `for_each_match`, for the subscribers with a filter only.
+    pub fn for_each_filtered_match(&self, keys: &FilterKeys, mut f: impl FnMut(SubId)) {
         let mut check = |id: SubId| {
             if self.filters[id]
                 .as_ref()
@@ -146,7 +158,6 @@ impl SubscriberIndex {
                 f(id);
             }
         };
-        self.everything.iter().copied().for_each(&mut check);
         self.by_type[keys.etype.index()]
             .iter()
             .copied()

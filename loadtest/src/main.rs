@@ -396,7 +396,8 @@ async fn connect_all(
     let sem = Arc::new(tokio::sync::Semaphore::new(sc.connect_concurrency.max(1)));
     let mut connecting = tokio::task::JoinSet::new();
     for (i, f) in filters.iter().enumerate() {
-        let (sem, q, token, ws, tls) = (sem.clone(), f.query(), t.token.clone(), t.ws, t.tls.clone());
+        let (sem, q, token, ws, tls) =
+            (sem.clone(), f.query(), t.token.clone(), t.ws, t.tls.clone());
         connecting.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
             (i, client::connect(ws, &token, &q, tls.as_ref(), None).await)

@@ -153,7 +153,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                             f.store(true, Relaxed);
                         }
                     }
-                    _ if line == "storm" => shared.churn.iter().for_each(|f| f.store(true, Relaxed)),
+                    _ if line == "storm" => {
+                        shared.churn.iter().for_each(|f| f.store(true, Relaxed))
+                    }
                     _ if line == "stop" => break,
                     _ => {}
                 }

@@ -27,7 +27,7 @@ use crate::io::Listener;
 use crate::metrics::Metrics;
 use crate::proto::handshake::Principal;
 use crate::proto::ws::close_code;
-use crate::ring::{Cursor, Slot};
+use crate::ring::{Cursor, Entry, Slot};
 
 /// Settings and state shared by all reactors (read-mostly, thread-safe).
 pub struct Shared {
@@ -247,54 +247,46 @@ impl Reactor {
 /// Ring → index → outboxes, then wake the writers that got something.
 async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
     let mut dirty: Vec<SubId> = Vec::new();
+    let mut round: Vec<Arc<Entry>> = Vec::with_capacity(FANOUT_BATCH as usize);
     loop {
         cursor.wait().await;
         let end = cursor.ring().head().min(cursor.next + FANOUT_BATCH);
+        let mut lapped = false;
+        while cursor.next < end {
+            match cursor.ring().get(cursor.next) {
+                Slot::Ready(e) => {
+                    round.push(e);
+                    cursor.next += 1;
+                }
+                Slot::Lapped => {
+                    lapped = true;
+                    break;
+                }
+                Slot::Pending => break,
+            }
+        }
         {
             let subs = reactor.subs.borrow();
-            let index = reactor.index.borrow();
-            while cursor.next < end {
-                match cursor.ring().get(cursor.next) {
-                    Slot::Ready(e) => {
-                        index.for_each_match(&e.keys, |id| {
-                            let mut out = subs[id].out.borrow_mut();
-                            let was_open = out.state() == OutState::Open;
-                            let queued = out.push_event(&e.frame, e.seq, e.accepted_at);
-                            if was_open && out.state() != OutState::Open {
-                                reactor
-                                    .shared
-                                    .metrics
-                                    .slow_consumer_closes
-                                    .fetch_add(1, Ordering::Relaxed);
-                            }
-                            if queued && !out.dirty {
-                                out.dirty = true;
-                                dirty.push(id);
-                            }
-                        });
-                        cursor.next += 1;
-                    }
-                    Slot::Lapped => {
-                        // The ingest outran this reactor by a whole window: whatever its
-                        // subscribers missed is gone, so each is told where to resume.
-                        let oldest = cursor.ring().oldest();
-                        tracing::warn!(
-                            reactor = reactor.id,
-                            missed_from = cursor.next,
-                            oldest,
-                            "reactor fell behind the replay window"
-                        );
-                        for (_, sub) in subs.iter() {
-                            let since = sub.out.borrow().last_seq();
-                            sub.close(
-                                close_code::SLOW_CONSUMER,
-                                &format!("slow consumer; resume with since={since}"),
-                            );
-                        }
-                        cursor.next = oldest;
-                    }
-                    Slot::Pending => break,
+            dispatch(&reactor, &subs, &round, &mut dirty);
+            round.clear();
+            if lapped {
+                // The ingest outran this reactor by a whole window: whatever its
+                // subscribers missed is gone, so each is told where to resume.
+                let oldest = cursor.ring().oldest();
+                tracing::warn!(
+                    reactor = reactor.id,
+                    missed_from = cursor.next,
+                    oldest,
+                    "reactor fell behind the replay window"
+                );
+                for (_, sub) in subs.iter() {
+                    let since = sub.out.borrow().last_seq();
+                    sub.close(
+                        close_code::SLOW_CONSUMER,
+                        &format!("slow consumer; resume with since={since}"),
+                    );
                 }
+                cursor.next = oldest;
             }
             reactor.next_seq.set(cursor.next);
             for id in dirty.drain(..) {
@@ -305,6 +297,48 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
         }
         // Let the writers run (and, on io_uring, submit all their writes at once).
         tokio::task::yield_now().await;
+    }
+}
+
+/// Queues one round of events (in seq order) to the subscribers they match. Unfiltered
+/// subscribers take the whole round at once, subscriber by subscriber (their queue stays
+/// hot in cache and consecutive frames merge into one run); filtered ones are found event
+/// by event through the index. Each subscriber is in exactly one of the two groups, so it
+/// still gets its frames in seq order.
+fn dispatch(
+    reactor: &Reactor,
+    subs: &Slab<Rc<Subscriber>>,
+    round: &[Arc<Entry>],
+    dirty: &mut Vec<SubId>,
+) {
+    if round.is_empty() {
+        return;
+    }
+    let index = reactor.index.borrow();
+    let mut push = |id: SubId, entries: &mut dyn Iterator<Item = &Arc<Entry>>| {
+        let mut out = subs[id].out.borrow_mut();
+        let was_open = out.state() == OutState::Open;
+        let mut queued = false;
+        for e in entries {
+            queued |= out.push_event(&e.frame, e.seq, e.accepted_at);
+        }
+        if was_open && out.state() != OutState::Open {
+            reactor
+                .shared
+                .metrics
+                .slow_consumer_closes
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if queued && !out.dirty {
+            out.dirty = true;
+            dirty.push(id);
+        }
+    };
+    for &id in index.unfiltered() {
+        push(id, &mut round.iter());
+    }
+    for e in round {
+        index.for_each_filtered_match(&e.keys, |id| push(id, &mut std::iter::once(e)));
     }
 }
 
