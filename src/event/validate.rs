@@ -109,10 +109,7 @@ impl Validator {
         // JSON never has raw control characters (other than whitespace) anywhere, and
         // simd-json lets a NUL after a number through (found by the ingest_line fuzzer),
         // so refuse them before parsing: subscribers must only ever get valid JSON.
-        if let Some(at) = line
-            .iter()
-            .position(|&b| b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n'))
-        {
+        if let Some(at) = first_control(line) {
             return Err(LineError::InvalidJson(format!(
                 "control character 0x{:02x} at byte {}",
                 line[at],
@@ -133,6 +130,36 @@ impl Validator {
         self.tape = Some(tape.reset());
         result
     }
+}
+
+/// A control character JSON does not allow raw: below 0x20 and not whitespace.
+fn is_control(b: u8) -> bool {
+    b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n')
+}
+
+/// The position of the first `is_control` byte, eight bytes at a time: a byte-by-byte scan
+/// was a fifth of the instructions spent per event.
+fn first_control(line: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let mut chunks = line.chunks_exact(8);
+    let mut base = 0;
+    for c in &mut chunks {
+        let x = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+        // Non-zero iff some byte is below 0x20 (bit-twiddling "hasless"); whitespace and
+        // exactness are settled by the byte scan.
+        if x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0 {
+            if let Some(i) = c.iter().position(|&b| is_control(b)) {
+                return Some(base + i);
+            }
+        }
+        base += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| is_control(b))
+        .map(|i| base + i)
 }
 
 fn check_envelope(root: Value<'_, '_>) -> Result<ValidEvent, LineError> {
@@ -303,6 +330,23 @@ fn truncated(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_scan_agrees_with_a_byte_scan() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..40);
+            let line: Vec<u8> = (0..len)
+                .map(|_| match rng.u8(0..4) {
+                    0 => rng.u8(0..0x21),
+                    1 => rng.u8(0x80..=0xFF),
+                    _ => rng.u8(0x20..0x7F),
+                })
+                .collect();
+            let naive = line.iter().position(|&b| is_control(b));
+            assert_eq!(first_control(&line), naive, "{line:?}");
+        }
+    }
 
     pub(crate) const SEED: &str = include_str!("../../tests/data/seed_events.ndjson");
 
