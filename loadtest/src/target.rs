@@ -35,9 +35,10 @@ pub struct TargetArgs {
     /// Directory holding krux-relay, krux-baseline and krux-limit (default: next to this binary).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
-    /// Relay reactor threads when spawning the relay.
-    #[arg(long)]
-    pub reactors: Option<usize>,
+    /// Server threads when spawning: the relay's reactors, the baseline's and the limit
+    /// server's runtime workers (default: one per core).
+    #[arg(long, alias = "reactors")]
+    pub threads: Option<usize>,
     /// Relay I/O backend when spawning the relay (auto, uring, epoll).
     #[arg(long, default_value = "auto")]
     pub io: String,
@@ -152,7 +153,7 @@ impl Target {
             Kind::Relay => {
                 cmd.args(["serve", "--admin", "127.0.0.1:0", "--io", &args.io]);
                 cmd.env("KRUX_DATA_DIR", dir.path()).env("KRUX_LOG", "warn");
-                if let Some(r) = args.reactors {
+                if let Some(r) = args.threads {
                     cmd.args(["--reactors", &r.to_string()]);
                 }
                 if args.tls {
@@ -163,6 +164,9 @@ impl Target {
                 cmd.arg("--data-dir").arg(dir.path());
             }
             Kind::Limit => {}
+        }
+        if let (Some(n), Kind::Baseline | Kind::Limit) = (args.threads, kind) {
+            cmd.args(["--threads", &n.to_string()]);
         }
         cmd.args([
             "--listen",

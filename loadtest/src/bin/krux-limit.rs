@@ -23,7 +23,8 @@ struct Args {
 type Batch = Arc<Vec<Bytes>>;
 
 fn main() -> anyhow::Result<()> {
-    common::block_on(run(Args::parse()))
+    let args = Args::parse();
+    common::block_on(args.net.threads, run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

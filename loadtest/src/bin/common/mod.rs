@@ -7,14 +7,17 @@ use std::path::PathBuf;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-/// Runs a server on a multi-threaded tokio runtime (a tokio service's default shape).
+/// Runs a server on a multi-threaded tokio runtime (a tokio service's default shape), with
+/// `threads` workers (default: one per core).
 pub fn block_on(
+    threads: Option<usize>,
     server: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(server)
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        rt.worker_threads(n.max(1));
+    }
+    rt.enable_all().build()?.block_on(server)
 }
 
 /// The listening flags both reference servers take, as the relay spells them.
@@ -26,6 +29,9 @@ pub struct Listen {
     pub ingest: SocketAddr,
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 impl Listen {
