@@ -346,14 +346,70 @@ fn sent_at(payload: &[u8]) -> Option<u64> {
         .ok()
 }
 
+/// Where subscribers connect, and as whom.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub ws: SocketAddr,
+    pub token: String,
+    pub tls: Option<tokio_rustls::TlsConnector>,
+}
+
 /// How a subscriber reconnects when asked to (churn and storm runs).
 #[derive(Clone)]
 pub struct Reconnect {
-    pub ws: SocketAddr,
-    pub token: String,
+    pub ep: Endpoint,
     /// The subscriber's filter as a query string.
     pub query: String,
-    pub tls: Option<tokio_rustls::TlsConnector>,
+}
+
+pub type Readers = tokio::task::JoinSet<(usize, (u64, bool))>;
+
+/// Connects one subscriber per filter query, `concurrency` handshakes at a time (calling
+/// `on_connected` after each), then starts reading them all. Returns the readers (each
+/// yields its index and what `subscribe` returns) and the handshake times.
+pub async fn start_subscribers(
+    ep: &Endpoint,
+    queries: &[String],
+    concurrency: usize,
+    shared: &Arc<Shared>,
+    sample_every: u64,
+    reconnect: bool,
+    mut on_connected: impl FnMut(),
+) -> anyhow::Result<(Readers, Histogram<u64>)> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut connecting = tokio::task::JoinSet::new();
+    for (i, q) in queries.iter().enumerate() {
+        let (sem, q, ep) = (sem.clone(), q.clone(), ep.clone());
+        connecting.spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore open");
+            (
+                i,
+                connect(ep.ws, &ep.token, &q, ep.tls.as_ref(), None).await,
+            )
+        });
+    }
+    let mut hs = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut conns = Vec::with_capacity(queries.len());
+    while let Some(r) = connecting.join_next().await {
+        let (i, res) = r?;
+        let (s, leftover, took) = res.with_context(|| format!("subscriber {i}"))?;
+        let _ = hs.record((took.as_micros() as u64).max(1));
+        conns.push((i, s, leftover));
+        on_connected();
+    }
+    let mut readers = Readers::new();
+    for (i, s, leftover) in conns {
+        let reconnect = reconnect.then(|| Reconnect {
+            ep: ep.clone(),
+            query: queries[i].clone(),
+        });
+        let shared = shared.clone();
+        readers.spawn(async move {
+            let got = subscribe(s, leftover, shared, sample_every, i, reconnect).await;
+            (i, got)
+        });
+    }
+    Ok((readers, hs))
 }
 
 /// Reads one subscriber until it is closed or the run stops; returns the frames received
@@ -439,10 +495,10 @@ pub async fn subscribe(
         };
         drop(s);
         match connect(
-            r.ws,
-            &r.token,
+            r.ep.ws,
+            &r.ep.token,
             &r.query,
-            r.tls.as_ref(),
+            r.ep.tls.as_ref(),
             Some(counter.last_seq),
         )
         .await

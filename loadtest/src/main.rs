@@ -47,7 +47,7 @@ enum Command {
         /// Where to write the JSON report and the SVG plot.
         #[arg(long, default_value = "loadtest-report")]
         out: PathBuf,
-        /// Exit 1 if any delivery was lost (or a subscriber could not connect).
+        /// Exit 1 if any delivery was lost.
         #[arg(long)]
         fail_on_loss: bool,
     },
@@ -147,6 +147,12 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
         });
         let reconnect = sc.churn > 0 || sc.storm;
         let started = Instant::now();
+        let ep = client::Endpoint {
+            ws: t.ws,
+            token: t.token.clone(),
+            tls: t.tls.clone(),
+        };
+        let queries: Vec<String> = filters.iter().map(|f| f.query()).collect();
         let (mut subs, hs) = if workers > 0 {
             eprintln!(
                 "{label}: connecting {} subscribers from {workers} worker processes",
@@ -156,7 +162,7 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
                 ws: t.ws,
                 token: t.token.clone(),
                 ca_pem: t.ca_pem.clone(),
-                queries: filters.iter().map(|f| f.query()).collect(),
+                queries,
                 sample_every: sc.sample_every,
                 reconnect,
                 connect_concurrency: sc.connect_concurrency.div_ceil(workers),
@@ -165,24 +171,23 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
             let (w, hs) = worker::Workers::start(workers, cfg, shared.clone()).await?;
             (Subscribers::Workers(w), hs)
         } else {
-            let (conns, hs) = connect_all(sc, t, &filters, &label).await?;
-            let mut readers = tokio::task::JoinSet::new();
-            for (i, s, leftover) in conns {
-                let sh = shared.clone();
-                let every = sc.sample_every;
-                let reconnect = reconnect.then(|| client::Reconnect {
-                    ws: t.ws,
-                    token: t.token.clone(),
-                    query: filters[i].query(),
-                    tls: t.tls.clone(),
-                });
-                readers.spawn(async move {
-                    (
-                        i,
-                        client::subscribe(s, leftover, sh, every, i, reconnect).await,
-                    )
-                });
-            }
+            let bar = ProgressBar::new(filters.len() as u64)
+                .with_style(
+                    ProgressStyle::with_template("{prefix} connecting {pos}/{len} {wide_bar}")
+                        .expect("template"),
+                )
+                .with_prefix(label.clone());
+            let (readers, hs) = client::start_subscribers(
+                &ep,
+                &queries,
+                sc.connect_concurrency,
+                &shared,
+                sc.sample_every,
+                reconnect,
+                || bar.inc(1),
+            )
+            .await?;
+            bar.finish_and_clear();
             (Subscribers::Local(readers), hs)
         };
         let connect_s = started.elapsed().as_secs_f64();
@@ -377,48 +382,9 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
     })
 }
 
-type Connected = (usize, Box<dyn client::Stream>, Vec<u8>);
-
-/// Connects every subscriber from this process, a bounded number at a time. Returns the
-/// streams and the handshake times.
-async fn connect_all(
-    sc: &Scenario,
-    t: &Target,
-    filters: &[scenario::SubFilter],
-    label: &str,
-) -> anyhow::Result<(Vec<Connected>, Histogram<u64>)> {
-    let bar = ProgressBar::new(filters.len() as u64)
-        .with_style(
-            ProgressStyle::with_template("{prefix} connecting {pos}/{len} {wide_bar}")
-                .expect("template"),
-        )
-        .with_prefix(label.to_string());
-    let sem = Arc::new(tokio::sync::Semaphore::new(sc.connect_concurrency.max(1)));
-    let mut connecting = tokio::task::JoinSet::new();
-    for (i, f) in filters.iter().enumerate() {
-        let (sem, q, token, ws, tls) =
-            (sem.clone(), f.query(), t.token.clone(), t.ws, t.tls.clone());
-        connecting.spawn(async move {
-            let _permit = sem.acquire_owned().await.expect("semaphore open");
-            (i, client::connect(ws, &token, &q, tls.as_ref(), None).await)
-        });
-    }
-    let mut conns = Vec::with_capacity(filters.len());
-    let mut hs = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    while let Some(r) = connecting.join_next().await {
-        let (i, res) = r?;
-        let (s, leftover, took) = res.with_context(|| format!("subscriber {i}"))?;
-        let _ = hs.record((took.as_micros() as u64).max(1));
-        conns.push((i, s, leftover));
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    Ok((conns, hs))
-}
-
 /// Where the subscriber sockets live: tasks of this process, or worker processes.
 enum Subscribers {
-    Local(tokio::task::JoinSet<(usize, (u64, bool))>),
+    Local(client::Readers),
     Workers(worker::Workers),
 }
 

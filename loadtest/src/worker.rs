@@ -101,42 +101,21 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     shared.measuring.store(true, Relaxed); // the parent decides which samples count
     let mut out = tokio::io::stdout();
 
-    let sem = Arc::new(tokio::sync::Semaphore::new(cfg.connect_concurrency.max(1)));
-    let mut connecting = tokio::task::JoinSet::new();
-    for (i, q) in cfg.queries.iter().enumerate() {
-        let (sem, q, token, tls) = (sem.clone(), q.clone(), cfg.token.clone(), tls.clone());
-        let ws = cfg.ws;
-        connecting.spawn(async move {
-            let _permit = sem.acquire_owned().await.expect("semaphore open");
-            (i, client::connect(ws, &token, &q, tls.as_ref(), None).await)
-        });
-    }
-    let mut hs = new_histogram();
-    let mut readers = tokio::task::JoinSet::new();
-    let mut pending = Vec::with_capacity(n);
-    while let Some(r) = connecting.join_next().await {
-        let (i, res) = r?;
-        let (s, leftover, took) = res.with_context(|| format!("worker subscriber {i}"))?;
-        let _ = hs.record((took.as_micros() as u64).max(1));
-        pending.push((i, s, leftover));
-    }
-    // Start reading only once all are connected, as the in-process client does.
-    for (i, s, leftover) in pending {
-        let reconnect = cfg.reconnect.then(|| client::Reconnect {
-            ws: cfg.ws,
-            token: cfg.token.clone(),
-            query: cfg.queries[i].clone(),
-            tls: tls.clone(),
-        });
-        let sh = shared.clone();
-        let every = cfg.sample_every;
-        readers.spawn(async move {
-            (
-                i,
-                client::subscribe(s, leftover, sh, every, i, reconnect).await,
-            )
-        });
-    }
+    let ep = client::Endpoint {
+        ws: cfg.ws,
+        token: cfg.token.clone(),
+        tls,
+    };
+    let (mut readers, hs) = client::start_subscribers(
+        &ep,
+        &cfg.queries,
+        cfg.connect_concurrency,
+        &shared,
+        cfg.sample_every,
+        cfg.reconnect,
+        || {},
+    )
+    .await?;
     out.write_all(format!("ready {}\n", encode(&hs)).as_bytes())
         .await?;
     out.flush().await?;

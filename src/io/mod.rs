@@ -3,9 +3,8 @@
 //! Everything above it (handshake, subscriber queues, fan-out) sees a `Conn` that reads
 //! into an owned buffer and writes a vector of `Span`s — runs of shared frame bytes
 //! (owned buffers are what io_uring needs: the kernel holds them while the operation is
-//! in flight). Both backends
-//! run one single-threaded runtime per reactor thread with `tokio::task::spawn_local`, so
-//! tasks, timers and `Notify` work the same on either.
+//! in flight). Both backends run one single-threaded runtime per reactor thread with
+//! `tokio::task::spawn_local`, so tasks, timers and `Notify` work the same on either.
 
 pub mod epoll;
 pub mod tls;

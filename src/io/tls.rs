@@ -18,11 +18,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::Bytes;
-
-use crate::frame::Span;
 use rustls::ServerConnection;
 
 use super::{write_all, Conn};
+use crate::frame::Span;
 
 /// A server config from PEM files.
 pub fn config_from_pem(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
