@@ -51,7 +51,8 @@ struct Done {
     closes: std::collections::BTreeMap<u16, u64>,
     duplicates: u64,
     reconnects: u64,
-    reconnect_latency: Vec<(u64, u64)>,
+    /// Reconnect times, as `<hist>`.
+    reconnect_latency: String,
 }
 
 fn encode(h: &Histogram<u64>) -> String {
@@ -169,13 +170,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         closes: shared.closes.lock().expect("closes lock").clone(),
         duplicates: shared.duplicates.load(Relaxed),
         reconnects: shared.reconnects.load(Relaxed),
-        reconnect_latency: shared
-            .reconnect_latency
-            .lock()
-            .expect("latency lock")
-            .iter_recorded()
-            .map(|v| (v.value_iterated_to(), v.count_at_value()))
-            .collect(),
+        reconnect_latency: encode(&shared.reconnect_latency.lock().expect("latency lock")),
     };
     let line = format!(
         "s {} {samples}\ndone {}\n",
@@ -276,10 +271,10 @@ impl Workers {
                             }
                             shared.duplicates.fetch_add(done.duplicates, Relaxed);
                             shared.reconnects.fetch_add(done.reconnects, Relaxed);
-                            let mut rl = shared.reconnect_latency.lock().expect("latency lock");
-                            for (v, c) in &done.reconnect_latency {
-                                let _ = rl.record_n(*v, *c);
-                            }
+                            merge(
+                                &mut shared.reconnect_latency.lock().expect("latency lock"),
+                                &done.reconnect_latency,
+                            )?;
                             return Ok(done);
                         }
                         other => bail!("unexpected worker message {other:?}"),
