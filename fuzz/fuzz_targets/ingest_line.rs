@@ -31,8 +31,9 @@ fuzz_target!(|data: &[u8]| {
     };
     splitter.feed(data, &mut check);
     splitter.finish(&mut check);
-    // Runs break only where a 256 KiB arena chunk ends.
-    assert!(runs.len() <= 1 + expected.len() / (256 * 1024), "{} runs", runs.len());
+    // Runs break only where a 256 KiB arena chunk ends; lines are at most 64 KiB here, so
+    // a chunk is more than half full before the next starts.
+    assert!(runs.len() <= 1 + expected.len() / (128 * 1024), "{} runs", runs.len());
     let joined: Vec<u8> = runs.iter().flat_map(|r| r.to_vec()).collect();
     assert_eq!(joined, expected);
 });
