@@ -50,6 +50,9 @@ pub type SubId = usize;
 pub struct SubscriberIndex {
     filters: Vec<Option<Filter>>,
     everything: Vec<SubId>,
+    /// Where each unfiltered subscriber sits in `everything`, so removing one is O(1):
+    /// that list can hold every subscriber, and a reconnect storm removes them all.
+    everything_pos: HashMap<SubId, usize>,
     by_type: [Vec<SubId>; 11],
     by_agent: HashMap<Box<str>, Vec<SubId>>,
     by_session: HashMap<Box<str>, Vec<SubId>>,
@@ -99,7 +102,10 @@ impl SubscriberIndex {
             "subscriber {id} is indexed once"
         );
         match bucket_of(&filter) {
-            Bucket::Everything => self.everything.push(id),
+            Bucket::Everything => {
+                self.everything_pos.insert(id, self.everything.len());
+                self.everything.push(id);
+            }
             Bucket::Types(mask) => {
                 for t in EventType::ALL.iter().filter(|t| mask & t.bit() != 0) {
                     self.by_type[t.index()].push(id);
@@ -123,7 +129,16 @@ impl SubscriberIndex {
     pub fn remove(&mut self, id: SubId) -> Option<Filter> {
         let filter = self.filters.get_mut(id)?.take()?;
         match bucket_of(&filter) {
-            Bucket::Everything => remove_id(&mut self.everything, id),
+            Bucket::Everything => {
+                let pos = self
+                    .everything_pos
+                    .remove(&id)
+                    .expect("an unfiltered subscriber has a position");
+                self.everything.swap_remove(pos);
+                if let Some(&moved) = self.everything.get(pos) {
+                    self.everything_pos.insert(moved, pos);
+                }
+            }
             Bucket::Types(mask) => {
                 for t in EventType::ALL.iter().filter(|t| mask & t.bit() != 0) {
                     remove_id(&mut self.by_type[t.index()], id);
@@ -311,6 +326,15 @@ mod tests {
             filters[id] = None;
         }
         assert!(idx.remove(0).is_none());
+        // Reuse some ids unfiltered (slab ids are reused), then remove a few of those.
+        for id in (0..400).step_by(6) {
+            idx.insert(id, Filter::default());
+            filters[id] = Some(Filter::default());
+        }
+        for id in (0..400).step_by(12) {
+            assert!(idx.remove(id).is_some());
+            filters[id] = None;
+        }
         assert_eq!(idx.len(), filters.iter().flatten().count());
         for _ in 0..2000 {
             let t = EventType::ALL[rng.usize(..11)];
