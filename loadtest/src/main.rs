@@ -147,11 +147,6 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
         });
         let reconnect = sc.churn > 0 || sc.storm;
         let started = Instant::now();
-        let ep = client::Endpoint {
-            ws: t.ws,
-            token: t.token.clone(),
-            tls: t.tls.clone(),
-        };
         let queries: Vec<String> = filters.iter().map(|f| f.query()).collect();
         let (mut subs, hs) = if workers > 0 {
             eprintln!(
@@ -177,6 +172,11 @@ pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
                         .expect("template"),
                 )
                 .with_prefix(label.clone());
+            let ep = client::Endpoint {
+                ws: t.ws,
+                token: t.token.clone(),
+                tls: t.tls.clone(),
+            };
             let (readers, hs) = client::start_subscribers(
                 &ep,
                 &queries,
