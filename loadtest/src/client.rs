@@ -243,12 +243,6 @@ impl FrameCounter {
                     return;
                 }
             }
-            // A whole short-frame header at hand.
-            if self.head_len == 0 && data.len() >= 2 && data[1] & 0x7F < 126 {
-                self.start_frame(data[0] & 0x0F, u64::from(data[1] & 0x7F), on);
-                data = &data[2..];
-                continue;
-            }
             // Collect a header: 2 bytes, then 0, 2 or 8 length bytes (server frames are unmasked).
             let need = |h: &[u8]| -> usize {
                 if h.len() < 2 {
