@@ -132,21 +132,23 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         }
-        let _ = writeln!(out, "# HELP krux_reactor_subscribers Open subscriber WebSockets per reactor thread.\n# TYPE krux_reactor_subscribers gauge");
-        for (i, g) in self.reactor_subscribers.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "krux_reactor_subscribers{{reactor=\"{i}\"}} {}",
-                g.load(Relaxed)
-            );
-        }
-        let _ = writeln!(out, "# HELP krux_reactor_queued_bytes Bytes queued for subscribers and not yet written, per reactor.\n# TYPE krux_reactor_queued_bytes gauge");
-        for (i, g) in self.reactor_queued.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "krux_reactor_queued_bytes{{reactor=\"{i}\"}} {}",
-                g.load(Relaxed)
-            );
+        let per_reactor = [
+            (
+                "krux_reactor_subscribers",
+                "Open subscriber WebSockets per reactor thread.",
+                &self.reactor_subscribers,
+            ),
+            (
+                "krux_reactor_queued_bytes",
+                "Bytes queued for subscribers and not yet written, per reactor.",
+                &self.reactor_queued,
+            ),
+        ];
+        for (name, help, gauges) in per_reactor {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (i, g) in gauges.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{reactor=\"{i}\"}} {}", g.load(Relaxed));
+            }
         }
         let _ = writeln!(out, "# HELP krux_ingest_to_write_seconds From ingest acceptance to the kernel taking the write, for the oldest event frame of each gathered write.\n# TYPE krux_ingest_to_write_seconds histogram");
         let mut cumulative = 0;
