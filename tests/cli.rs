@@ -50,11 +50,7 @@ async fn tail_prints_readable_lines_and_json_with_filters() {
     relay.publish(SEED).await;
 
     let out = readable.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 11, "{text}");
@@ -170,11 +166,7 @@ async fn demo_prints_a_working_token_and_tail_command() {
         .unwrap();
     let _ = demo.kill();
     let _ = demo.wait();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()

@@ -21,11 +21,7 @@ fn set_passphrase(relay: &Relay, pass: &str) {
         .unwrap();
     writeln!(child.stdin.take().unwrap(), "{pass}").unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }
 
 fn passphrase_query(pass: &str) -> String {

@@ -100,10 +100,6 @@ async fn wss_with_a_trusted_self_signed_certificate() {
         .env("KRUX_TOKEN", &relay.token)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 11);
 }

@@ -216,17 +216,22 @@ async fn spawn_relay(
     (child, addr("ws"), addr("ingest"), addr("admin"))
 }
 
+/// A command that must have succeeded; its stderr says why if not.
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn create_token(dir: &Path, name: &str) -> String {
     let out = Command::new(bin())
         .args(["user-token", "create", "--name", name])
         .env("KRUX_DATA_DIR", dir)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
