@@ -69,6 +69,9 @@ pub struct Subscriber {
     pub replay_next: Cell<Option<u64>>,
     /// While resuming: the filter, moved into the index once replay catches up.
     pub pending_filter: RefCell<Option<crate::filter::Filter>>,
+    /// Once indexed: the first seq fan-out owes it. A resume can get ahead of a lagging
+    /// fan-out (the window already starts past it), so this is not always `next_seq`.
+    pub live_from: Cell<u64>,
 }
 
 impl Subscriber {
@@ -236,6 +239,7 @@ impl Reactor {
                 .expect("a replaying subscriber keeps its filter");
             self.index.borrow_mut().insert(id, filter);
             sub.replay_next.set(None);
+            sub.live_from.set(seq);
             false
         } else {
             sub.replay_next.set(Some(seq));
@@ -271,7 +275,9 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
             round.clear();
             if lapped {
                 // The ingest outran this reactor by a whole window: whatever its
-                // subscribers missed is gone, so each is told where to resume.
+                // subscribers missed is gone, so each is told where to resume. Not those
+                // still replaying (they meet the gap themselves) nor those owed nothing
+                // before the window (a resume that started at its oldest entry).
                 let oldest = cursor.ring().oldest();
                 tracing::warn!(
                     reactor = reactor.id,
@@ -280,6 +286,9 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
                     "reactor fell behind the replay window"
                 );
                 for (_, sub) in subs.iter() {
+                    if sub.replay_next.get().is_some() || sub.live_from.get() >= oldest {
+                        continue;
+                    }
                     let since = sub.out.borrow().last_seq();
                     sub.close(
                         close_code::SLOW_CONSUMER,

@@ -96,6 +96,7 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
         closing_since: Cell::new(None),
         replay_next: Cell::new(None),
         pending_filter: RefCell::new(None),
+        live_from: Cell::new(start),
         kill: {
             let weak = Rc::downgrade(&conn);
             Box::new(move || {
