@@ -1,5 +1,6 @@
 //! Hot-path micro-benchmarks: validate + frame one event, index matching over 10k mixed
-//! subscribers, and queueing one frame to 1k subscriber outboxes.
+//! subscribers, index churn of 10k subscribers, and queueing one frame to 1k subscriber
+//! outboxes.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use krux_relay::event::{EventType, Validator};
@@ -68,6 +69,22 @@ fn index_match(c: &mut Criterion) {
             let mut n = 0usize;
             idx.for_each_match(black_box(&keys), |_| n += 1);
             n
+        })
+    });
+    // A reconnect storm: 10k subscribers of one event type leave and come back.
+    let one_type = Filter {
+        types: Some(EventType::CapabilityInvoked.bit()),
+        ..Filter::default()
+    };
+    let mut idx = SubscriberIndex::default();
+    c.bench_function("index_churn_10k_one_type", |b| {
+        b.iter(|| {
+            for id in 0..10_000 {
+                idx.insert(id, one_type.clone());
+            }
+            for id in 0..10_000 {
+                idx.remove(black_box(id));
+            }
         })
     });
 }

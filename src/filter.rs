@@ -49,14 +49,36 @@ pub type SubId = usize;
 #[derive(Debug, Default)]
 pub struct SubscriberIndex {
     filters: Vec<Option<Filter>>,
-    everything: Vec<SubId>,
-    /// Where each unfiltered subscriber sits in `everything`, so removing one is O(1):
-    /// that list can hold every subscriber, and a reconnect storm removes them all.
-    everything_pos: HashMap<SubId, usize>,
-    by_type: [Vec<SubId>; 11],
-    by_agent: HashMap<Box<str>, Vec<SubId>>,
-    by_session: HashMap<Box<str>, Vec<SubId>>,
+    everything: IdList,
+    by_type: [IdList; 11],
+    by_agent: HashMap<Box<str>, IdList>,
+    by_session: HashMap<Box<str>, IdList>,
     len: usize,
+}
+
+/// Ids in a dense list (fan-out iterates it per event) plus each one's position, so that
+/// removal is O(1): one list can hold every subscriber of a reactor, and a reconnect storm
+/// removes them all.
+#[derive(Debug, Default)]
+struct IdList {
+    ids: Vec<SubId>,
+    pos: HashMap<SubId, usize>,
+}
+
+impl IdList {
+    fn push(&mut self, id: SubId) {
+        self.pos.insert(id, self.ids.len());
+        self.ids.push(id);
+    }
+
+    fn remove(&mut self, id: SubId) {
+        if let Some(p) = self.pos.remove(&id) {
+            self.ids.swap_remove(p);
+            if let Some(&moved) = self.ids.get(p) {
+                self.pos.insert(moved, p);
+            }
+        }
+    }
 }
 
 enum Bucket<'a> {
@@ -78,12 +100,6 @@ fn bucket_of(f: &Filter) -> Bucket<'_> {
     }
 }
 
-fn remove_id(list: &mut Vec<SubId>, id: SubId) {
-    if let Some(pos) = list.iter().position(|&x| x == id) {
-        list.swap_remove(pos);
-    }
-}
-
 impl SubscriberIndex {
     pub fn len(&self) -> usize {
         self.len
@@ -102,10 +118,7 @@ impl SubscriberIndex {
             "subscriber {id} is indexed once"
         );
         match bucket_of(&filter) {
-            Bucket::Everything => {
-                self.everything_pos.insert(id, self.everything.len());
-                self.everything.push(id);
-            }
+            Bucket::Everything => self.everything.push(id),
             Bucket::Types(mask) => {
                 for t in EventType::ALL.iter().filter(|t| mask & t.bit() != 0) {
                     self.by_type[t.index()].push(id);
@@ -129,19 +142,10 @@ impl SubscriberIndex {
     pub fn remove(&mut self, id: SubId) -> Option<Filter> {
         let filter = self.filters.get_mut(id)?.take()?;
         match bucket_of(&filter) {
-            Bucket::Everything => {
-                let pos = self
-                    .everything_pos
-                    .remove(&id)
-                    .expect("an unfiltered subscriber has a position");
-                self.everything.swap_remove(pos);
-                if let Some(&moved) = self.everything.get(pos) {
-                    self.everything_pos.insert(moved, pos);
-                }
-            }
+            Bucket::Everything => self.everything.remove(id),
             Bucket::Types(mask) => {
                 for t in EventType::ALL.iter().filter(|t| mask & t.bit() != 0) {
-                    remove_id(&mut self.by_type[t.index()], id);
+                    self.by_type[t.index()].remove(id);
                 }
             }
             Bucket::Agents(agents) => remove_keyed(&mut self.by_agent, agents, id),
@@ -153,14 +157,14 @@ impl SubscriberIndex {
 
     /// Calls `f` once for every subscriber whose filter matches `keys`.
     pub fn for_each_match(&self, keys: &FilterKeys, mut f: impl FnMut(SubId)) {
-        self.everything.iter().copied().for_each(&mut f);
+        self.everything.ids.iter().copied().for_each(&mut f);
         self.for_each_filtered_match(keys, f);
     }
 
     /// The subscribers without a filter: they get every event (the fan-out serves them a
     /// whole round of events at a time).
     pub fn unfiltered(&self) -> &[SubId] {
-        &self.everything
+        &self.everything.ids
     }
 
     /// Like `for_each_match`, for the subscribers with a filter only.
@@ -174,24 +178,25 @@ impl SubscriberIndex {
             }
         };
         self.by_type[keys.etype.index()]
+            .ids
             .iter()
             .copied()
             .for_each(&mut check);
         if let Some(a) = keys.agent.as_deref() {
             if let Some(list) = self.by_agent.get(a) {
-                list.iter().copied().for_each(&mut check);
+                list.ids.iter().copied().for_each(&mut check);
             }
         }
         if let Some(s) = keys.session.as_deref() {
             if let Some(list) = self.by_session.get(s) {
-                list.iter().copied().for_each(&mut check);
+                list.ids.iter().copied().for_each(&mut check);
             }
         }
         if let Some(d) = keys.data_session.as_deref() {
             if let Some(list) = self.by_session.get(d) {
                 // A subscriber filed under both session keys was already called above.
                 let first = keys.session.as_deref();
-                for &id in list {
+                for &id in &list.ids {
                     let seen = first.is_some_and(|s| {
                         self.filters[id]
                             .as_ref()
@@ -215,11 +220,11 @@ fn dedup(values: &[Box<str>]) -> impl Iterator<Item = &Box<str>> {
         .map(|(_, v)| v)
 }
 
-fn remove_keyed(map: &mut HashMap<Box<str>, Vec<SubId>>, keys: &[Box<str>], id: SubId) {
+fn remove_keyed(map: &mut HashMap<Box<str>, IdList>, keys: &[Box<str>], id: SubId) {
     for k in keys {
         if let Some(list) = map.get_mut(k) {
-            remove_id(list, id);
-            if list.is_empty() {
+            list.remove(id);
+            if list.ids.is_empty() {
                 map.remove(k);
             }
         }
