@@ -180,6 +180,7 @@ fn refuse(status: u16, body: &str) -> ErrorResponse {
 async fn subscriber(stream: TcpStream, hub: Arc<Hub>) {
     let _ = stream.set_nodelay(true);
     let mut filter = None;
+    let mut rx = None;
     let auth = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != "/events" {
             return Err(refuse(
@@ -214,13 +215,16 @@ async fn subscriber(stream: TcpStream, hub: Arc<Hub>) {
         }
         let (f, _since) = parse_subscription(&params).map_err(|m| refuse(400, &m))?;
         filter = Some(f);
+        // Subscribe before the 101 goes out, as the relay registers: nothing published
+        // after the client sees the upgrade may be missed.
+        rx = Some(hub.tx.subscribe());
         Ok(resp)
     };
     let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, auth).await else {
         return;
     };
     let filter: Filter = filter.expect("set by the accepted handshake");
-    let mut rx = hub.tx.subscribe();
+    let mut rx = rx.expect("set by the accepted handshake");
     let (mut sink, mut incoming) = ws.split();
     // Inbound: tungstenite answers pings itself when the sink flushes; data is ignored.
     let reader = tokio::spawn(async move { while let Some(Ok(_)) = incoming.next().await {} });

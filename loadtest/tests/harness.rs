@@ -1,0 +1,370 @@
+//! The harness itself, from outside: the baseline keeps the relay's contract (so the
+//! ratios compare like with like), the limit server frames every line with its seq, and
+//! `krux-loadtest run` / `compare` count every delivery and write their reports. Real
+//! binaries on port 0 (ready files), real TCP and WebSocket.
+//!
+//! Needs the `krux-relay` binary next to `krux-loadtest`: `cargo test --workspace` (the
+//! README's test command) builds both.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+const SEED: &str = include_str!("../../tests/data/seed_events.ndjson");
+
+fn relay_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_krux-loadtest")).with_file_name("krux-relay");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One server process (relay, baseline or limit) on port 0.
+struct Server {
+    child: Child,
+    ws: SocketAddr,
+    ingest: SocketAddr,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Relay,
+    Baseline,
+    Limit,
+}
+
+impl Server {
+    async fn start(kind: Kind) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let token = krux_relay::auth::TokenStore::new(dir.path())
+            .create("harness-test")
+            .unwrap();
+        let ready = dir.path().join("ready.json");
+        let mut cmd = match kind {
+            Kind::Relay => {
+                let mut c = Command::new(relay_bin());
+                c.args(["serve", "--admin", "127.0.0.1:0"])
+                    .env("KRUX_DATA_DIR", dir.path())
+                    .env("KRUX_LOG", "warn");
+                c
+            }
+            Kind::Baseline => {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_krux-baseline"));
+                c.arg("--data-dir").arg(dir.path());
+                c
+            }
+            Kind::Limit => Command::new(env!("CARGO_BIN_EXE_krux-limit")),
+        };
+        let child = cmd
+            .args(["--listen", "127.0.0.1:0", "--ingest", "127.0.0.1:0"])
+            .arg("--ready-file")
+            .arg(&ready)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let info: Value = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str(&text) {
+                    break v;
+                }
+            }
+            assert!(Instant::now() < deadline, "{kind:?} wrote no ready file");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let addr = |k: &str| info[k].as_str().unwrap().parse().unwrap();
+        Server {
+            child,
+            ws: addr("ws"),
+            ingest: addr("ingest"),
+            token,
+            _dir: dir,
+        }
+    }
+
+    /// The status code of a WebSocket upgrade request for `path_and_query`.
+    async fn upgrade_status(&self, path_and_query: &str) -> u16 {
+        let mut s = TcpStream::connect(self.ws).await.unwrap();
+        let req = format!(
+            "GET {path_and_query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            self.ws
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.unwrap();
+        std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+    }
+
+    async fn subscribe(&self, query: &str) -> Ws {
+        let url = format!(
+            "ws://{}/events?access_token={}&{query}",
+            self.ws, self.token
+        );
+        tokio_tungstenite::connect_async(url).await.unwrap().0
+    }
+
+    /// Publishes NDJSON and returns every reply line (errors, then the summary).
+    async fn publish(&self, ndjson: &str) -> Vec<Value> {
+        let mut s = TcpStream::connect(self.ingest).await.unwrap();
+        s.write_all(ndjson.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+            .await
+            .expect("the ingest answers")
+            .unwrap();
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Every event that arrives until the stream has been quiet for `quiet`.
+async fn drain(ws: &mut Ws, quiet: Duration) -> Vec<Value> {
+    let mut got = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(quiet, ws.next()).await {
+        match msg.unwrap() {
+            Message::Text(t) => got.push(serde_json::from_str(&t).unwrap()),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    got
+}
+
+const FILTERS: [&str; 5] = [
+    "",
+    "type=policy_violation,health_alert",
+    "agent=deploy-agent",
+    "session=sess-a1b2c3d4",
+    "type=capability_invoked&agent=research-agent",
+];
+
+/// What a server answers and delivers for the same handshakes and the same published
+/// lines: statuses, the ingest's replies, and per filter each event's type, agent and seq
+/// relative to the first.
+async fn observe(kind: Kind) -> (Vec<u16>, Vec<Value>, Vec<Vec<(String, String, u64)>>) {
+    let server = Server::start(kind).await;
+    let statuses = vec![
+        server.upgrade_status("/events").await,
+        server
+            .upgrade_status("/events?access_token=krx_user_not_a_real_one")
+            .await,
+        server
+            .upgrade_status(&format!("/events?access_token={}", "ab".repeat(32)))
+            .await,
+        server
+            .upgrade_status(&format!("/nope?access_token={}", server.token))
+            .await,
+        server
+            .upgrade_status(&format!(
+                "/events?access_token={}&type=no_such_type",
+                server.token
+            ))
+            .await,
+    ];
+    let mut subs = Vec::new();
+    for f in FILTERS {
+        subs.push(server.subscribe(f).await);
+    }
+    // One bad line among the good ones: rejected alone, with its line number.
+    let mut lines: Vec<&str> = SEED.lines().collect();
+    lines.insert(4, r#"{"type":"capability_invoked","agent":"a"}"#);
+    let replies = server.publish(&(lines.join("\n") + "\n")).await;
+    let mut seen = Vec::new();
+    for ws in &mut subs {
+        seen.push(drain(ws, Duration::from_millis(500)).await);
+    }
+    let first = seen[0].iter().filter_map(|e| e["seq"].as_u64()).min();
+    let first = first.expect("the unfiltered subscriber got events");
+    let norm = seen
+        .iter()
+        .map(|evs| {
+            evs.iter()
+                .map(|e| {
+                    let s = |k: &str| e[k].as_str().unwrap_or("-").to_string();
+                    (s("type"), s("agent"), e["seq"].as_u64().unwrap() - first)
+                })
+                .collect()
+        })
+        .collect();
+    (statuses, replies, norm)
+}
+
+#[tokio::test]
+async fn baseline_keeps_the_relays_contract() {
+    let (r_status, r_replies, r_seen) = observe(Kind::Relay).await;
+    let (b_status, b_replies, b_seen) = observe(Kind::Baseline).await;
+
+    assert_eq!(r_status, [401, 401, 403, 404, 400], "the relay's statuses");
+    assert_eq!(b_status, r_status, "the baseline answers handshakes alike");
+
+    // Relay: one error line for line 5, then the summary.
+    assert_eq!(r_replies.len(), 2, "{r_replies:?}");
+    assert_eq!(r_replies[0]["line"], 5);
+    assert_eq!(r_replies[1]["accepted"], 11);
+    assert_eq!(r_replies[1]["rejected"], 1);
+    assert_eq!(b_replies.len(), 2, "{b_replies:?}");
+    assert_eq!(b_replies[0]["line"], 5);
+    for k in ["accepted", "rejected"] {
+        assert_eq!(b_replies[1][k], r_replies[1][k], "{k}");
+    }
+
+    assert_eq!(
+        r_seen[0].len(),
+        11,
+        "the unfiltered relay subscriber gets all"
+    );
+    let seqs: Vec<u64> = r_seen[0].iter().map(|e| e.2).collect();
+    assert_eq!(seqs, (0..11).collect::<Vec<_>>(), "in seq order, no gaps");
+    for (i, f) in FILTERS.iter().enumerate().skip(1) {
+        assert!(
+            !r_seen[i].is_empty() && r_seen[i].len() < 11,
+            "relay filter `{f}` selects some: {:?}",
+            r_seen[i]
+        );
+        assert_eq!(b_seen[i], r_seen[i], "filter `{f}`: same events on both");
+    }
+    assert_eq!(b_seen[0], r_seen[0]);
+}
+
+#[tokio::test]
+async fn limit_server_frames_every_line_with_its_seq() {
+    let server = Server::start(Kind::Limit).await;
+    let mut ws = server.subscribe("").await;
+    let lines: Vec<&str> = SEED.lines().take(3).collect();
+    let replies = server.publish(&(lines.join("\n") + "\n")).await;
+    assert_eq!(replies.last().unwrap()["accepted"], 3, "{replies:?}");
+    let got = drain(&mut ws, Duration::from_millis(500)).await;
+    assert_eq!(got.len(), 3);
+    for (i, (ev, line)) in got.iter().zip(&lines).enumerate() {
+        let mut want: Value = serde_json::from_str(line).unwrap();
+        want["seq"] = (i as u64 + 1).into();
+        assert_eq!(ev, &want);
+    }
+}
+
+fn loadtest(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_krux-loadtest"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn read_json(p: &Path) -> Value {
+    let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn run_counts_every_delivery_and_writes_its_report() {
+    relay_bin();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let res = loadtest(&[
+        "run",
+        "--spawn",
+        "relay",
+        "--subscribers",
+        "40",
+        "--filters",
+        "all=40,type=20,agent=20,session=20",
+        "--rate",
+        "500",
+        "--warmup",
+        "300ms",
+        "--duration",
+        "1s",
+        "--fail-on-loss",
+        "--out",
+        dir,
+    ]);
+    assert_success(&res);
+    let r = read_json(&out.path().join("run.json"));
+    assert_eq!(r["target"], "relay");
+    assert_eq!(r["subscribers_connected"], 40);
+    let expected = r["expected_deliveries"].as_u64().unwrap();
+    // At least the 16 unfiltered subscribers × ~500 events of the measured second.
+    assert!(expected > 16 * 300, "expected deliveries: {expected}");
+    assert_eq!(r["received_deliveries"], expected);
+    assert_eq!(r["lost"], 0);
+    assert!(r["latency_samples"].as_u64().unwrap() > 0);
+    let (p50, p99) = (r["latency_p50_us"].as_u64(), r["latency_p99_us"].as_u64());
+    assert!(p50.unwrap() > 0 && p50 <= p99, "{p50:?} {p99:?}");
+    assert!(r["server_cpu_s"].as_f64().unwrap() > 0.0);
+    assert!(!r["timeline"].as_array().unwrap().is_empty());
+    let svg = std::fs::read_to_string(out.path().join("run.svg")).unwrap();
+    assert!(svg.contains("<svg"), "the plot is an SVG");
+}
+
+#[test]
+fn compare_runs_all_three_and_reports_medians_and_ratios() {
+    relay_bin();
+    let out = tempfile::tempdir().unwrap();
+    let res = loadtest(&[
+        "compare",
+        "--subscribers",
+        "20",
+        "--rate",
+        "max",
+        "--warmup",
+        "300ms",
+        "--duration",
+        "700ms",
+        "--rounds",
+        "1",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert_success(&res);
+    let c = read_json(&out.path().join("compare.json"));
+    let rows = c["medians"].as_array().unwrap();
+    let targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    assert_eq!(targets, ["relay", "baseline", "limit"]);
+    let d: Vec<f64> = rows
+        .iter()
+        .map(|r| r["deliveries_per_s"].as_f64().unwrap())
+        .collect();
+    assert!(d.iter().all(|&x| x > 0.0), "{d:?}");
+    let ratio = c["ratios"]["relay_over_baseline_deliveries"]
+        .as_f64()
+        .unwrap();
+    assert!((ratio - d[0] / d[1]).abs() < 1e-6 * ratio.max(1.0));
+    for r in rows {
+        assert_eq!(r["lost"], 0, "{r}");
+    }
+    for t in ["relay-1", "baseline-1", "limit-1"] {
+        assert!(out.path().join(format!("{t}.json")).exists(), "{t}.json");
+    }
+}
