@@ -195,6 +195,8 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         credentials,
         metrics: metrics.clone(),
         connections: AtomicUsize::new(0),
+        sockets: AtomicUsize::new(0),
+        socket_budget: socket_budget(),
         shutdown: shutdown_rx.clone(),
         tls,
         shutdown_grace: cfg.shutdown_grace,
@@ -269,7 +271,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         }
     }
 
-    tracing::info!(ws = %addrs.ws, ingest = %addrs.ingest, admin = %addrs.admin, reactors = n, io = ?mode, "krux-relay is up");
+    tracing::info!(ws = %addrs.ws, ingest = %addrs.ingest, admin = %addrs.admin, reactors = n, io = ?mode, socket_budget = shared.socket_budget, "krux-relay is up");
     if let Some(path) = &cfg.ready_file {
         write_ready_file(path, &addrs, mode, shared.tls.is_some())?;
     }
@@ -389,6 +391,33 @@ async fn run_ingest(
 }
 
 /// Accept errors (EMFILE, ECONNABORTED) are transient: log, pause, keep listening.
+/// Raises the soft open-file limit to the hard one and returns how many sockets port 7701
+/// may hold at once: the limit minus a reserve for publishers, the admin port, data files
+/// and the runtime's own descriptors, so that a flood of connections there (idle ones
+/// waiting out the handshake timeout) cannot leave the ingest unable to accept.
+fn socket_budget() -> usize {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into `rl`, a valid and exclusive borrow.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return usize::MAX; // unknown: only --max-connections applies
+    }
+    if rl.rlim_cur < rl.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: rl.rlim_max,
+            ..rl
+        };
+        // SAFETY: setrlimit only reads `raised`, a valid `rlimit`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            rl = raised;
+        }
+    }
+    let limit = usize::try_from(rl.rlim_cur).unwrap_or(usize::MAX);
+    limit.saturating_sub((limit / 32).clamp(64, 512)).max(1)
+}
+
 pub async fn accept_backoff(what: &str, e: std::io::Error) {
     tracing::warn!("{what}: accept failed: {e}");
     tokio::time::sleep(Duration::from_millis(50)).await;

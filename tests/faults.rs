@@ -165,3 +165,30 @@ async fn hostile_publishers_leave_the_relay_serving_everyone_else() {
         .unwrap();
     assert_eq!(rss_line, "krux_subscribers 1");
 }
+
+#[tokio::test]
+async fn idle_connections_on_7701_cannot_starve_publishers_of_files() {
+    // 300 open files for the whole process; the flood below alone would take them all.
+    let relay = Relay::start_with_open_files(300, &["--handshake-timeout", "60s"]).await;
+    let mut ws = relay.subscribe("").await;
+    let mut flood = Vec::new();
+    for _ in 0..320 {
+        flood.push(tokio::net::TcpStream::connect(relay.ws).await.unwrap());
+    }
+    // Accepting stops short of the limit, so publishers, the admin port and the existing
+    // subscriber are served long before any of those handshakes times out.
+    let summary = tokio::time::timeout(Duration::from_secs(5), relay.publish(SEED))
+        .await
+        .expect("a publisher is accepted during the flood");
+    assert_eq!(summary[0]["accepted"], 11, "{summary:?}");
+    assert_eq!(take_events(&mut ws, 11).await.len(), 11);
+    let (status, _, body) = raw_http(relay.admin, "GET /healthz HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, 200, "{body}");
+    // Once the flood goes, new subscribers get in again.
+    drop(flood);
+    let mut late = tokio::time::timeout(Duration::from_secs(5), relay.subscribe(""))
+        .await
+        .expect("accepting resumes");
+    relay.publish(SEED).await;
+    assert_eq!(take_events(&mut late, 11).await.len(), 11);
+}

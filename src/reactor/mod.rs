@@ -41,6 +41,11 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Open subscriber WebSockets across all reactors (for `--max-connections`).
     pub connections: AtomicUsize,
+    /// Accepted sockets on the WebSocket port, handshaking or open, across reactors.
+    pub sockets: AtomicUsize,
+    /// Past this many `sockets`, reactors stop accepting (the rest wait in the kernel's
+    /// backlog), keeping open-file headroom for publishers and the admin port.
+    pub socket_budget: usize,
     /// TLS for every subscriber connection, when configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Becomes true when the server shuts down.
@@ -143,25 +148,59 @@ async fn drain(reactor: &Reactor) {
     }
 }
 
+/// One accepted socket counted in `Shared::sockets` until its connection task ends.
+struct SocketSlot(Arc<Shared>);
+
+impl SocketSlot {
+    fn take(shared: &Arc<Shared>) -> SocketSlot {
+        shared.sockets.fetch_add(1, Ordering::Relaxed);
+        SocketSlot(shared.clone())
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.0.sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn accept_loop<L: Listener>(reactor: Rc<Reactor>, listener: L) {
+    let shared = &reactor.shared;
+    let mut paused = false;
     loop {
+        if shared.sockets.load(Ordering::Relaxed) >= shared.socket_budget {
+            if !paused {
+                tracing::warn!(
+                    reactor = reactor.id,
+                    budget = shared.socket_budget,
+                    "open-file budget of the WebSocket port reached; accepting paused"
+                );
+                paused = true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        if std::mem::take(&mut paused) {
+            tracing::info!(reactor = reactor.id, "accepting again");
+        }
         match listener.accept().await {
             Ok((conn, peer)) => {
-                let (r, ip) = (reactor.clone(), peer.ip());
-                match reactor.shared.tls.clone() {
-                    None => drop(tokio::task::spawn_local(subscriber::serve(r, conn, ip))),
-                    Some(config) => drop(tokio::task::spawn_local(async move {
-                        let hs = tokio::time::timeout(
-                            r.shared.handshake_timeout,
-                            TlsConn::accept(conn, config),
-                        );
-                        match hs.await {
-                            Ok(Ok(tls)) => subscriber::serve(r, tls, ip).await,
-                            Ok(Err(e)) => tracing::debug!(%ip, "TLS handshake failed: {e}"),
-                            Err(_) => tracing::debug!(%ip, "TLS handshake timed out"),
-                        }
-                    })),
-                }
+                let (r, ip, slot) = (reactor.clone(), peer.ip(), SocketSlot::take(shared));
+                drop(tokio::task::spawn_local(async move {
+                    let _slot = slot;
+                    let Some(config) = r.shared.tls.clone() else {
+                        return subscriber::serve(r, conn, ip).await;
+                    };
+                    let hs = tokio::time::timeout(
+                        r.shared.handshake_timeout,
+                        TlsConn::accept(conn, config),
+                    );
+                    match hs.await {
+                        Ok(Ok(tls)) => subscriber::serve(r, tls, ip).await,
+                        Ok(Err(e)) => tracing::debug!(%ip, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%ip, "TLS handshake timed out"),
+                    }
+                }));
             }
             Err(e) => crate::server::accept_backoff("reactor", e).await,
         }

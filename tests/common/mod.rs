@@ -57,18 +57,23 @@ impl Relay {
     }
 
     pub async fn start_with(extra: &[&str]) -> Relay {
-        Self::launch(extra, false).await
+        Self::launch(extra, false, None).await
     }
 
     /// Like `start_with`, logging at debug level into `<data dir>/relay.log`.
     pub async fn start_logged(extra: &[&str]) -> Relay {
-        Self::launch(extra, true).await
+        Self::launch(extra, true, None).await
     }
 
-    async fn launch(extra: &[&str], debug_log: bool) -> Relay {
+    /// Like `start_with`, in a process that may open at most `nofile` files.
+    pub async fn start_with_open_files(nofile: u32, extra: &[&str]) -> Relay {
+        Self::launch(extra, false, Some(nofile)).await
+    }
+
+    async fn launch(extra: &[&str], debug_log: bool, nofile: Option<u32>) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let token = create_token(dir.path(), "test");
-        let (child, ws, ingest, admin) = spawn_relay(dir.path(), extra, debug_log).await;
+        let (child, ws, ingest, admin) = spawn_relay(dir.path(), extra, debug_log, nofile).await;
         Relay {
             ws,
             ingest,
@@ -84,7 +89,7 @@ impl Relay {
     pub async fn crash_and_restart(&mut self, extra: &[&str]) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        let (child, ws, ingest, admin) = spawn_relay(self.dir.path(), extra, false).await;
+        let (child, ws, ingest, admin) = spawn_relay(self.dir.path(), extra, false, None).await;
         (self.child, self.ws, self.ingest, self.admin) = (child, ws, ingest, admin);
     }
 
@@ -169,16 +174,26 @@ impl Relay {
     }
 }
 
-/// Starts `serve` on `dir`; with `debug_log`, at debug level into `<dir>/relay.log`.
+/// Starts `serve` on `dir`; with `debug_log`, at debug level into `<dir>/relay.log`; with
+/// `nofile`, under that open-file limit (set by a shell that then execs the relay).
 async fn spawn_relay(
     dir: &Path,
     extra: &[&str],
     debug_log: bool,
+    nofile: Option<u32>,
 ) -> (Child, SocketAddr, SocketAddr, SocketAddr) {
     let ready = dir.join("ready.json");
     let _ = std::fs::remove_file(&ready);
     let io = io_backend();
-    let mut child = Command::new(bin())
+    let mut cmd = match nofile {
+        None => Command::new(bin()),
+        Some(n) => {
+            let mut c = Command::new("sh");
+            c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), bin()]);
+            c
+        }
+    };
+    let mut child = cmd
         .args([
             "serve",
             "--listen",
