@@ -390,7 +390,6 @@ async fn run_ingest(
     Ok(())
 }
 
-/// Accept errors (EMFILE, ECONNABORTED) are transient: log, pause, keep listening.
 /// Raises the soft open-file limit to the hard one and returns how many sockets port 7701
 /// may hold at once: the limit minus a reserve for publishers, the admin port, data files
 /// and the runtime's own descriptors, so that a flood of connections there (idle ones
@@ -418,6 +417,7 @@ fn socket_budget() -> usize {
     limit.saturating_sub((limit / 32).clamp(64, 512)).max(1)
 }
 
+/// Accept errors (EMFILE, ECONNABORTED) are transient: log, pause, keep listening.
 pub async fn accept_backoff(what: &str, e: std::io::Error) {
     tracing::warn!("{what}: accept failed: {e}");
     tokio::time::sleep(Duration::from_millis(50)).await;
