@@ -64,12 +64,6 @@ pub struct EventFrame {
     chunk: u64,
 }
 
-impl EventFrame {
-    pub fn bytes(&self) -> &Bytes {
-        &self.bytes
-    }
-}
-
 impl std::ops::Deref for EventFrame {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
