@@ -14,6 +14,10 @@ const LATENCY_BUCKETS_US: [u64; 13] = [
 /// HTTP statuses a handshake can end with, in the order they are rendered.
 const STATUSES: [u16; 11] = [101, 200, 400, 401, 403, 404, 405, 408, 426, 431, 503];
 
+/// Close codes the relay sends (or echoes), in the order they are rendered; any other
+/// echoed code is counted as `other`.
+const CLOSE_CODES: [u16; 7] = [1000, 1001, 1002, 1007, 1008, 1009, 4001];
+
 #[derive(Default)]
 pub struct Metrics {
     /// Open subscribers per reactor (shows how SO_REUSEPORT spread them).
@@ -29,7 +33,8 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     pub writevs: AtomicU64,
     pub subscribers: AtomicI64,
-    pub slow_consumer_closes: AtomicU64,
+    /// Closes started, by code (`CLOSE_CODES`, then other).
+    closes: [AtomicU64; CLOSE_CODES.len() + 1],
     handshakes: [AtomicU64; STATUSES.len()],
 }
 
@@ -69,6 +74,15 @@ impl Metrics {
             .unwrap_or(LATENCY_BUCKETS_US.len());
         self.latency_buckets[i].fetch_add(1, Relaxed);
         self.latency_sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// A subscriber's close sequence began with `code`.
+    pub fn closed(&self, code: u16) {
+        let i = CLOSE_CODES
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(CLOSE_CODES.len());
+        self.closes[i].fetch_add(1, Relaxed);
     }
 
     pub fn handshake(&self, status: u16) {
@@ -122,8 +136,8 @@ impl Metrics {
             (
                 "krux_slow_consumer_closes_total",
                 "counter",
-                "Subscribers closed with 4001.",
-                self.slow_consumer_closes.load(Relaxed) as i64,
+                "Subscribers closed with 4001 (live, replaying or lapped).",
+                self.closes[CLOSE_CODES.len() - 1].load(Relaxed) as i64,
             ),
         ];
         for (name, kind, help, v) in scalars {
@@ -168,6 +182,15 @@ impl Metrics {
             self.latency_sum_us.load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(out, "krux_ingest_to_write_seconds_count {cumulative}");
+        let _ = writeln!(out, "# HELP krux_closes_total Subscriber closes started, by close code.\n# TYPE krux_closes_total counter");
+        let codes = CLOSE_CODES.iter().map(|c| c.to_string());
+        for (code, n) in codes.chain(["other".into()]).zip(&self.closes) {
+            let _ = writeln!(
+                out,
+                "krux_closes_total{{code=\"{code}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
         let _ = writeln!(out, "# HELP krux_handshakes_total Handshake results on port 7701, by HTTP status.\n# TYPE krux_handshakes_total counter");
         for (i, s) in STATUSES.iter().enumerate() {
             let _ = writeln!(
@@ -190,7 +213,12 @@ mod tests {
         m.subscriber_delta(1, 1);
         m.event_in(EventType::HealthAlert);
         m.handshake(401);
+        m.closed(4001);
+        m.closed(4999);
         let text = m.render();
+        assert!(text.contains("krux_closes_total{code=\"4001\"} 1"), "{text}");
+        assert!(text.contains("krux_closes_total{code=\"other\"} 1"));
+        assert!(text.contains("krux_slow_consumer_closes_total 1"));
         assert!(text.contains("krux_events_in_total{type=\"health_alert\"} 1"));
         assert!(text.contains("krux_handshakes_total{status=\"401\"} 1"));
         assert!(text.contains("krux_reactor_subscribers{reactor=\"1\"} 1"));

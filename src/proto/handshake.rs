@@ -136,8 +136,8 @@ pub struct Upgrade {
     pub principal: Principal,
     pub filter: Filter,
     pub since: Option<u64>,
-    /// The `101 Switching Protocols` head to write.
-    pub response: Vec<u8>,
+    /// The `Sec-WebSocket-Accept` value of the `101` answer.
+    pub accept: String,
 }
 
 /// What `decide` needs to know about the server's state.
@@ -250,17 +250,26 @@ pub fn decide(req: &Request, gate: &Gate<'_>) -> Decision {
         Ok(x) => x,
         Err(msg) => return Decision::Refuse(Response::text(400, &msg)),
     };
-    let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-        tungstenite::handshake::derive_accept_key(key.as_bytes())
-    )
-    .into_bytes();
     Decision::Upgrade(Upgrade {
         principal,
         filter,
         since,
-        response,
+        accept: tungstenite::handshake::derive_accept_key(key.as_bytes()),
     })
+}
+
+impl Upgrade {
+    /// The `101 Switching Protocols` head to write. `position` is the seq of the last event
+    /// published before the subscription began (`Krux-Seq`, absent when there is none): a
+    /// client that has received nothing yet resumes from it without a hole.
+    pub fn response(&self, position: Option<u64>) -> Vec<u8> {
+        let seq = position.map_or(String::new(), |s| format!("Krux-Seq: {s}\r\n"));
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{seq}\r\n",
+            self.accept
+        )
+        .into_bytes()
+    }
 }
 
 fn unauthorized(msg: &str) -> Response {
@@ -614,12 +623,14 @@ mod tests {
             Some(vec!["a-1".into(), "a2".into(), "a3".into()])
         );
         assert_eq!(u.filter.sessions, Some(vec!["s1".into()]));
-        let resp = String::from_utf8(u.response).unwrap();
+        let resp = String::from_utf8(u.response(Some(40))).unwrap();
         // RFC 6455 §1.3's worked example.
         assert!(
             resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
             "{resp}"
         );
+        assert!(resp.ends_with("\r\nKrux-Seq: 40\r\n\r\n"), "{resp}");
+        assert!(!String::from_utf8(u.response(None)).unwrap().contains("Krux-Seq"));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 mod outbox;
 mod subscriber;
 
-pub use outbox::{OutState, Outbox};
+pub use outbox::{OutState, Outbox, Push};
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -77,15 +77,9 @@ pub struct Subscriber {
     /// Once indexed: the first seq fan-out owes it. A resume can get ahead of a lagging
     /// fan-out (the window already starts past it), so this is not always `next_seq`.
     pub live_from: Cell<u64>,
-}
-
-impl Subscriber {
-    /// Starts the close sequence and wakes the writer to send it.
-    pub fn close(&self, code: u16, reason: &str) {
-        if self.out.borrow_mut().close(code, reason) {
-            self.wake.notify_one();
-        }
-    }
+    /// The stall check: bytes written when last looked at, and for how many housekeeping
+    /// ticks since then the subscriber has been full without its socket taking a byte.
+    pub stall: Cell<(u64, u32)>,
 }
 
 /// Per-thread reactor state.
@@ -106,6 +100,10 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// How many ring entries one fan-out round dispatches before yielding to the writers.
 const FANOUT_BATCH: u64 = 256;
+
+/// Housekeeping ticks (250 ms each) a full subscriber's socket may take nothing before it
+/// is closed as a slow consumer.
+const STALL_TICKS: u32 = 4;
 
 /// Runs a reactor until the process stops.
 pub async fn run<L: Listener>(id: usize, shared: Arc<Shared>, listener: L, cursor: Cursor) {
@@ -141,7 +139,7 @@ async fn drain(reactor: &Reactor) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for (_, sub) in reactor.subs.borrow().iter() {
-        sub.close(close_code::GOING_AWAY, "relay shutting down");
+        reactor.close(sub, close_code::GOING_AWAY, "relay shutting down");
     }
     while !reactor.subs.borrow().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -212,6 +210,32 @@ impl Reactor {
         &self.cursor_ring
     }
 
+    /// Every close a subscriber gets is decided here, and counted by its code.
+    pub fn close(&self, sub: &Subscriber, code: u16, reason: &str) {
+        if sub.out.borrow_mut().close(code, reason) {
+            self.shared.metrics.closed(code);
+            sub.wake.notify_one();
+        }
+    }
+
+    /// Closes a subscriber with 4001, naming the last event queued as its resume point.
+    fn close_slow(&self, out: &mut Outbox, sub: &Subscriber) {
+        if out.close_slow() {
+            self.shared.metrics.closed(close_code::SLOW_CONSUMER);
+            sub.wake.notify_one();
+        }
+    }
+
+    /// A subscriber that had no room for the event `seq` leaves the index and catches up
+    /// from the retained window as its socket drains (the path of a resume), so nothing is
+    /// lost while it is behind and the others never wait for it.
+    fn fall_behind(&self, id: SubId, sub: &Subscriber, seq: u64) {
+        if let Some(filter) = self.index.borrow_mut().remove(id) {
+            *sub.pending_filter.borrow_mut() = Some(filter);
+            sub.replay_next.set(Some(seq));
+        }
+    }
+
     /// Starts a resume from `since`: queues the `replay_gap` notice when the window no
     /// longer reaches `since + 1`, and returns the first seq to replay.
     pub fn start_replay(&self, sub: &Subscriber, since: u64) -> u64 {
@@ -228,10 +252,10 @@ impl Reactor {
         since.saturating_add(1).max(oldest)
     }
 
-    /// Feeds a resuming subscriber the next retained events, as far as half its queue bound
-    /// allows. Once it reaches the fan-out position it is indexed, and fan-out takes over
-    /// from exactly there: both run on this thread, so nothing is missed or repeated.
-    /// Returns whether replay is still going.
+    /// Feeds a resuming (or fallen-behind) subscriber the next retained events, as far as
+    /// its queue bound allows. Once it reaches the fan-out position it is indexed, and
+    /// fan-out takes over from exactly there: both run on this thread, so nothing is
+    /// missed or repeated. Returns whether replay is still going.
     pub fn replay_step(&self, id: SubId, sub: &Subscriber) -> bool {
         const SCAN: u64 = 65_536; // entries looked at per step, so a sparse filter yields too
         let Some(mut seq) = sub.replay_next.get() else {
@@ -239,7 +263,6 @@ impl Reactor {
         };
         let ring = self.ring();
         let end = self.next_seq.get();
-        let budget = self.shared.client_queue / 2;
         let stop = seq.saturating_add(SCAN).min(end);
         {
             let filter = sub.pending_filter.borrow();
@@ -252,17 +275,19 @@ impl Reactor {
                 sub.replay_next.set(None);
                 return false;
             }
-            while seq < stop && out.unsent() < budget {
+            out.resume();
+            while seq < stop {
                 match ring.get(seq) {
                     Slot::Ready(e) => {
-                        if filter.matches(&e.keys) {
-                            out.push_event(&e.frame, e.seq, e.accepted_at);
+                        if filter.matches(&e.keys)
+                            && out.push_event(&e.frame, e.seq, e.accepted_at) == Push::Full
+                        {
+                            break; // the rest once the socket has taken some
                         }
                     }
                     // Overwritten before it could be replayed: never skip silently.
                     Slot::Lapped => {
-                        let reason = format!("slow consumer; resume with since={}", out.last_seq());
-                        out.close(close_code::SLOW_CONSUMER, &reason);
+                        self.close_slow(&mut out, sub);
                         sub.replay_next.set(None);
                         return false;
                     }
@@ -328,11 +353,7 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
                     if sub.replay_next.get().is_some() || sub.live_from.get() >= oldest {
                         continue;
                     }
-                    let since = sub.out.borrow().last_seq();
-                    sub.close(
-                        close_code::SLOW_CONSUMER,
-                        &format!("slow consumer; resume with since={since}"),
-                    );
+                    reactor.close_slow(&mut sub.out.borrow_mut(), sub);
                 }
                 cursor.next = oldest;
             }
@@ -362,31 +383,38 @@ fn dispatch(
     if round.is_empty() {
         return;
     }
-    let index = reactor.index.borrow();
-    let mut push = |id: SubId, entries: &mut dyn Iterator<Item = &Arc<Entry>>| {
-        let mut out = subs[id].out.borrow_mut();
-        let was_open = out.state() == OutState::Open;
-        let mut queued = false;
-        for e in entries {
-            queued |= out.push_event(&e.frame, e.seq, e.accepted_at);
+    // Subscribers with no room for an event of this round, and that event's seq.
+    let mut behind: Vec<(SubId, u64)> = Vec::new();
+    {
+        let index = reactor.index.borrow();
+        let mut push = |id: SubId, entries: &mut dyn Iterator<Item = &Arc<Entry>>| {
+            let mut out = subs[id].out.borrow_mut();
+            let mut wake = false;
+            for e in entries {
+                match out.push_event(&e.frame, e.seq, e.accepted_at) {
+                    Push::Queued => wake = true,
+                    Push::Skipped => {}
+                    Push::Full => {
+                        behind.push((id, e.seq));
+                        wake = true; // its writer catches it up from the window
+                        break;
+                    }
+                }
+            }
+            if wake && !out.dirty {
+                out.dirty = true;
+                dirty.push(id);
+            }
+        };
+        for &id in index.unfiltered() {
+            push(id, &mut round.iter());
         }
-        if was_open && out.state() != OutState::Open {
-            reactor
-                .shared
-                .metrics
-                .slow_consumer_closes
-                .fetch_add(1, Ordering::Relaxed);
+        for e in round {
+            index.for_each_filtered_match(&e.keys, |id| push(id, &mut std::iter::once(e)));
         }
-        if queued && !out.dirty {
-            out.dirty = true;
-            dirty.push(id);
-        }
-    };
-    for &id in index.unfiltered() {
-        push(id, &mut round.iter());
     }
-    for e in round {
-        index.for_each_filtered_match(&e.keys, |id| push(id, &mut std::iter::once(e)));
+    for (id, seq) in behind {
+        reactor.fall_behind(id, &subs[id], seq);
     }
 }
 
@@ -411,7 +439,7 @@ async fn housekeeping(reactor: Rc<Reactor>) {
             seen_generation = generation;
             for (_, sub) in subs.iter() {
                 if !shared.credentials.still_valid(&sub.principal) {
-                    sub.close(close_code::POLICY, "credential revoked");
+                    reactor.close(sub, close_code::POLICY, "credential revoked");
                 }
             }
         }
@@ -420,11 +448,19 @@ async fn housekeeping(reactor: Rc<Reactor>) {
         while pings.front().is_some_and(|&p| now.duration_since(p) > keep) {
             pings.pop_front();
         }
-        // One pass: queue depth, stuck closes, silent peers.
+        // One pass: queue depth, stalled sockets, stuck closes, silent peers.
         let mut queued = 0;
         for (_, sub) in subs.iter() {
             let (unsent, state) = {
-                let out = sub.out.borrow();
+                let mut out = sub.out.borrow_mut();
+                // Full, and its socket took nothing for STALL_TICKS ticks: a slow consumer.
+                let (mark, ticks) = sub.stall.get();
+                let stalled = out.is_full() && out.written() == mark;
+                sub.stall
+                    .set((out.written(), if stalled { ticks + 1 } else { 0 }));
+                if stalled && ticks + 1 >= STALL_TICKS {
+                    reactor.close_slow(&mut out, sub);
+                }
                 (out.unsent(), out.state())
             };
             queued += unsent;
@@ -440,7 +476,7 @@ async fn housekeeping(reactor: Rc<Reactor>) {
             if let Some(&unanswered) = pings.iter().find(|&&p| p > heard) {
                 if now.duration_since(unanswered) >= shared.read_timeout {
                     // Silent since a ping: a half-open or hung peer.
-                    sub.close(close_code::GOING_AWAY, "no pong within the read timeout");
+                    reactor.close(sub, close_code::GOING_AWAY, "no pong within the read timeout");
                 }
             }
         }

@@ -1,5 +1,5 @@
 //! One subscriber's outbound queue, sans-IO: runs of shared frames waiting to be written,
-//! the byte bound that detects a slow consumer, and the close sequence.
+//! the byte bound on what the socket has not taken yet, and the close sequence.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -19,6 +19,18 @@ pub enum OutState {
     CloseTaken,
 }
 
+/// What became of an event offered to an outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    /// Queued: the writer has something new to do.
+    Queued,
+    /// Not for this subscriber (at or below its resume point, closing, or already full).
+    Skipped,
+    /// It does not fit beside what the socket has not taken yet: nothing is queued from
+    /// here on until the subscriber catches up from the retained window (see `is_full`).
+    Full,
+}
+
 #[derive(Debug)]
 pub struct Outbox {
     /// Consecutive event frames of one arena chunk share one entry.
@@ -30,6 +42,10 @@ pub struct Outbox {
     /// subscriber is considered to have: its resume point).
     last_seq: u64,
     state: OutState,
+    /// An event did not fit: later ones are refused until `resume` (no hole can form).
+    full: bool,
+    /// Bytes the kernel has taken over the outbox's life (progress, for the stall check).
+    written: u64,
     /// Already in the reactor's list of outboxes to wake this round.
     pub dirty: bool,
     /// When the ingest accepted the oldest queued event frame (an upper bound once part of
@@ -47,6 +63,8 @@ impl Outbox {
             limit,
             last_seq,
             state: OutState::Open,
+            full: false,
+            written: 0,
             dirty: false,
             oldest_at: None,
         }
@@ -65,16 +83,18 @@ impl Outbox {
     }
 
     /// Queues an event frame: usually it extends the last run (an addition, no refcount,
-    /// no copy). Frames at or below the resume point are skipped. Returns whether the
-    /// writer has something new to do. Past the byte bound, the subscriber is closed as a
-    /// slow consumer instead.
-    pub fn push_event(&mut self, frame: &EventFrame, seq: u64, accepted_at: Instant) -> bool {
-        if self.state != OutState::Open || seq <= self.last_seq {
-            return false;
+    /// no copy). Frames at or below the resume point are skipped. An empty outbox takes
+    /// any frame, however large; otherwise a frame that would take the unsent bytes past
+    /// the bound is refused (`Push::Full`), and so is every later one until `resume`: the
+    /// subscriber then catches up from the retained window as its socket drains, and is
+    /// judged slow only if the socket stops taking bytes (the reactor's stall check).
+    pub fn push_event(&mut self, frame: &EventFrame, seq: u64, accepted_at: Instant) -> Push {
+        if self.state != OutState::Open || self.full || seq <= self.last_seq {
+            return Push::Skipped;
         }
-        if self.unsent + frame.len() > self.limit {
-            let reason = format!("slow consumer; resume with since={}", self.last_seq);
-            return self.close(close_code::SLOW_CONSUMER, &reason);
+        if self.unsent > 0 && self.unsent + frame.len() > self.limit {
+            self.full = true;
+            return Push::Full;
         }
         self.unsent += frame.len();
         if !self.frames.back_mut().is_some_and(|run| run.extend(frame)) {
@@ -82,7 +102,29 @@ impl Outbox {
         }
         self.last_seq = seq;
         self.oldest_at.get_or_insert(accepted_at);
-        true
+        Push::Queued
+    }
+
+    /// An event was refused since the last `resume`, and nothing was queued after it.
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    /// Whoever feeds the subscriber from the window next takes over from the refused event.
+    pub fn resume(&mut self) {
+        self.full = false;
+    }
+
+    /// Bytes the kernel has taken so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Queues the slow-consumer close: a client resuming from the seq it names (the last
+    /// event frame queued, which goes out before the close) misses and repeats nothing.
+    pub fn close_slow(&mut self) -> bool {
+        let reason = format!("slow consumer; resume with since={}", self.last_seq);
+        self.close(close_code::SLOW_CONSUMER, &reason)
     }
 
     /// Queues a control frame (pong, ping); they are tiny and exempt from the bound.
@@ -126,6 +168,7 @@ impl Outbox {
     /// The kernel accepted `n` more bytes.
     pub fn wrote(&mut self, n: usize) {
         self.unsent = self.unsent.saturating_sub(n);
+        self.written += n as u64;
     }
 }
 
@@ -147,14 +190,15 @@ mod tests {
         let mut arena = FrameArena::new();
         let (a, b, c) = (ev(&mut arena, 1), ev(&mut arena, 2), ev(&mut arena, 3));
         let mut o = Outbox::new(1000, 0);
-        assert!(o.push_event(&a, 1, now()));
-        assert!(o.push_event(&b, 2, now()));
-        assert!(
-            !o.push_event(&b, 2, now()),
+        assert_eq!(o.push_event(&a, 1, now()), Push::Queued);
+        assert_eq!(o.push_event(&b, 2, now()), Push::Queued);
+        assert_eq!(
+            o.push_event(&b, 2, now()),
+            Push::Skipped,
             "duplicates below the resume point are skipped"
         );
         assert!(o.push_control(Bytes::from_static(b"\x8a\x00")));
-        assert!(o.push_event(&c, 3, now()));
+        assert_eq!(o.push_event(&c, 3, now()), Push::Queued);
         let mut batch = Vec::new();
         assert!(
             o.take_batch(&mut batch).is_some(),
@@ -172,17 +216,39 @@ mod tests {
     }
 
     #[test]
-    fn overflow_closes_with_resume_point() {
+    fn an_empty_queue_takes_any_frame_and_a_full_one_refuses_until_resumed() {
+        let mut arena = FrameArena::new();
+        let (a, b, c) = (ev(&mut arena, 42), ev(&mut arena, 43), ev(&mut arena, 44));
+        // A bound smaller than one frame: an empty outbox still takes it.
+        let mut o = Outbox::new(a.len() - 1, 41);
+        assert_eq!(o.push_event(&a, 42, now()), Push::Queued);
+        assert_eq!(o.push_event(&b, 43, now()), Push::Full);
+        assert!(o.is_full());
+        assert_eq!(
+            o.push_event(&c, 44, now()),
+            Push::Skipped,
+            "nothing after a refused frame is queued (no hole)"
+        );
+        let mut batch = Vec::new();
+        o.take_batch(&mut batch);
+        assert_eq!(batch.len(), 1);
+        o.wrote(a.len());
+        assert_eq!((o.unsent(), o.written()), (0, a.len() as u64));
+        o.resume();
+        assert_eq!(o.push_event(&b, 43, now()), Push::Queued, "the socket took it all");
+        assert_eq!(o.state(), OutState::Open);
+    }
+
+    #[test]
+    fn slow_close_names_the_last_queued_event_and_goes_after_it() {
         let mut arena = FrameArena::new();
         let (a, b) = (ev(&mut arena, 42), ev(&mut arena, 43));
         let mut o = Outbox::new(a.len() + b.len() - 1, 41);
-        assert!(o.push_event(&a, 42, now()));
-        assert!(
-            o.push_event(&b, 43, now()),
-            "over the bound: the close is what gets queued"
-        );
+        assert_eq!(o.push_event(&a, 42, now()), Push::Queued);
+        assert_eq!(o.push_event(&b, 43, now()), Push::Full);
+        assert!(o.close_slow());
         assert_eq!(o.state(), OutState::Closing);
-        assert!(!o.push_event(&ev(&mut arena, 44), 44, now()));
+        assert_eq!(o.push_event(&ev(&mut arena, 44), 44, now()), Push::Skipped);
         assert!(!o.push_control(Bytes::from_static(b"x")));
         let mut batch = Vec::new();
         o.take_batch(&mut batch);

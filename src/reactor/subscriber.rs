@@ -84,6 +84,7 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
     // the 101 goes out: once the client sees the upgrade, nothing published after it can
     // be missed, and replay stops exactly where live delivery through the index starts.
     let start = reactor.next_seq.get();
+    let response = up.response(start.checked_sub(1).filter(|&s| s > 0));
     let sub = Rc::new(Subscriber {
         out: RefCell::new(Outbox::new(
             shared.client_queue,
@@ -97,6 +98,7 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
         replay_next: Cell::new(None),
         pending_filter: RefCell::new(None),
         live_from: Cell::new(start),
+        stall: Cell::new((0, 0)),
         kill: {
             let weak = Rc::downgrade(&conn);
             Box::new(move || {
@@ -118,7 +120,7 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
             .borrow_mut()
             .insert(registration.id, up.filter),
     }
-    if write_all(&*conn, Bytes::from(up.response)).await.is_err() {
+    if write_all(&*conn, Bytes::from(response)).await.is_err() {
         return;
     }
     shared.metrics.handshake(101);
@@ -129,7 +131,7 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
         sub.clone(),
         conn.clone(),
     ));
-    read_loop(&sub, &*conn, leftover, shared.max_frame).await;
+    read_loop(&reactor, &sub, &*conn, leftover).await;
 
     // The peer is gone (or finished closing): stop the writer and forget the subscriber.
     sub.gone.set(true);
@@ -238,8 +240,8 @@ async fn answer_and_close<C: Conn>(conn: &C, shared: &Shared, resp: Response) {
     .await;
 }
 
-async fn read_loop<C: Conn>(sub: &Subscriber, conn: &C, leftover: Vec<u8>, max_frame: u64) {
-    let mut decoder = InboundDecoder::new(max_frame);
+async fn read_loop<C: Conn>(reactor: &Reactor, sub: &Subscriber, conn: &C, leftover: Vec<u8>) {
+    let mut decoder = InboundDecoder::new(reactor.shared.max_frame);
     let mut buf = leftover;
     loop {
         if !buf.is_empty() {
@@ -259,11 +261,13 @@ async fn read_loop<C: Conn>(sub: &Subscriber, conn: &C, leftover: Vec<u8>, max_f
                     }
                     Inbound::Pong => {}
                     // Echo the peer's code, as RFC 6455 §5.5.1 suggests.
-                    Inbound::Close(code) => sub.close(code.unwrap_or(close_code::NORMAL), ""),
+                    Inbound::Close(code) => {
+                        reactor.close(sub, code.unwrap_or(close_code::NORMAL), "")
+                    }
                 }
             }
             if let Err(v) = res {
-                sub.close(v.code, v.reason);
+                reactor.close(sub, v.code, v.reason);
             }
             buf.clear();
             if buf.capacity() > SUBSCRIBER_READ_BUF {
