@@ -119,6 +119,19 @@ impl Drop for EndNotice {
     }
 }
 
+/// Binds `addr` without SO_REUSEPORT, so it fails with "address in use" if any socket
+/// holds the port, and returns the address with its port chosen. The probe is closed at
+/// once; the reactors' SO_REUSEPORT sockets take the port right after.
+fn claim_port(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    probe.set_reuse_address(true)?; // only TIME_WAIT leftovers; never a live listener
+    probe
+        .bind(&addr.into())
+        .with_context(|| format!("--listen {addr}: cannot bind"))?;
+    let bound = probe.local_addr()?.as_socket().context("an IP address")?;
+    Ok(bound)
+}
+
 fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
@@ -155,14 +168,14 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
 
-    // Every reactor listens on the same port (SO_REUSEPORT); the first bind picks it.
+    // Every reactor listens on the same port (SO_REUSEPORT), which another process with
+    // SO_REUSEPORT could join, so the port is first claimed alone: that fails if anything
+    // (another relay included) holds it.
     let metrics = Arc::new(Metrics::new(n));
-    let first = bind_reuseport(cfg.listen)?;
-    let ws = first.local_addr()?;
-    let mut ws_listeners = vec![first];
-    for _ in 1..n {
-        ws_listeners.push(bind_reuseport(ws)?);
-    }
+    let ws = claim_port(cfg.listen)?;
+    let ws_listeners = (0..n)
+        .map(|_| bind_reuseport(ws))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let ingest =
         TcpListener::bind(cfg.ingest).with_context(|| format!("binding ingest {}", cfg.ingest))?;
     let admin =

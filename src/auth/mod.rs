@@ -99,9 +99,8 @@ impl TokenStore {
 
     /// Creates a token named `name` and returns its text (the only time it exists).
     pub fn create(&self, name: &str) -> anyhow::Result<String> {
-        if name.trim().is_empty() {
-            bail!("a token needs a non-empty --name");
-        }
+        check_name(name)?;
+        let _lock = self.lock()?;
         let mut file = self.read()?;
         if file.tokens.iter().any(|t| t.name == name) {
             bail!("a token named `{name}` already exists; revoke it first or choose another name");
@@ -117,6 +116,7 @@ impl TokenStore {
     }
 
     pub fn revoke(&self, name: &str) -> anyhow::Result<()> {
+        let _lock = self.lock()?;
         let mut file = self.read()?;
         let before = file.tokens.len();
         file.tokens.retain(|t| t.name != name);
@@ -124,6 +124,29 @@ impl TokenStore {
             bail!("no token named `{name}` in {}", self.path.display());
         }
         self.write(&file)
+    }
+
+    /// Serializes read-modify-write cycles across processes: without it, two concurrent
+    /// commands both rewrite the file from what they read, and one change is lost (a
+    /// revocation undone, a created token dropped). Released when the guard drops.
+    fn lock(&self) -> anyhow::Result<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        let path = self.path.with_extension("lock");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock only takes a descriptor, which `f` keeps open for the call.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", path.display()));
+        }
+        Ok(f)
     }
 
     fn read(&self) -> anyhow::Result<TokenFile> {
@@ -139,6 +162,16 @@ impl TokenStore {
         let json = serde_json::to_vec_pretty(file).expect("token file serializes");
         write_private_atomic(&self.path, &json)
     }
+}
+
+/// Token names are shown by `user-token list` one per line: printable, no whitespace or
+/// control characters that could forge a line.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(ok) {
+        bail!("--name must be 1 to 64 characters of A-Z a-z 0-9 . _ - @ (got {name:?})");
+    }
+    Ok(())
 }
 
 /// Replaces `path` with `bytes` atomically (temp file + rename), readable by its owner

@@ -82,7 +82,22 @@ fn events_url(args: &TailArgs, since: Option<u64>) -> String {
     }
 }
 
+/// Refuses, before any connection, a `--url` that can never work.
+fn check_url(url: &str) -> anyhow::Result<()> {
+    let hint = |what: &str| {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        format!("--url {url}: {what}; use ws://{rest} (or wss://{rest} when the relay serves TLS)")
+    };
+    match url.split_once("://") {
+        Some(("ws" | "wss", rest)) if !rest.is_empty() => Ok(()),
+        Some(("http" | "https", _)) => bail!(hint("an http URL is not a WebSocket URL")),
+        Some(_) => bail!(hint("the scheme must be ws or wss")),
+        None => bail!(hint("the scheme is missing")),
+    }
+}
+
 pub fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
+    check_url(&args.url)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -93,22 +108,30 @@ pub fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
 enum Ended {
     /// `--count` reached, or the relay closed normally.
     Done,
-    /// Not worth retrying (refused, revoked, protocol error): the message says why.
+    /// Not worth retrying (refused, revoked, protocol error, misconfiguration): the
+    /// message says why and what to do.
     Fatal(String),
-    /// Worth reconnecting (network, restart, shutdown, slow-consumer close).
+    /// Worth reconnecting (refused connection, restart, 5xx, shutdown, slow-consumer close).
     Lost(String),
 }
+
+/// Consecutive connections that ended without a single new event before `tail` gives up:
+/// a relay that keeps closing it at the same seq will not stop doing so.
+const MAX_FRUITLESS: u32 = 8;
 
 async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     let Some(token) = args.token.clone() else {
         bail!("a user token is needed: pass --token or set KRUX_TOKEN (create one with `krux-relay user-token create --name NAME`)");
     };
+    let tls = args.ca_cert.as_deref().map(connector).transpose()?;
     let mut since = args.since;
     let mut seen = 0u64;
     let mut backoff = Duration::from_millis(250);
+    // Closes in a row at the same seq, with no event in between.
+    let mut fruitless = 0u32;
     loop {
-        let mut connected = false;
-        match stream_once(&args, &token, &mut since, &mut seen, &mut connected).await? {
+        let before = seen;
+        match stream_once(&args, &token, tls.clone(), &mut since, &mut seen).await? {
             Ended::Done => return Ok(ExitCode::SUCCESS),
             Ended::Fatal(msg) => {
                 eprintln!("{msg}");
@@ -119,10 +142,16 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
             Ended::Lost(why) => {
-                if connected {
-                    backoff = Duration::from_millis(250);
-                }
                 let resume = since.map_or("live".to_string(), |s| format!("after seq {s}"));
+                if seen > before {
+                    (backoff, fruitless) = (Duration::from_millis(250), 0);
+                } else if why.starts_with(CLOSED) {
+                    fruitless += 1;
+                    if fruitless >= MAX_FRUITLESS {
+                        eprintln!("{why}; giving up: closed {fruitless} times in a row, resuming {resume}, without receiving an event (is --client-queue on the relay smaller than its events?)");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
                 eprintln!("{why}; reconnecting in {backoff:?}, resuming {resume}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(8));
@@ -131,12 +160,67 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// How a `Lost` message starts when the relay itself closed the stream.
+const CLOSED: &str = "relay closed the stream";
+
+/// Sorts a failed connection attempt: what can heal by waiting is retried, the rest ends
+/// `tail` with what to do about it.
+fn connect_error(url: &str, e: tungstenite::Error) -> Ended {
+    use std::io::ErrorKind::*;
+    match e {
+        tungstenite::Error::Http(resp) => {
+            let body = resp
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            let msg = format!(
+                "the relay refused the subscription: {} {}",
+                resp.status(),
+                body.trim()
+            );
+            // Capacity, rate limits and server errors pass; the rest will not change by retrying.
+            match resp.status().as_u16() {
+                429 | 500..=599 => Ended::Lost(msg),
+                _ => Ended::Fatal(msg),
+            }
+        }
+        tungstenite::Error::Io(io)
+            if matches!(
+                io.kind(),
+                ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut | NotConnected
+            ) =>
+        {
+            Ended::Lost(format!("cannot connect to {url}: {io}"))
+        }
+        // rustls reports through the stream as an I/O error carrying its own.
+        tungstenite::Error::Io(io)
+            if io
+                .get_ref()
+                .is_some_and(|e| e.downcast_ref::<rustls::Error>().is_some()) =>
+        {
+            tls_failed(url, &io)
+        }
+        tungstenite::Error::Tls(tls) => tls_failed(url, &tls),
+        tungstenite::Error::Url(u) => Ended::Fatal(format!("--url {url}: {u}")),
+        other => Ended::Fatal(format!(
+            "{url} did not answer as a krux-relay WebSocket ({other}); if it serves TLS, use wss:// (with --ca-cert for a self-signed certificate)"
+        )),
+    }
+}
+
+fn tls_failed(url: &str, e: &dyn std::fmt::Display) -> Ended {
+    Ended::Fatal(format!(
+        "TLS with {url} failed: {e}; if the relay uses a self-signed certificate, pass --ca-cert <its data dir>/tls-self-signed.pem; if it serves plaintext, use ws://"
+    ))
+}
+
 async fn stream_once(
     args: &TailArgs,
     token: &str,
+    tls: Option<tokio_tungstenite::Connector>,
     since: &mut Option<u64>,
     seen: &mut u64,
-    connected: &mut bool,
 ) -> anyhow::Result<Ended> {
     let url = events_url(args, *since);
     let mut req = url
@@ -149,30 +233,17 @@ async fn stream_once(
             .parse()
             .context("the token is not a valid header value")?,
     );
-    let tls = args.ca_cert.as_deref().map(connector).transpose()?;
-    let (mut ws, _) =
+    let (mut ws, resp) =
         match tokio_tungstenite::connect_async_tls_with_config(req, None, false, tls).await {
             Ok(x) => x,
-            Err(tungstenite::Error::Http(resp)) => {
-                let body = resp
-                    .body()
-                    .as_deref()
-                    .map(String::from_utf8_lossy)
-                    .unwrap_or_default();
-                let msg = format!(
-                    "the relay refused the subscription: {} {}",
-                    resp.status(),
-                    body.trim()
-                );
-                // 503 (capacity) and 429 (rate limit) pass; the rest will not change by retrying.
-                return Ok(match resp.status().as_u16() {
-                    429 | 503 => Ended::Lost(msg),
-                    _ => Ended::Fatal(msg),
-                });
-            }
-            Err(e) => return Ok(Ended::Lost(format!("cannot connect to {url}: {e}"))),
+            Err(e) => return Ok(connect_error(&url, e)),
         };
-    *connected = true;
+    if since.is_none() {
+        // A live subscription is owed only what comes after the relay's position when it
+        // began (`Krux-Seq`): resuming from there misses nothing, even if nothing matched.
+        let position = resp.headers().get("krux-seq").and_then(|v| v.to_str().ok());
+        *since = Some(position.and_then(|v| v.parse().ok()).unwrap_or(0));
+    }
     let mut out = std::io::stdout().lock();
     while let Some(msg) = ws.next().await {
         let msg = match msg {
@@ -181,11 +252,24 @@ async fn stream_once(
         };
         match msg {
             Message::Text(t) => {
-                let v: Value = serde_json::from_str(&t).context("the relay sent invalid JSON")?;
+                let v: Value = match serde_json::from_str(&t) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // Skip it, but keep the position past it so a resume does not
+                        // meet it again.
+                        let seq = trailing_seq(&t);
+                        let at = seq.map_or(String::new(), |s| format!(" (seq {s})"));
+                        eprintln!("skipping an event{at} that cannot be parsed here: {e}");
+                        if let Some(s) = seq {
+                            *since = Some(s);
+                        }
+                        continue;
+                    }
+                };
                 if args.json {
                     writeln!(out, "{t}")?;
                 } else {
-                    writeln!(out, "{}", readable(&v))?;
+                    writeln!(out, "{}", escape_controls(&readable(&v)))?;
                 }
                 out.flush()?;
                 // A replay_gap notice has no seq: the position stays where it was.
@@ -201,7 +285,7 @@ async fn stream_once(
                 let (code, reason) = frame.map_or((1005, String::new()), |f| {
                     (u16::from(f.code), f.reason.to_string())
                 });
-                let what = format!("relay closed the stream: {code} {reason}");
+                let what = format!("{CLOSED}: {code} {reason}");
                 return Ok(match code {
                     1000 => Ended::Done,
                     1001 | 1005 | 1006 | 1011 | 1012 | 1013 | 4001 => Ended::Lost(what),
@@ -212,6 +296,37 @@ async fn stream_once(
         }
     }
     Ok(Ended::Lost("the connection ended".into()))
+}
+
+/// The `"seq":N` the relay appends to every event frame, read without parsing the rest.
+fn trailing_seq(text: &str) -> Option<u64> {
+    let at = text.rfind("\"seq\":")? + 6;
+    let digits = text[at..].trim_start();
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// Makes text safe for a terminal: control characters (newlines that would forge a line,
+/// escape sequences that clear the screen or set the title) and bidirectional overrides are
+/// shown escaped (`\n`, `\u{1b}`), never interpreted.
+pub fn escape_controls(line: &str) -> String {
+    let unsafe_char = |c: char| {
+        c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !line.contains(unsafe_char) {
+        return line.to_string();
+    }
+    let mut out = String::with_capacity(line.len() + 8);
+    for c in line.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// One readable line: time, type, agent, session, a short summary of `data`, and `#seq`.
@@ -331,6 +446,19 @@ mod tests {
         )
         .unwrap();
         let line = readable(&v);
+        assert_eq!(trailing_seq(r#"{"a":"x\"seq\":1","seq":42}"#), Some(42));
+        assert_eq!(trailing_seq("{[[[[[[[,\"seq\": 7}"), Some(7));
+        assert_eq!(trailing_seq("{}"), None);
+        assert_eq!(
+            escape_controls("ok\nfake line \u{1b}[2J \u{1b}]0;title\u{7} \u{202e}rtl é"),
+            "ok\\nfake line \\u{1b}[2J \\u{1b}]0;title\\u{7} \\u{202e}rtl é"
+        );
+        assert!(check_url("ws://127.0.0.1:7701").is_ok());
+        assert!(check_url("wss://relay:7701/events").is_ok());
+        for bad in ["http://127.0.0.1:7701", "127.0.0.1:7701", "ftp://x", "ws://"] {
+            let err = check_url(bad).unwrap_err().to_string();
+            assert!(err.contains("ws://"), "{bad}: {err}");
+        }
         for part in [
             "10:30:00.135",
             "capability_result",

@@ -34,11 +34,19 @@ pub enum LineError {
     NullAgent,
     #[error("field `seq` is assigned by the relay and must not be published")]
     ReservedSeq,
+    #[error("nested deeper than {MAX_DEPTH} levels (I-JSON: common clients cannot parse it)")]
+    TooDeep,
+    #[error("lone UTF-16 surrogate escape `{0}` (I-JSON: common clients cannot parse it)")]
+    LoneSurrogate(String),
     #[error("line is {len} bytes, longer than the maximum frame of {max} bytes")]
     TooLong { len: usize, max: usize },
     #[error("not accepted: {0}")]
     Unavailable(String),
 }
+
+/// Deepest nesting of arrays and objects accepted (the envelope object is level 1): well
+/// under the 128 at which common parsers (serde_json among them) give up.
+pub const MAX_DEPTH: usize = 64;
 
 /// What validation learned about an accepted line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,12 +132,91 @@ impl Validator {
             .expect("validator tape is put back after each line")
             .reset();
         let result = match simd_json::fill_tape(&mut self.scratch, &mut self.buffers, &mut tape) {
-            Ok(()) => check_envelope(tape.as_value()),
-            Err(e) => Err(LineError::InvalidJson(e.to_string())),
+            Ok(()) => check_ijson(line, &tape).and_then(|()| check_envelope(tape.as_value())),
+            Err(e) => Err(LineError::InvalidJson(json_error(&e))),
         };
         self.tape = Some(tape.reset());
         result
     }
+}
+
+/// The parser's complaint in the publisher's terms, with where it was found.
+fn json_error(e: &simd_json::Error) -> String {
+    use simd_json::ErrorType as E;
+    let what = match e.error() {
+        E::Eof | E::UnterminatedString => "the line ends inside a value",
+        E::TrailingData => "more than one JSON value on the line",
+        E::InvalidEscape => "bad escape sequence in a string",
+        E::InvalidUnicodeEscape | E::InvalidUnicodeCodepoint => "bad \\u escape in a string",
+        E::InvalidUtf8 => "not UTF-8",
+        E::InvalidNumber | E::InvalidExponent | E::Overflow => "bad number",
+        E::ExpectedObjectColon => "expected `:` after an object key",
+        E::ExpectedMapComma | E::ExpectedArrayComma => "expected `,` between values",
+        E::ExpectedMapEnd => "expected `}`",
+        E::KeyMustBeAString | E::ExpectedObjectKey | E::BadKeyType => {
+            "object keys must be strings"
+        }
+        E::ExpectedNull | E::ExpectedTrue | E::ExpectedFalse | E::ExpectedBoolean => {
+            "unknown literal (expected true, false or null)"
+        }
+        E::InputTooLarge => "the line is too large to parse",
+        _ => "unexpected character",
+    };
+    match e.character() {
+        Some(c) if !c.is_control() => format!("{what} (near byte {}, `{c}`)", e.index() + 1),
+        _ => format!("{what} (near byte {})", e.index() + 1),
+    }
+}
+
+/// I-JSON (RFC 7493) as common clients need it: nesting within `MAX_DEPTH`, and no lone
+/// UTF-16 surrogate escape (a valid JSON string that decodes to no valid Unicode text).
+fn check_ijson(line: &[u8], tape: &Tape<'_>) -> Result<(), LineError> {
+    use simd_json::tape::Node;
+    // Fewer openers than the limit cannot nest past it: the usual line stops here.
+    if line.iter().filter(|&&b| b == b'[' || b == b'{').count() > MAX_DEPTH {
+        // Ends (tape index) of the containers the walk is inside.
+        let mut open: Vec<usize> = Vec::with_capacity(MAX_DEPTH + 1);
+        for (i, node) in tape.0.iter().enumerate() {
+            while open.last().is_some_and(|&end| end <= i) {
+                open.pop();
+            }
+            if let Node::Object { count, .. } | Node::Array { count, .. } = node {
+                open.push(i + count + 1);
+                if open.len() > MAX_DEPTH {
+                    return Err(LineError::TooDeep);
+                }
+            }
+        }
+    }
+    // Escapes appear only inside strings, and the line is valid JSON: walk them.
+    let mut i = 0;
+    while let Some(at) = line[i..].iter().position(|&b| b == b'\\') {
+        i += at;
+        if line.get(i + 1) != Some(&b'u') {
+            i += 2;
+            continue;
+        }
+        let unit = |at: usize| -> Option<u16> {
+            let hex = std::str::from_utf8(line.get(at + 2..at + 6)?).ok()?;
+            u16::from_str_radix(hex, 16).ok()
+        };
+        let u = unit(i).unwrap_or(0);
+        let lone = || LineError::LoneSurrogate(String::from_utf8_lossy(&line[i..i + 6]).into());
+        match u {
+            0xD800..=0xDBFF => {
+                let low = (line.get(i + 6) == Some(&b'\\') && line.get(i + 7) == Some(&b'u'))
+                    .then(|| unit(i + 6))
+                    .flatten();
+                if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                    return Err(lone());
+                }
+                i += 12;
+            }
+            0xDC00..=0xDFFF => return Err(lone()),
+            _ => i += 6,
+        }
+    }
+    Ok(())
 }
 
 /// A control character JSON does not allow raw: below 0x20 and not whitespace.
@@ -366,6 +453,60 @@ mod tests {
             seen.push(ev.keys.etype);
         }
         assert_eq!(seen, EventType::ALL.to_vec());
+    }
+
+    /// A valid health_alert whose `data` carries `extra` as an extra field.
+    fn alert_with(extra: &str) -> String {
+        format!(
+            r#"{{"type":"health_alert","agent":null,"data":{{"component":"disk","severity":"warning","message":"m","threshold":"80%","x":{extra}}}}}"#
+        )
+    }
+
+    #[test]
+    fn only_i_json_passes_nesting_and_surrogates() {
+        // The envelope and `data` are two levels; `x` adds the rest.
+        let nested = |levels: usize| "[".repeat(levels) + &"]".repeat(levels);
+        assert!(check(&alert_with(&nested(MAX_DEPTH - 2))).is_ok());
+        assert_eq!(
+            check(&alert_with(&nested(MAX_DEPTH - 1))),
+            Err(LineError::TooDeep)
+        );
+        // Many openers side by side are not deep.
+        assert!(check(&alert_with(&format!("[{}]", vec!["{}"; 200].join(",")))).is_ok());
+        // Openers inside strings do not count either.
+        assert!(check(&alert_with(&format!("\"{}\"", "[{".repeat(100)))).is_ok());
+
+        for ok in [r#""\ud83d\ude00""#, r#""\u00e9\\ud800""#, r#""\\u""#] {
+            assert!(check(&alert_with(ok)).is_ok(), "{ok}");
+        }
+        for (bad, shown) in [
+            (r#""a\ud800""#, r"\ud800"),
+            (r#""\uDBFFx""#, r"\uDBFF"),
+        ] {
+            assert_eq!(
+                check(&alert_with(bad)),
+                Err(LineError::LoneSurrogate(shown.into())),
+                "{bad}"
+            );
+        }
+        // simd-json refuses these itself.
+        assert!(check(&alert_with(r#""\udc00\ud800""#)).is_err());
+        assert!(check(&alert_with(r#""\ud800\u0041""#)).is_err());
+    }
+
+    #[test]
+    fn parse_errors_speak_the_publishers_language() {
+        for (line, says) in [
+            (r#"{"type":"health_alert","agent":nul}"#, "unknown literal"),
+            (r#"{"type":"health_alert"#, "invalid JSON"),
+            (r#"{"type" "health_alert"}"#, "expected `:`"),
+            (r#"{"a":1} {"b":2}"#, "invalid JSON"),
+        ] {
+            let err = check(line).unwrap_err().to_string();
+            assert!(err.contains(says), "{line}: {err}");
+            assert!(!err.contains("Internal") && !err.contains("Expected"), "{err}");
+            assert!(err.contains("byte"), "{err}");
+        }
     }
 
     #[test]

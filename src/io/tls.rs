@@ -60,6 +60,11 @@ pub fn client_config_trusting(pem: &Path) -> anyhow::Result<Arc<rustls::ClientCo
     for cert in rustls_pemfile::certs(&mut io::BufReader::new(file)) {
         roots.add(cert.with_context(|| format!("reading {}", pem.display()))?)?;
     }
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "{} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
+        pem.display()
+    );
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
