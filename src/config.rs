@@ -33,6 +33,17 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("`{s}` is too large"))
 }
 
+/// An address to listen on: `IP:PORT`, or `HOST:PORT` resolved now (`localhost:7702`).
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.trim().parse() {
+        return Ok(a);
+    }
+    let bad = |why: String| format!("`{s}` is not an address like 127.0.0.1:7702 or localhost:7702 ({why})");
+    let mut all = s.trim().to_socket_addrs().map_err(|e| bad(e.to_string()))?;
+    all.next().ok_or_else(|| bad("the name resolves to no address".into()))
+}
+
 /// The data dir: `--data-dir`, else `KRUX_DATA_DIR`, else the user's data dir.
 pub fn default_data_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
@@ -45,13 +56,17 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 /// Loads a TOML config file into the `KRUX_*` environment variables that are not set yet,
-/// so that clap's usual precedence applies: flag, then environment, then file. `known`
-/// lists the environment names of the settings (from the `serve` command's arguments);
-/// a key outside it is an error, not silently ignored.
+/// so that clap's usual precedence applies: flag, then environment, then file.
+/// `check(env_name, value)` knows the settings (from the `serve` command's arguments):
+/// `None` for an unknown one (an error, not silently ignored), else whether the value
+/// parses; either error names the file and the key.
 ///
 /// Keys are the flag names (`listen`, `ping-interval` or `ping_interval`, …); values are
 /// strings, numbers or booleans.
-pub fn load_config_file(path: &std::path::Path, known: &[String]) -> anyhow::Result<()> {
+pub fn load_config_file(
+    path: &std::path::Path,
+    check: &dyn Fn(&str, &str) -> Option<Result<(), String>>,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
@@ -60,11 +75,6 @@ pub fn load_config_file(path: &std::path::Path, known: &[String]) -> anyhow::Res
         .with_context(|| format!("parsing config file {}", path.display()))?;
     for (key, value) in table {
         let env = format!("KRUX_{}", key.to_ascii_uppercase().replace('-', "_"));
-        anyhow::ensure!(
-            known.contains(&env),
-            "{}: unknown setting `{key}` (settings are serve's flag names, e.g. `listen`, `ping-interval`)",
-            path.display()
-        );
         let text = match value {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
@@ -75,6 +85,14 @@ pub fn load_config_file(path: &std::path::Path, known: &[String]) -> anyhow::Res
                 other.type_str()
             ),
         };
+        match check(&env, &text) {
+            None => anyhow::bail!(
+                "{}: unknown setting `{key}` (settings are serve's flag names, e.g. `listen`, `ping-interval`)",
+                path.display()
+            ),
+            Some(Err(why)) => anyhow::bail!("{}: `{key}` = {text:?}: {why}", path.display()),
+            Some(Ok(())) => {}
+        }
         if std::env::var_os(&env).is_none() {
             std::env::set_var(&env, text);
         }
@@ -98,16 +116,16 @@ impl DataDirArg {
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
     /// Supervisor WebSocket address (port 0: any free port).
-    #[arg(long, env = "KRUX_LISTEN", default_value = "127.0.0.1:7701")]
+    #[arg(long, env = "KRUX_LISTEN", value_parser = parse_addr, default_value = "127.0.0.1:7701")]
     pub listen: SocketAddr,
     /// Publisher NDJSON address.
-    #[arg(long, env = "KRUX_INGEST", default_value = "127.0.0.1:7702")]
+    #[arg(long, env = "KRUX_INGEST", value_parser = parse_addr, default_value = "127.0.0.1:7702")]
     pub ingest: SocketAddr,
     /// Also accept publishers on this Unix socket.
     #[arg(long, env = "KRUX_INGEST_UNIX")]
     pub ingest_unix: Option<PathBuf>,
     /// Admin address: /metrics, /healthz, /readyz.
-    #[arg(long, env = "KRUX_ADMIN", default_value = "127.0.0.1:7703")]
+    #[arg(long, env = "KRUX_ADMIN", value_parser = parse_addr, default_value = "127.0.0.1:7703")]
     pub admin: SocketAddr,
     /// Reactor threads (default: number of cores).
     #[arg(long, env = "KRUX_REACTORS")]
@@ -115,8 +133,10 @@ pub struct ServeConfig {
     /// I/O backend: io_uring, epoll, or io_uring with epoll fallback.
     #[arg(long = "io", env = "KRUX_IO", value_enum, default_value = "auto")]
     pub io: IoMode,
+    /// How often each subscriber is pinged (keepalive).
     #[arg(long, env = "KRUX_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub ping_interval: Duration,
+    /// A subscriber silent this long after a ping (no pong, nothing) is dropped.
     #[arg(long, env = "KRUX_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub read_timeout: Duration,
     /// Time a client has to complete its TLS handshake and send its request head.
@@ -128,7 +148,8 @@ pub struct ServeConfig {
     /// Events retained for resume (`?since=`).
     #[arg(long, env = "KRUX_REPLAY", default_value_t = 1_000_000)]
     pub replay: usize,
-    /// Per-subscriber bound on unsent bytes; past it the subscriber is closed with 4001.
+    /// Per-subscriber bound on bytes its socket has not taken; a subscriber with no room
+    /// catches up from the retained window, and is closed with 4001 if its socket stalls.
     #[arg(long, env = "KRUX_CLIENT_QUEUE", default_value = "8MiB", value_parser = parse_size)]
     pub client_queue: usize,
     /// Open subscriber WebSockets allowed; more get 503.
@@ -137,6 +158,7 @@ pub struct ServeConfig {
     /// Written (JSON) once every listener is up.
     #[arg(long, env = "KRUX_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// On SIGTERM/SIGINT: time to flush queued frames and answer publishers before exit.
     #[arg(long, env = "KRUX_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     /// TLS certificate chain (PEM); the endpoint becomes wss://.
@@ -157,11 +179,124 @@ pub struct ServeConfig {
     /// Allow plaintext WebSocket on a non-loopback address.
     #[arg(long, env = "KRUX_INSECURE_PLAINTEXT")]
     pub insecure_plaintext: bool,
+    /// Allow a non-loopback --ingest address (publishers are not authenticated).
+    #[arg(long, env = "KRUX_INSECURE_INGEST")]
+    pub insecure_ingest: bool,
+    /// Allow a non-loopback --admin address (/metrics is not authenticated).
+    #[arg(long, env = "KRUX_INSECURE_ADMIN")]
+    pub insecure_admin: bool,
+}
+
+/// Largest `--replay`: its slots alone are 8 bytes each.
+pub const MAX_REPLAY: usize = 100_000_000;
+
+impl ServeConfig {
+    /// Refuses settings that cannot work, naming the flag and the range it allows.
+    pub fn check(&self) -> Result<(), String> {
+        let size = |flag: &str, v: usize, min: usize, max: usize, range: &str| {
+            if (min..=max).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("--{flag} {v}: must be between {range}"))
+            }
+        };
+        size("client-queue", self.client_queue, 1 << 10, 1 << 30, "1KiB and 1GiB")?;
+        size("max-frame", self.max_frame, 1 << 10, 1 << 30, "1KiB and 1GiB")?;
+        size("replay", self.replay, 1, MAX_REPLAY, "1 and 100000000 events")?;
+        size("max-connections", self.max_connections, 1, usize::MAX, "1 and any number")?;
+        if let Some(n) = self.reactors {
+            size("reactors", n, 1, 1024, "1 and 1024 (omit it for one per core)")?;
+        }
+        for (flag, d) in [
+            ("ping-interval", self.ping_interval),
+            ("read-timeout", self.read_timeout),
+            ("handshake-timeout", self.handshake_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("--{flag} 0: must be longer than zero, e.g. 10s"));
+            }
+        }
+        // No publisher or admin authentication: loopback unless the operator insists.
+        for (flag, addr, insisted, what) in [
+            ("ingest", self.ingest, self.insecure_ingest, "publishers are not authenticated"),
+            ("admin", self.admin, self.insecure_admin, "/metrics is not authenticated"),
+        ] {
+            if !addr.ip().is_loopback() && !insisted {
+                return Err(format!(
+                    "--{flag} {addr}: refusing a non-loopback address ({what}, so anyone who can reach it could use it); bind it to 127.0.0.1, or pass --insecure-{flag}"
+                ));
+            }
+        }
+        let tls = self.tls_self_signed || self.tls_cert.is_some();
+        if !self.listen.ip().is_loopback() && !tls && !self.insecure_plaintext {
+            return Err(format!(
+                "--listen {}: refusing plaintext WebSocket on a non-loopback address (tokens would cross the network in the clear); use --tls-cert/--tls-key or --tls-self-signed, or pass --insecure-plaintext",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: ServeConfig,
+    }
+
+    fn check(args: &[&str]) -> Result<(), String> {
+        Cli::parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .cfg
+            .check()
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_by_flag() {
+        assert_eq!(check(&[]), Ok(()));
+        for (args, names) in [
+            (&["--client-queue", "0"][..], "--client-queue 0: must be between 1KiB"),
+            (&["--max-frame", "0"], "--max-frame 0: must be between"),
+            (&["--replay", "18446744073709551615"], "--replay 18446744073709551615"),
+            (&["--replay", "0"], "--replay 0"),
+            (&["--reactors", "0"], "--reactors 0: must be between 1 and 1024"),
+            (&["--max-connections", "0"], "--max-connections 0"),
+            (&["--read-timeout", "0s"], "--read-timeout 0"),
+        ] {
+            let err = check(args).unwrap_err();
+            assert!(err.starts_with(names), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn only_loopback_unless_insisted() {
+        assert!(check(&["--listen", "[::1]:7701"]).is_ok());
+        for (args, flag) in [
+            (&["--listen", "0.0.0.0:7701"][..], "--insecure-plaintext"),
+            (&["--ingest", "0.0.0.0:7702"], "--insecure-ingest"),
+            (&["--admin", "0.0.0.0:7703"], "--insecure-admin"),
+        ] {
+            let err = check(args).unwrap_err();
+            assert!(err.contains(flag), "{err}");
+            let mut insisted = args.to_vec();
+            insisted.push(flag);
+            assert_eq!(check(&insisted), Ok(()));
+        }
+        assert!(check(&["--listen", "0.0.0.0:7701", "--tls-self-signed"]).is_ok());
+    }
+
+    #[test]
+    fn host_names_resolve() {
+        let a = parse_addr("localhost:7702").unwrap();
+        assert!(a.ip().is_loopback() && a.port() == 7702, "{a}");
+        assert_eq!(parse_addr("127.0.0.1:1").unwrap().port(), 1);
+        assert!(parse_addr("localhost").unwrap_err().contains("not an address"));
+    }
 
     #[test]
     fn sizes_and_durations() {

@@ -58,19 +58,45 @@ fn load_config() -> anyhow::Result<()> {
     let Some(path) = from_flag.or_else(|| std::env::var("KRUX_CONFIG").ok()) else {
         return Ok(());
     };
-    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
     let serve = cmd.find_subcommand("serve").expect("serve is a subcommand");
-    let mut known: Vec<String> = serve
-        .get_arguments()
-        .chain(cmd.get_arguments())
-        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
-        .collect();
-    known.retain(|k| k != "KRUX_CONFIG");
-    krux_relay::config::load_config_file(std::path::Path::new(&path), &known)
+    let check = |env: &str, value: &str| {
+        let arg = serve
+            .get_arguments()
+            .chain(cmd.get_arguments())
+            .filter(|a| a.get_id() != "_config")
+            .find(|a| a.get_env().is_some_and(|e| e == env))?;
+        if !arg.get_action().takes_values() {
+            // A switch: the environment's boolean literals.
+            let ok = ["true", "false", "1", "0", "yes", "no", "on", "off"].contains(&value);
+            return Some(ok.then_some(()).ok_or_else(|| "expected true or false".to_string()));
+        }
+        // Parse the value alone through the flag's own parser (a flag wins over its env).
+        let long = arg.get_long()?;
+        let one = clap::Command::new("check")
+            .no_binary_name(true)
+            .arg(arg.clone());
+        Some(
+            one.try_get_matches_from([format!("--{long}={value}")])
+                .map(drop)
+                .map_err(|e| {
+                    let text = e.to_string();
+                    let first = text.lines().next().unwrap_or("").to_string();
+                    // "error: invalid value 'x' for '--flag <FLAG>': reason" → reason
+                    match first.split_once(">': ") {
+                        Some((_, why)) => why.to_string(),
+                        None => text.lines().find(|l| l.contains("possible values")).map_or(first.clone(), |l| l.trim().to_string()),
+                    }
+                }),
+        )
+    };
+    krux_relay::config::load_config_file(std::path::Path::new(&path), &check)
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KRUX_LOG")
                 .unwrap_or_else(|_| "info".into()),

@@ -144,7 +144,7 @@ fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
-    check_plaintext(cfg)?;
+    cfg.check().map_err(anyhow::Error::msg)?;
     create_private_dir(data_dir)?;
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => Some(crate::io::tls::config_from_pem(cert, key)?),
@@ -165,8 +165,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     let mode = io::resolve(cfg.io).context("--io uring: io_uring cannot be set up here")?;
     let n = cfg
         .reactors
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
 
     // Every reactor listens on the same port (SO_REUSEPORT), which another process with
     // SO_REUSEPORT could join, so the port is first claimed alone: that fails if anything
@@ -182,10 +181,10 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         TcpListener::bind(cfg.admin).with_context(|| format!("binding admin {}", cfg.admin))?;
     let unix = match &cfg.ingest_unix {
         Some(path) => {
-            let _ = std::fs::remove_file(path); // a stale socket from a previous run
+            remove_stale_socket(path)?;
             Some(
                 std::os::unix::net::UnixListener::bind(path)
-                    .with_context(|| format!("binding {}", path.display()))?,
+                    .with_context(|| format!("--ingest-unix {}: cannot bind", path.display()))?,
             )
         }
         None => None,
@@ -197,7 +196,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     };
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let (producer, cursors) = FrameRing::with_readers(cfg.replay.max(1), seq.peek(), n);
+    let (producer, cursors) = FrameRing::with_readers(cfg.replay, seq.peek(), n);
     let shared = Arc::new(Shared {
         client_queue: cfg.client_queue,
         max_frame: cfg.max_frame as u64,
@@ -301,16 +300,21 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     })
 }
 
-/// Plaintext WebSocket is for loopback only, unless TLS is on or the operator insists.
-fn check_plaintext(cfg: &ServeConfig) -> anyhow::Result<()> {
-    let tls = cfg.tls_self_signed || cfg.tls_cert.is_some();
-    if !cfg.listen.ip().is_loopback() && !tls && !cfg.insecure_plaintext {
-        bail!(
-            "refusing plaintext WebSocket on non-loopback address {}: tokens would cross the network in the clear; use --tls-cert/--tls-key or --tls-self-signed, or pass --insecure-plaintext",
-            cfg.listen
-        );
+/// Removes what a previous run left at `path`, only if it is a socket nobody listens on:
+/// a regular file (or a live relay's socket) there is an error, never deleted.
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(()); // nothing there
+    };
+    let shown = path.display();
+    if !meta.file_type().is_socket() {
+        bail!("--ingest-unix {shown}: a file that is not a socket is there; refusing to replace it");
     }
-    Ok(())
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!("--ingest-unix {shown}: address in use (something is listening on it)");
+    }
+    std::fs::remove_file(path).with_context(|| format!("removing the stale socket {shown}"))
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -434,35 +438,4 @@ fn socket_budget() -> usize {
 pub async fn accept_backoff(what: &str, e: std::io::Error) {
     tracing::warn!("{what}: accept failed: {e}");
     tokio::time::sleep(Duration::from_millis(50)).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use clap::Parser;
-
-    use super::*;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        cfg: ServeConfig,
-    }
-
-    fn cfg(args: &[&str]) -> ServeConfig {
-        Cli::parse_from(std::iter::once("serve").chain(args.iter().copied())).cfg
-    }
-
-    #[test]
-    fn plaintext_only_on_loopback_unless_tls_or_insisted() {
-        assert!(check_plaintext(&cfg(&[])).is_ok());
-        assert!(check_plaintext(&cfg(&["--listen", "[::1]:7701"])).is_ok());
-        let err = check_plaintext(&cfg(&["--listen", "0.0.0.0:7701"]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--insecure-plaintext"), "{err}");
-        assert!(check_plaintext(&cfg(&["--listen", "0.0.0.0:7701", "--tls-self-signed"])).is_ok());
-        assert!(
-            check_plaintext(&cfg(&["--listen", "0.0.0.0:7701", "--insecure-plaintext"])).is_ok()
-        );
-    }
 }

@@ -117,7 +117,7 @@ enum Ended {
 
 /// Consecutive connections that ended without a single new event before `tail` gives up:
 /// a relay that keeps closing it at the same seq will not stop doing so.
-const MAX_FRUITLESS: u32 = 8;
+const MAX_FRUITLESS: u32 = 6;
 
 async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     let Some(token) = args.token.clone() else {
