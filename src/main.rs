@@ -114,7 +114,7 @@ fn main() -> ExitCode {
         Command::Serve(cfg) => krux_relay::server::start(&cfg, &data_dir)
             .and_then(|r| r.wait())
             .map(|()| ExitCode::SUCCESS),
-        Command::Demo(a) => cli::demo::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Demo(a) => cli::demo::run(a, args.data_dir.data_dir.clone()).map(|()| ExitCode::SUCCESS),
         Command::UserToken(c) => cli::token::run(c, &data_dir).map(|()| ExitCode::SUCCESS),
         Command::Passphrase(c) => cli::passphrase::run(c, &data_dir).map(|()| ExitCode::SUCCESS),
         Command::Publish(a) => cli::publish::run(a),

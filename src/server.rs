@@ -83,7 +83,7 @@ impl Running {
 }
 
 /// A channel that receives once SIGTERM or SIGINT arrives.
-fn termination_signals() -> anyhow::Result<crossbeam_channel::Receiver<()>> {
+pub(crate) fn termination_signals() -> anyhow::Result<crossbeam_channel::Receiver<()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = crossbeam_channel::bounded(1);
     let rt = tokio::runtime::Builder::new_current_thread()

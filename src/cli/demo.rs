@@ -29,24 +29,57 @@ pub struct DemoArgs {
     pub duration: Option<Duration>,
 }
 
-/// Removes the throw-away data dir however the demo ends.
-struct TempDir(PathBuf);
+/// The demo's data dir: the one given (kept), or a throw-away one, private to the user and
+/// removed however the demo ends (Ctrl-C and SIGTERM included).
+struct DataDir {
+    path: PathBuf,
+    throw_away: bool,
+}
 
-impl Drop for TempDir {
+impl Drop for DataDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if self.throw_away {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
     }
 }
 
-pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let nanos = std::time::SystemTime::now()
+pub fn run(args: DemoArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    // Before anything is created: a signal from here on ends the demo through its cleanup.
+    let signals = crate::server::termination_signals()?;
+    let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("krux-demo-{}-{nanos}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)?;
-    let token = TokenStore::new(&dir.0).create("demo")?;
-    let server = crate::server::start(&args.serve, &dir.0)?;
+        .unwrap_or_default();
+    let dir = match data_dir {
+        Some(path) => DataDir {
+            path,
+            throw_away: false,
+        },
+        None => {
+            let path = std::env::temp_dir().join(format!(
+                "krux-demo-{}-{}",
+                std::process::id(),
+                secs.subsec_nanos()
+            ));
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            DataDir {
+                path,
+                throw_away: true,
+            }
+        }
+    };
+    // A data dir that is kept may already hold a `demo` token: each run gets its own.
+    let name = if dir.throw_away {
+        "demo".to_string()
+    } else {
+        format!("demo-{}", secs.as_secs())
+    };
+    let token = TokenStore::new(&dir.path).create(&name)?;
+    let server = crate::server::start(&args.serve, &dir.path)?;
     let addrs = server.addrs;
 
     let exe =
@@ -61,7 +94,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .serve
             .tls_cert
             .clone()
-            .unwrap_or_else(|| dir.0.join("tls-self-signed.pem"));
+            .unwrap_or_else(|| dir.path.join("tls-self-signed.pem"));
         ("wss", "https", format!(" --ca-cert {}", ca.display()))
     } else {
         ("ws", "http", String::new())
@@ -85,20 +118,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  {exe} tail --url {ws}://{}{trust} --token {token} --type policy_violation,approval_requested",
         addrs.ws
     );
-    println!("\nCtrl-C stops the demo.");
+    if dir.throw_away {
+        println!("\nCtrl-C stops the demo (and removes its data dir).");
+    } else {
+        println!(
+            "\nCtrl-C stops the demo; {} keeps its token `{name}`.",
+            dir.path.display()
+        );
+    }
     std::io::stdout().flush()?;
-
-    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("signal runtime");
-        rt.block_on(async {
-            let _ = tokio::signal::ctrl_c().await;
-        });
-        let _ = done_tx.send(());
-    });
 
     let stream =
         TcpStream::connect(addrs.ingest).context("connecting the fleet to the ingest port")?;
@@ -115,7 +143,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut sent = 0u64;
     let mut next_report = started + Duration::from_secs(10);
     loop {
-        if done_rx.recv_timeout(tick).is_ok()
+        if signals.recv_timeout(tick).is_ok()
             || args.duration.is_some_and(|d| started.elapsed() >= d)
         {
             break;

@@ -10,13 +10,17 @@ use crate::auth::TokenStore;
 pub enum TokenCommand {
     /// Create a token; prints it alone on stdout (only its hash is stored).
     Create {
+        /// Who or what the token is for (1-64 of A-Z a-z 0-9 . _ - @); revoke uses it.
         #[arg(long)]
         name: String,
     },
     /// List tokens by name (tokens themselves are never shown).
     List,
     /// Revoke a token by name; running servers refuse it within 1 s.
-    Revoke { name: String },
+    Revoke {
+        /// The name given at create.
+        name: String,
+    },
 }
 
 pub fn run(cmd: TokenCommand, data_dir: &Path) -> anyhow::Result<()> {

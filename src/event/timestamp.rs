@@ -3,8 +3,8 @@
 
 use std::time::SystemTime;
 
-/// `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`, with field ranges checked (not the
-/// number of days in a given month: that is the publisher's business, not a parse hazard).
+/// `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`, with field ranges checked, days against
+/// their month (leap years included): clients that parse dates reject `02-30`.
 pub fn is_rfc3339(s: &str) -> bool {
     let b = s.as_bytes();
     if b.len() < 20 {
@@ -38,11 +38,18 @@ pub fn is_rfc3339(s: &str) -> bool {
             num(17..19)?,
         ))
     })();
-    let Some((_year, month, day, hour, minute, second)) = fields else {
+    let Some((year, month, day, hour, minute, second)) = fields else {
         return false;
     };
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
     if !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
+        || !(1..=days_in_month).contains(&day)
         || hour > 23
         || minute > 59
         || second > 60
@@ -86,6 +93,9 @@ mod tests {
             "2026-03-15T10:30:00+02:00",
             "2026-03-15t10:30:00.5-07:30",
             "2016-12-31T23:59:60Z",
+            "2028-02-29T10:00:00Z",
+            "2000-02-29T10:00:00Z",
+            "2026-01-31T10:00:00Z",
         ] {
             assert!(is_rfc3339(ok), "{ok}");
         }
@@ -104,6 +114,11 @@ mod tests {
             "2026/03/15T10:30:00Z",
             "yesterday at noon ok?",
             "2026-03-15T10:30:00Zjunk",
+            "2026-02-30T10:00:00Z",
+            "2026-02-29T10:00:00Z",
+            "2100-02-29T10:00:00Z",
+            "2026-04-31T10:00:00Z",
+            "2026-04-00T10:00:00Z",
         ] {
             assert!(!is_rfc3339(bad), "{bad}");
         }
