@@ -52,6 +52,9 @@ pub struct FrameRing {
     head: AtomicU64,
     /// The first `seq` published by this process (older ones are gone with a restart).
     first: u64,
+    /// No event with a seq in `quiet_from..first` was ever published (the previous run
+    /// stopped cleanly before them), so a resume from there has lost nothing.
+    quiet_from: AtomicU64,
     readers: Vec<Arc<ReaderWake>>,
 }
 
@@ -80,6 +83,7 @@ impl FrameRing {
             slots: (0..capacity).map(|_| ArcSwapOption::empty()).collect(),
             head: AtomicU64::new(first_seq),
             first: first_seq,
+            quiet_from: AtomicU64::new(first_seq),
             readers: (0..readers).map(|_| Arc::default()).collect(),
         });
         let cursors = ring
@@ -101,6 +105,20 @@ impl FrameRing {
     /// The `seq` the next published entry will get.
     pub fn head(&self) -> u64 {
         self.head.load(SeqCst)
+    }
+
+    /// Records that the previous run published nothing after `last`: seqs from `last + 1`
+    /// up to this run's first were never used.
+    pub fn set_previous_last(&self, last: u64) {
+        self.quiet_from
+            .store(last.saturating_add(1).min(self.first), SeqCst);
+    }
+
+    /// Whether events after `since` may be gone: the window starts past `since + 1`, and
+    /// not merely because the seqs in between were never used.
+    pub fn lost_after(&self, since: u64) -> bool {
+        let (next, oldest) = (since.saturating_add(1), self.oldest());
+        next < oldest && !(oldest == self.first && next >= self.quiet_from.load(SeqCst))
     }
 
     /// The oldest `seq` still retained (equal to `head()` when nothing is).

@@ -197,6 +197,9 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (producer, cursors) = FrameRing::with_readers(cfg.replay, seq.peek(), n);
+    if let Some(last) = seq.previous_last() {
+        producer.ring().set_previous_last(last);
+    }
     let shared = Arc::new(Shared {
         client_queue: cfg.client_queue,
         max_frame: cfg.max_frame as u64,
@@ -225,7 +228,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
             up_tx.clone(),
             EndNotice("the ingest thread".into(), ended_tx.clone()),
         );
-        let shared = shared.clone();
+        let (shared, dir) = (shared.clone(), data_dir.to_path_buf());
         threads.push(
             std::thread::Builder::new()
                 .name("krux-ingest".into())
@@ -240,7 +243,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
                     };
                     tokio::task::LocalSet::new().block_on(&rt, async move {
                         if let Err(e) =
-                            run_ingest(pipeline, ingest, unix, admin, &shared, &up).await
+                            run_ingest(pipeline, ingest, unix, admin, &shared, &up, &dir).await
                         {
                             drop(up.send(Err(e)));
                         }
@@ -351,6 +354,7 @@ async fn run_ingest(
     admin: TcpListener,
     shared: &Shared,
     up: &crossbeam_channel::Sender<anyhow::Result<()>>,
+    data_dir: &Path,
 ) -> anyhow::Result<()> {
     let ring = pipeline.ring().clone();
     let pipeline = Rc::new(RefCell::new(pipeline));
@@ -401,10 +405,12 @@ async fn run_ingest(
         }
     })
     .await;
+    let head = ring.head();
     shared
         .ingest_final_seq
-        .store(ring.head(), std::sync::atomic::Ordering::SeqCst);
-    Ok(())
+        .store(head, std::sync::atomic::Ordering::SeqCst);
+    // Nothing after head - 1 was published: the next run's resumes need no gap notice.
+    crate::ingest::seq::record_clean_stop(data_dir, head.saturating_sub(1))
 }
 
 /// Raises the soft open-file limit to the hard one and returns how many sockets port 7701

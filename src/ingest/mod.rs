@@ -6,7 +6,7 @@
 //! does not read its replies only stalls itself.
 
 mod lines;
-mod seq;
+pub mod seq;
 
 pub use lines::{Line, LineSplitter};
 pub use seq::SeqAllocator;

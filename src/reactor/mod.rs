@@ -240,7 +240,7 @@ impl Reactor {
     /// longer reaches `since + 1`, and returns the first seq to replay.
     pub fn start_replay(&self, sub: &Subscriber, since: u64) -> u64 {
         let oldest = self.ring().oldest();
-        if since.saturating_add(1) < oldest {
+        if self.ring().lost_after(since) {
             let gap = format!(
                 r#"{{"type":"replay_gap","timestamp":"{}","agent":null,"data":{{"since":{since},"oldest":{oldest}}}}}"#,
                 crate::event::now_rfc3339_millis()
