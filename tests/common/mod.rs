@@ -26,6 +26,27 @@ pub fn io_backend() -> String {
     std::env::var("KRUX_TEST_IO").unwrap_or_else(|_| "auto".into())
 }
 
+/// Whether an outside program a test needs is here. Outside CI a missing one skips the
+/// test (with a note), so the README's test command passes on a fresh machine; in CI
+/// (`CI` set), where `.ci/run` installs them, it is a failure.
+pub fn have_tool(program: &str, args: &[&str], install: &str) -> bool {
+    let ok = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "`{program} {}` must work in CI ({install})",
+            args.join(" ")
+        );
+        eprintln!("skipped: `{program} {}` does not work here ({install})", args.join(" "));
+    }
+    ok
+}
+
 /// Polls `cond` until it holds or `within` passes.
 pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
