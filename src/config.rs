@@ -39,9 +39,12 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.trim().parse() {
         return Ok(a);
     }
-    let bad = |why: String| format!("`{s}` is not an address like 127.0.0.1:7702 or localhost:7702 ({why})");
+    let bad = |why: String| {
+        format!("`{s}` is not an address like 127.0.0.1:7702 or localhost:7702 ({why})")
+    };
     let mut all = s.trim().to_socket_addrs().map_err(|e| bad(e.to_string()))?;
-    all.next().ok_or_else(|| bad("the name resolves to no address".into()))
+    all.next()
+        .ok_or_else(|| bad("the name resolves to no address".into()))
 }
 
 /// The data dir: `--data-dir`, else `KRUX_DATA_DIR`, else the user's data dir.
@@ -55,6 +58,9 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
+/// `check(env_name, value)`: `None` for an unknown setting, else whether the value parses.
+pub type SettingCheck<'a> = dyn Fn(&str, &str) -> Option<Result<(), String>> + 'a;
+
 /// Loads a TOML config file into the `KRUX_*` environment variables that are not set yet,
 /// so that clap's usual precedence applies: flag, then environment, then file.
 /// `check(env_name, value)` knows the settings (from the `serve` command's arguments):
@@ -63,10 +69,7 @@ pub fn default_data_dir() -> PathBuf {
 ///
 /// Keys are the flag names (`listen`, `ping-interval` or `ping_interval`, …); values are
 /// strings, numbers or booleans.
-pub fn load_config_file(
-    path: &std::path::Path,
-    check: &dyn Fn(&str, &str) -> Option<Result<(), String>>,
-) -> anyhow::Result<()> {
+pub fn load_config_file(path: &std::path::Path, check: &SettingCheck<'_>) -> anyhow::Result<()> {
     use anyhow::Context;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
@@ -200,12 +203,42 @@ impl ServeConfig {
                 Err(format!("--{flag} {v}: must be between {range}"))
             }
         };
-        size("client-queue", self.client_queue, 1 << 10, 1 << 30, "1KiB and 1GiB")?;
-        size("max-frame", self.max_frame, 1 << 10, 1 << 30, "1KiB and 1GiB")?;
-        size("replay", self.replay, 1, MAX_REPLAY, "1 and 100000000 events")?;
-        size("max-connections", self.max_connections, 1, usize::MAX, "1 and any number")?;
+        size(
+            "client-queue",
+            self.client_queue,
+            1 << 10,
+            1 << 30,
+            "1KiB and 1GiB",
+        )?;
+        size(
+            "max-frame",
+            self.max_frame,
+            1 << 10,
+            1 << 30,
+            "1KiB and 1GiB",
+        )?;
+        size(
+            "replay",
+            self.replay,
+            1,
+            MAX_REPLAY,
+            "1 and 100000000 events",
+        )?;
+        size(
+            "max-connections",
+            self.max_connections,
+            1,
+            usize::MAX,
+            "1 and any number",
+        )?;
         if let Some(n) = self.reactors {
-            size("reactors", n, 1, 1024, "1 and 1024 (omit it for one per core)")?;
+            size(
+                "reactors",
+                n,
+                1,
+                1024,
+                "1 and 1024 (omit it for one per core)",
+            )?;
         }
         for (flag, d) in [
             ("ping-interval", self.ping_interval),
@@ -218,8 +251,18 @@ impl ServeConfig {
         }
         // No publisher or admin authentication: loopback unless the operator insists.
         for (flag, addr, insisted, what) in [
-            ("ingest", self.ingest, self.insecure_ingest, "publishers are not authenticated"),
-            ("admin", self.admin, self.insecure_admin, "/metrics is not authenticated"),
+            (
+                "ingest",
+                self.ingest,
+                self.insecure_ingest,
+                "publishers are not authenticated",
+            ),
+            (
+                "admin",
+                self.admin,
+                self.insecure_admin,
+                "/metrics is not authenticated",
+            ),
         ] {
             if !addr.ip().is_loopback() && !insisted {
                 return Err(format!(
@@ -260,11 +303,20 @@ mod tests {
     fn settings_that_cannot_work_are_refused_by_flag() {
         assert_eq!(check(&[]), Ok(()));
         for (args, names) in [
-            (&["--client-queue", "0"][..], "--client-queue 0: must be between 1KiB"),
+            (
+                &["--client-queue", "0"][..],
+                "--client-queue 0: must be between 1KiB",
+            ),
             (&["--max-frame", "0"], "--max-frame 0: must be between"),
-            (&["--replay", "18446744073709551615"], "--replay 18446744073709551615"),
+            (
+                &["--replay", "18446744073709551615"],
+                "--replay 18446744073709551615",
+            ),
             (&["--replay", "0"], "--replay 0"),
-            (&["--reactors", "0"], "--reactors 0: must be between 1 and 1024"),
+            (
+                &["--reactors", "0"],
+                "--reactors 0: must be between 1 and 1024",
+            ),
             (&["--max-connections", "0"], "--max-connections 0"),
             (&["--read-timeout", "0s"], "--read-timeout 0"),
         ] {
@@ -295,7 +347,9 @@ mod tests {
         let a = parse_addr("localhost:7702").unwrap();
         assert!(a.ip().is_loopback() && a.port() == 7702, "{a}");
         assert_eq!(parse_addr("127.0.0.1:1").unwrap().port(), 1);
-        assert!(parse_addr("localhost").unwrap_err().contains("not an address"));
+        assert!(parse_addr("localhost")
+            .unwrap_err()
+            .contains("not an address"));
     }
 
     #[test]

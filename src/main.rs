@@ -70,7 +70,10 @@ fn load_config() -> anyhow::Result<()> {
         if !arg.get_action().takes_values() {
             // A switch: the environment's boolean literals.
             let ok = ["true", "false", "1", "0", "yes", "no", "on", "off"].contains(&value);
-            return Some(ok.then_some(()).ok_or_else(|| "expected true or false".to_string()));
+            return Some(
+                ok.then_some(())
+                    .ok_or_else(|| "expected true or false".to_string()),
+            );
         }
         // Parse the value alone through the flag's own parser (a flag wins over its env).
         let long = arg.get_long()?;
@@ -86,7 +89,10 @@ fn load_config() -> anyhow::Result<()> {
                     // "error: invalid value 'x' for '--flag <FLAG>': reason" → reason
                     match first.split_once(">': ") {
                         Some((_, why)) => why.to_string(),
-                        None => text.lines().find(|l| l.contains("possible values")).map_or(first.clone(), |l| l.trim().to_string()),
+                        None => text
+                            .lines()
+                            .find(|l| l.contains("possible values"))
+                            .map_or(first.clone(), |l| l.trim().to_string()),
                     }
                 }),
         )
@@ -114,7 +120,9 @@ fn main() -> ExitCode {
         Command::Serve(cfg) => krux_relay::server::start(&cfg, &data_dir)
             .and_then(|r| r.wait())
             .map(|()| ExitCode::SUCCESS),
-        Command::Demo(a) => cli::demo::run(a, args.data_dir.data_dir.clone()).map(|()| ExitCode::SUCCESS),
+        Command::Demo(a) => {
+            cli::demo::run(a, args.data_dir.data_dir.clone()).map(|()| ExitCode::SUCCESS)
+        }
         Command::UserToken(c) => cli::token::run(c, &data_dir).map(|()| ExitCode::SUCCESS),
         Command::Passphrase(c) => cli::passphrase::run(c, &data_dir).map(|()| ExitCode::SUCCESS),
         Command::Publish(a) => cli::publish::run(a),

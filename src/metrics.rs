@@ -216,7 +216,10 @@ mod tests {
         m.closed(4001);
         m.closed(4999);
         let text = m.render();
-        assert!(text.contains("krux_closes_total{code=\"4001\"} 1"), "{text}");
+        assert!(
+            text.contains("krux_closes_total{code=\"4001\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("krux_closes_total{code=\"other\"} 1"));
         assert!(text.contains("krux_slow_consumer_closes_total 1"));
         assert!(text.contains("krux_events_in_total{type=\"health_alert\"} 1"));

@@ -121,15 +121,28 @@ impl Drop for EndNotice {
 
 /// Binds `addr` without SO_REUSEPORT, so it fails with "address in use" if any socket
 /// holds the port, and returns the address with its port chosen. The probe is closed at
-/// once; the reactors' SO_REUSEPORT sockets take the port right after.
+/// once; the reactors' SO_REUSEPORT sockets take the port right after. (Left: a process
+/// binding the port with SO_REUSEPORT in that instant, or later, could still join; the
+/// relays it could be, this one included, all claim the port alone first.)
 fn claim_port(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
-    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    probe.set_reuse_address(true)?; // only TIME_WAIT leftovers; never a live listener
-    probe
-        .bind(&addr.into())
-        .with_context(|| format!("--listen {addr}: cannot bind"))?;
-    let bound = probe.local_addr()?.as_socket().context("an IP address")?;
-    Ok(bound)
+    // A relay that just died may hold its listeners a moment longer (io_uring releases
+    // them from a kernel worker after the process is gone): a restart on the same port
+    // waits that out, briefly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        probe.set_reuse_address(true)?; // only TIME_WAIT leftovers; never a live listener
+        match probe.bind(&addr.into()) {
+            Ok(()) => return probe.local_addr()?.as_socket().context("an IP address"),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).with_context(|| format!("--listen {addr}: cannot bind")),
+        }
+    }
 }
 
 fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -312,7 +325,9 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
     };
     let shown = path.display();
     if !meta.file_type().is_socket() {
-        bail!("--ingest-unix {shown}: a file that is not a socket is there; refusing to replace it");
+        bail!(
+            "--ingest-unix {shown}: a file that is not a socket is there; refusing to replace it"
+        );
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         bail!("--ingest-unix {shown}: address in use (something is listening on it)");

@@ -3,33 +3,8 @@
 mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
-
-fn tail(relay: &Relay, extra: &[&str]) -> std::process::Child {
-    Command::new(bin())
-        .args(["tail", "--url", &format!("ws://{}", relay.ws)])
-        .args(extra)
-        .env("KRUX_TOKEN", &relay.token)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// Waits until the relay counts `n` subscribers (so a published event cannot be missed).
-async fn wait_subscribers(relay: &Relay, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, _, m) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        if m.contains(&format!("\nkrux_subscribers {n}\n")) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{n} subscribers never connected");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test]
 async fn tail_prints_readable_lines_and_json_with_filters() {

@@ -10,7 +10,11 @@ use common::*;
 
 #[tokio::test]
 async fn python_websockets_client_subscribes_pings_and_closes() {
-    if !have_tool("python3", &["-c", "import websockets"], "pip install websockets") {
+    if !have_tool(
+        "python3",
+        &["-c", "import websockets"],
+        "pip install websockets",
+    ) {
         return;
     }
     let relay = Relay::start().await;

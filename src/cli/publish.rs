@@ -46,7 +46,11 @@ pub fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         let sent = std::io::copy(&mut input, &mut writer).and_then(|_| writer.flush());
         // On a read error, end the connection both ways: the relay would otherwise wait
         // for the rest of the input, and we for its summary.
-        let how = if sent.is_ok() { Shutdown::Write } else { Shutdown::Both };
+        let how = if sent.is_ok() {
+            Shutdown::Write
+        } else {
+            Shutdown::Both
+        };
         let _ = writer.shutdown(how);
         sent
     });

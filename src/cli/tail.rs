@@ -313,7 +313,8 @@ fn trailing_seq(text: &str) -> Option<u64> {
 /// shown escaped (`\n`, `\u{1b}`), never interpreted.
 pub fn escape_controls(line: &str) -> String {
     let unsafe_char = |c: char| {
-        c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     };
     if !line.contains(unsafe_char) {
         return line.to_string();
@@ -455,7 +456,12 @@ mod tests {
         );
         assert!(check_url("ws://127.0.0.1:7701").is_ok());
         assert!(check_url("wss://relay:7701/events").is_ok());
-        for bad in ["http://127.0.0.1:7701", "127.0.0.1:7701", "ftp://x", "ws://"] {
+        for bad in [
+            "http://127.0.0.1:7701",
+            "127.0.0.1:7701",
+            "ftp://x",
+            "ws://",
+        ] {
             let err = check_url(bad).unwrap_err().to_string();
             assert!(err.contains("ws://"), "{bad}: {err}");
         }

@@ -153,9 +153,7 @@ fn json_error(e: &simd_json::Error) -> String {
         E::ExpectedObjectColon => "expected `:` after an object key",
         E::ExpectedMapComma | E::ExpectedArrayComma => "expected `,` between values",
         E::ExpectedMapEnd => "expected `}`",
-        E::KeyMustBeAString | E::ExpectedObjectKey | E::BadKeyType => {
-            "object keys must be strings"
-        }
+        E::KeyMustBeAString | E::ExpectedObjectKey | E::BadKeyType => "object keys must be strings",
         E::ExpectedNull | E::ExpectedTrue | E::ExpectedFalse | E::ExpectedBoolean => {
             "unknown literal (expected true, false or null)"
         }
@@ -479,10 +477,7 @@ mod tests {
         for ok in [r#""\ud83d\ude00""#, r#""\u00e9\\ud800""#, r#""\\u""#] {
             assert!(check(&alert_with(ok)).is_ok(), "{ok}");
         }
-        for (bad, shown) in [
-            (r#""a\ud800""#, r"\ud800"),
-            (r#""\uDBFFx""#, r"\uDBFF"),
-        ] {
+        for (bad, shown) in [(r#""a\ud800""#, r"\ud800"), (r#""\uDBFFx""#, r"\uDBFF")] {
             assert_eq!(
                 check(&alert_with(bad)),
                 Err(LineError::LoneSurrogate(shown.into())),
@@ -504,7 +499,10 @@ mod tests {
         ] {
             let err = check(line).unwrap_err().to_string();
             assert!(err.contains(says), "{line}: {err}");
-            assert!(!err.contains("Internal") && !err.contains("Expected"), "{err}");
+            assert!(
+                !err.contains("Internal") && !err.contains("Expected"),
+                "{err}"
+            );
             assert!(err.contains("byte"), "{err}");
         }
     }

@@ -630,7 +630,9 @@ mod tests {
             "{resp}"
         );
         assert!(resp.ends_with("\r\nKrux-Seq: 40\r\n\r\n"), "{resp}");
-        assert!(!String::from_utf8(u.response(None)).unwrap().contains("Krux-Seq"));
+        assert!(!String::from_utf8(u.response(None))
+            .unwrap()
+            .contains("Krux-Seq"));
     }
 
     #[test]

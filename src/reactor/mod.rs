@@ -476,7 +476,11 @@ async fn housekeeping(reactor: Rc<Reactor>) {
             if let Some(&unanswered) = pings.iter().find(|&&p| p > heard) {
                 if now.duration_since(unanswered) >= shared.read_timeout {
                     // Silent since a ping: a half-open or hung peer.
-                    reactor.close(sub, close_code::GOING_AWAY, "no pong within the read timeout");
+                    reactor.close(
+                        sub,
+                        close_code::GOING_AWAY,
+                        "no pong within the read timeout",
+                    );
                 }
             }
         }

@@ -235,7 +235,11 @@ mod tests {
         o.wrote(a.len());
         assert_eq!((o.unsent(), o.written()), (0, a.len() as u64));
         o.resume();
-        assert_eq!(o.push_event(&b, 43, now()), Push::Queued, "the socket took it all");
+        assert_eq!(
+            o.push_event(&b, 43, now()),
+            Push::Queued,
+            "the socket took it all"
+        );
         assert_eq!(o.state(), OutState::Open);
     }
 

@@ -42,7 +42,10 @@ pub fn have_tool(program: &str, args: &[&str], install: &str) -> bool {
             "`{program} {}` must work in CI ({install})",
             args.join(" ")
         );
-        eprintln!("skipped: `{program} {}` does not work here ({install})", args.join(" "));
+        eprintln!(
+            "skipped: `{program} {}` does not work here ({install})",
+            args.join(" ")
+        );
     }
     ok
 }
@@ -214,16 +217,22 @@ async fn spawn_relay(
             c
         }
     };
-    let mut child = cmd
-        .args([
-            "serve",
+    // Any free ports, unless the test names them (a restart on the same ports).
+    let ports: &[&str] = if extra.contains(&"--listen") {
+        &[]
+    } else {
+        &[
             "--listen",
             "127.0.0.1:0",
             "--ingest",
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
-        ])
+        ]
+    };
+    let mut child = cmd
+        .arg("serve")
+        .args(ports)
         .args(["--io", &io, "--ready-file", ready.to_str().unwrap()])
         .args(extra)
         .env("KRUX_DATA_DIR", dir)
@@ -449,4 +458,29 @@ pub async fn raw_subscribe(relay: &Relay, query: &str, recv_buffer: Option<u32>)
         String::from_utf8_lossy(&head)
     );
     s
+}
+
+/// `tail` against the relay, with its token; stdout and stderr piped.
+pub fn tail(relay: &Relay, extra: &[&str]) -> std::process::Child {
+    Command::new(bin())
+        .args(["tail", "--url", &format!("ws://{}", relay.ws)])
+        .args(extra)
+        .env("KRUX_TOKEN", &relay.token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the relay counts `n` subscribers (so a published event cannot be missed).
+pub async fn wait_subscribers(relay: &Relay, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, m) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        if m.contains(&format!("\nkrux_subscribers {n}\n")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} subscribers never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
