@@ -159,3 +159,65 @@ async fn demo_prints_a_working_token_and_tail_command() {
         .windows(2)
         .all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()));
 }
+
+/// Starts `demo` with `extra`, waits until it is up, stops it with SIGTERM and returns
+/// whether it exited successfully.
+async fn demo_until_sigterm(tmp: &std::path::Path, extra: &[&str]) -> bool {
+    let ready = tmp.join("ready.json");
+    let _ = std::fs::remove_file(&ready);
+    let mut demo = Command::new(bin())
+        .arg("demo")
+        .args(extra)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--ingest",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--io",
+            &io_backend(),
+            "--ready-file",
+            ready.to_str().unwrap(),
+        ])
+        .env("TMPDIR", tmp)
+        .env_remove("KRUX_DATA_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(std::time::Duration::from_secs(20), "demo up", || {
+        ready.exists()
+    })
+    .await;
+    let st = Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    demo.wait().unwrap().success()
+}
+
+#[tokio::test]
+async fn demo_removes_its_throw_away_dir_on_sigterm_and_keeps_a_given_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(demo_until_sigterm(tmp.path(), &[]).await);
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("krux-demo-"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    let data = tmp.path().join("mine");
+    let data_s = data.display().to_string();
+    assert!(demo_until_sigterm(tmp.path(), &["--data-dir", &data_s]).await);
+    let list = Command::new(bin())
+        .args(["user-token", "list", "--data-dir", &data_s])
+        .output()
+        .unwrap();
+    assert_success(&list);
+    assert!(String::from_utf8_lossy(&list.stdout).starts_with("demo-"));
+}
