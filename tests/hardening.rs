@@ -20,8 +20,16 @@ fn alert(filler: usize) -> String {
     )
 }
 
+/// Waits (at most 60 s: a `tail` that retries forever is a failure, not a hang) for the
+/// child and returns (success, stdout, stderr).
 fn output_of(child: std::process::Child) -> (bool, String, String) {
-    let out = child.wait_with_output().unwrap();
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(60)) else {
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        panic!("still running after 60 s");
+    };
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.success(), text(&out.stdout), text(&out.stderr))
 }

@@ -18,8 +18,13 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub const SEED: &str = include_str!("../data/seed_events.ndjson");
 
+/// The binary under test: this build's, or `KRUX_TEST_BIN` (to show that a test fails
+/// against an older build).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_krux-relay")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("KRUX_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_krux-relay").into())
+    })
 }
 
 pub fn io_backend() -> String {
