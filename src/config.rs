@@ -148,9 +148,13 @@ pub struct ServeConfig {
     /// Largest inbound frame, and largest published line.
     #[arg(long, env = "KRUX_MAX_FRAME", default_value = "16MiB", value_parser = parse_size)]
     pub max_frame: usize,
-    /// Events retained for resume (`?since=`).
+    /// Events retained for resume (`?since=`): the newest within this count and
+    /// --replay-memory.
     #[arg(long, env = "KRUX_REPLAY", default_value_t = 1_000_000)]
     pub replay: usize,
+    /// Bytes the retained events may hold (frames, filter keys, entries).
+    #[arg(long, env = "KRUX_REPLAY_MEMORY", default_value = "256MiB", value_parser = parse_size)]
+    pub replay_memory: usize,
     /// Per-subscriber bound on bytes its socket has not taken; a subscriber with no room
     /// catches up from the retained window, and is closed with 4001 if its socket stalls.
     #[arg(long, env = "KRUX_CLIENT_QUEUE", default_value = "8MiB", value_parser = parse_size)]
@@ -313,6 +317,10 @@ mod tests {
                 "--replay 18446744073709551615",
             ),
             (&["--replay", "0"], "--replay 0"),
+            (
+                &["--replay-memory", "0"],
+                "--replay-memory 0: must be between 1KiB",
+            ),
             (
                 &["--reactors", "0"],
                 "--reactors 0: must be between 1 and 1024",

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     pub writevs: AtomicU64,
     pub subscribers: AtomicI64,
+    /// What the replay window holds (see `--replay-memory`), updated once per ingest batch.
+    pub replay_bytes: AtomicI64,
     /// Closes started, by code (`CLOSE_CODES`, then other).
     closes: [AtomicU64; CLOSE_CODES.len() + 1],
     handshakes: [AtomicU64; STATUSES.len()],
@@ -102,7 +104,7 @@ impl Metrics {
                 self.events_in[t.index()].load(Relaxed)
             );
         }
-        let scalars: [(&str, &str, &str, i64); 6] = [
+        let scalars: [(&str, &str, &str, i64); 7] = [
             (
                 "krux_events_rejected_total",
                 "counter",
@@ -132,6 +134,12 @@ impl Metrics {
                 "gauge",
                 "Open subscriber WebSockets.",
                 self.subscribers.load(Relaxed),
+            ),
+            (
+                "krux_replay_retained_bytes",
+                "gauge",
+                "Bytes the replay window holds (bounded by --replay-memory).",
+                self.replay_bytes.load(Relaxed),
             ),
             (
                 "krux_slow_consumer_closes_total",

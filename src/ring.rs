@@ -7,6 +7,10 @@
 //! `ArcSwapOption`s, so readers never lock and never see a torn entry; a reader that
 //! finds a newer `seq` in its slot knows it was lapped.
 //!
+//! The window is bounded in bytes as well (`--replay-memory`): the producer counts what
+//! the retained entries hold and, past the bound, empties the oldest slots first, so the
+//! window is the newest events within both bounds (never fewer than the newest one).
+//!
 //! Wake-ups: a reactor with nothing to read marks itself parked and waits on its `Notify`;
 //! the producer notifies only parked reactors, so a busy reactor costs it one atomic load.
 
@@ -55,12 +59,31 @@ pub struct FrameRing {
     /// No event with a seq in `quiet_from..first` was ever published (the previous run
     /// stopped cleanly before them), so a resume from there has lost nothing.
     quiet_from: AtomicU64,
+    /// Entries below this were evicted by the byte bound (their slots are empty).
+    evicted_below: AtomicU64,
     readers: Vec<Arc<ReaderWake>>,
 }
 
 /// The ring's only writer. Not `Clone`: single-producer is enforced by ownership.
 pub struct Producer {
     ring: Arc<FrameRing>,
+    /// What the retained entries hold (`Entry::retained_bytes`), and its bound.
+    bytes: usize,
+    max_bytes: usize,
+    /// The oldest seq still counted in `bytes`.
+    oldest_counted: u64,
+}
+
+impl Entry {
+    /// What keeping this entry in the window costs: its frame, its keys and the entry.
+    pub fn retained_bytes(&self) -> usize {
+        let keys = &self.keys;
+        let strings = [&keys.agent, &keys.session, &keys.data_session]
+            .iter()
+            .map(|k| k.as_ref().map_or(0, |s| s.len()))
+            .sum::<usize>();
+        self.frame.len() + strings + std::mem::size_of::<Entry>() + 16 // Arc counts
+    }
 }
 
 /// One reactor's read position and wake-up handle.
@@ -78,12 +101,23 @@ impl FrameRing {
         first_seq: u64,
         readers: usize,
     ) -> (Producer, Vec<Cursor>) {
+        Self::bounded(capacity, usize::MAX, first_seq, readers)
+    }
+
+    /// Like `with_readers`, retaining also at most `max_bytes` (`Entry::retained_bytes`).
+    pub fn bounded(
+        capacity: usize,
+        max_bytes: usize,
+        first_seq: u64,
+        readers: usize,
+    ) -> (Producer, Vec<Cursor>) {
         assert!(capacity > 0, "ring capacity must be positive");
         let ring = Arc::new(FrameRing {
             slots: (0..capacity).map(|_| ArcSwapOption::empty()).collect(),
             head: AtomicU64::new(first_seq),
             first: first_seq,
             quiet_from: AtomicU64::new(first_seq),
+            evicted_below: AtomicU64::new(first_seq),
             readers: (0..readers).map(|_| Arc::default()).collect(),
         });
         let cursors = ring
@@ -95,7 +129,13 @@ impl FrameRing {
                 next: first_seq,
             })
             .collect();
-        (Producer { ring }, cursors)
+        let producer = Producer {
+            ring,
+            bytes: 0,
+            max_bytes,
+            oldest_counted: first_seq,
+        };
+        (producer, cursors)
     }
 
     pub fn capacity(&self) -> u64 {
@@ -123,7 +163,8 @@ impl FrameRing {
 
     /// The oldest `seq` still retained (equal to `head()` when nothing is).
     pub fn oldest(&self) -> u64 {
-        self.head().saturating_sub(self.capacity()).max(self.first)
+        let by_count = self.head().saturating_sub(self.capacity()).max(self.first);
+        by_count.max(self.evicted_below.load(SeqCst))
     }
 
     pub fn get(&self, seq: u64) -> Slot {
@@ -136,8 +177,10 @@ impl FrameRing {
         match self.slots[(seq % self.capacity()) as usize].load_full() {
             Some(e) if e.seq == seq => Slot::Ready(e),
             Some(e) if e.seq > seq => Slot::Lapped,
+            // Below `head` every slot was stored, so an empty one was evicted.
+            None => Slot::Lapped,
             // Unreachable while `seq < head`: the producer stores the slot before `head`.
-            _ => Slot::Pending,
+            Some(_) => Slot::Pending,
         }
     }
 }
@@ -153,8 +196,46 @@ impl Producer {
         let ring = &*self.ring;
         let seq = entry.seq;
         assert_eq!(seq, ring.head(), "entries are published in seq order");
-        ring.slots[(seq % ring.capacity()) as usize].store(Some(Arc::new(entry)));
+        self.bytes += entry.retained_bytes();
+        let slot = &ring.slots[(seq % ring.capacity()) as usize];
+        if let Some(old) = slot.swap(Some(Arc::new(entry))) {
+            // Lapped by count: no longer retained.
+            if old.seq >= self.oldest_counted {
+                self.bytes -= old.retained_bytes();
+                self.oldest_counted = old.seq + 1;
+            }
+        }
         ring.head.store(seq + 1, SeqCst);
+        if self.bytes > self.max_bytes {
+            self.evict_to_bound(seq);
+        }
+    }
+
+    /// Empties the oldest slots until the window fits its byte bound, keeping `newest`.
+    /// Readers learn of it through `evicted_below` first, then find the slots empty.
+    fn evict_to_bound(&mut self, newest: u64) {
+        let ring = &*self.ring;
+        let mut below = self.oldest_counted;
+        let mut freed = Vec::new();
+        let mut bytes = self.bytes;
+        while bytes > self.max_bytes && below < newest {
+            let slot = &ring.slots[(below % ring.capacity()) as usize];
+            if let Some(e) = slot.load_full().filter(|e| e.seq == below) {
+                bytes -= e.retained_bytes();
+                freed.push(below);
+            }
+            below += 1;
+        }
+        ring.evicted_below.store(below, SeqCst);
+        for seq in freed {
+            ring.slots[(seq % ring.capacity()) as usize].store(None);
+        }
+        (self.bytes, self.oldest_counted) = (bytes, below);
+    }
+
+    /// Bytes the window holds (`Entry::retained_bytes` of every retained entry).
+    pub fn retained_bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Wakes the readers that parked because they had caught up.
@@ -230,6 +311,41 @@ mod tests {
             }
         }
         assert!(matches!(ring.get(106), Slot::Pending));
+    }
+
+    #[test]
+    fn the_window_keeps_the_newest_events_within_its_byte_bound() {
+        // Three-digit seqs: every entry has the same size.
+        let size = entry(100).retained_bytes();
+        // Room for three entries by bytes, eight by count.
+        let (mut p, _c) = FrameRing::bounded(8, 3 * size + size / 2, 100, 1);
+        let ring = p.ring().clone();
+        for s in 100..=109 {
+            p.publish(entry(s));
+            assert!(p.retained_bytes() <= 3 * size + size / 2);
+        }
+        assert_eq!(ring.oldest(), 107);
+        assert!(
+            matches!(ring.get(106), Slot::Lapped),
+            "evicted, not pending"
+        );
+        for s in 107..=109 {
+            assert!(matches!(ring.get(s), Slot::Ready(e) if e.seq == s));
+        }
+        assert_eq!(p.retained_bytes(), 3 * size);
+        // One entry larger than the bound stays: the newest is always retained.
+        let (mut p, _c) = FrameRing::bounded(8, 1, 1, 1);
+        let ring = p.ring().clone();
+        p.publish(entry(1));
+        p.publish(entry(2));
+        assert_eq!(ring.oldest(), 2);
+        assert!(matches!(ring.get(2), Slot::Ready(_)));
+        // By count, bytes are released as slots are overwritten.
+        let (mut p, _c) = FrameRing::bounded(2, usize::MAX, 100, 1);
+        for s in 100..=104 {
+            p.publish(entry(s));
+        }
+        assert_eq!(p.retained_bytes(), 2 * size);
     }
 
     #[test]

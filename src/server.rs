@@ -209,7 +209,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     };
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let (producer, cursors) = FrameRing::with_readers(cfg.replay, seq.peek(), n);
+    let (producer, cursors) = FrameRing::bounded(cfg.replay, cfg.replay_memory, seq.peek(), n);
     if let Some(last) = seq.previous_last() {
         producer.ring().set_previous_last(last);
     }

@@ -71,3 +71,36 @@ async fn seq_never_goes_backwards_across_kill_9() {
         after - 10
     );
 }
+
+#[tokio::test]
+async fn the_window_is_bounded_in_bytes_and_a_resume_before_it_gets_the_gap() {
+    let relay = Relay::start_with(&["--replay-memory", "2MiB"]).await;
+    let big = |i: usize| {
+        format!(
+            r#"{{"type":"health_alert","agent":null,"data":{{"component":"c{i}","severity":"warning","message":"{}","threshold":"t"}}}}"#,
+            "m".repeat(100_000)
+        )
+    };
+    let lines: Vec<String> = (0..60).map(big).collect();
+    let last = relay.publish(&lines.join("\n")).await[0]["last_seq"]
+        .as_u64()
+        .unwrap();
+    let mut ws = relay.subscribe("since=0").await;
+    let gap = next_event(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(gap["type"], "replay_gap", "{gap}");
+    let oldest = gap["data"]["oldest"].as_u64().unwrap();
+    let kept = last - oldest + 1;
+    // 2 MiB holds 20 of these ~100 KB events (and not fewer than the bound allows).
+    assert!((15..=21).contains(&kept), "kept {kept}");
+    let got = take_events(&mut ws, kept as usize).await;
+    let seqs: Vec<u64> = got.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (oldest..=last).collect::<Vec<_>>());
+    let (_, _, m) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let held: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("krux_replay_retained_bytes "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(held <= 2 << 20 && held > 1 << 20, "{held}");
+}

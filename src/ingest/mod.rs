@@ -90,6 +90,10 @@ impl Pipeline {
     /// Wakes reactors that parked; called once per batch of lines.
     pub fn flush(&self) {
         self.producer.wake_parked();
+        self.metrics.replay_bytes.store(
+            self.producer.retained_bytes() as i64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 
