@@ -170,8 +170,9 @@ fn json_error(e: &simd_json::Error) -> String {
 /// UTF-16 surrogate escape (a valid JSON string that decodes to no valid Unicode text).
 fn check_ijson(line: &[u8], tape: &Tape<'_>) -> Result<(), LineError> {
     use simd_json::tape::Node;
-    // Fewer openers than the limit cannot nest past it: the usual line stops here.
-    if line.iter().filter(|&&b| b == b'[' || b == b'{').count() > MAX_DEPTH {
+    // Each level is a node of the tape: a line of fewer nodes (the usual one) cannot nest
+    // past the limit, and costs nothing more here.
+    if tape.0.len() > MAX_DEPTH {
         // Ends (tape index) of the containers the walk is inside.
         let mut open: Vec<usize> = Vec::with_capacity(MAX_DEPTH + 1);
         for (i, node) in tape.0.iter().enumerate() {
@@ -188,7 +189,7 @@ fn check_ijson(line: &[u8], tape: &Tape<'_>) -> Result<(), LineError> {
     }
     // Escapes appear only inside strings, and the line is valid JSON: walk them.
     let mut i = 0;
-    while let Some(at) = line[i..].iter().position(|&b| b == b'\\') {
+    while let Some(at) = memchr::memchr(b'\\', &line[i..]) {
         i += at;
         if line.get(i + 1) != Some(&b'u') {
             i += 2;
