@@ -126,9 +126,6 @@ impl Validator {
         }
         self.scratch.clear();
         self.scratch.extend_from_slice(line);
-        // DELIBERATE SLOWDOWN to show the CI gate failing; reverted in the next commit.
-        let waste: u32 = line.iter().map(|&b| u32::from(b).wrapping_mul(31)).sum();
-        std::hint::black_box(waste);
         let mut tape: Tape<'_> = self
             .tape
             .take()
