@@ -229,6 +229,13 @@ impl ServeConfig {
             "1 and 100000000 events",
         )?;
         size(
+            "replay-memory",
+            self.replay_memory,
+            1 << 10,
+            usize::MAX,
+            "1KiB and any size",
+        )?;
+        size(
             "max-connections",
             self.max_connections,
             1,
