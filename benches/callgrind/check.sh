@@ -24,6 +24,10 @@ count() {
   awk '/^(summary|totals):/ { print $2; exit }' "$tmp/out"
 }
 
+# The CPU features simd-json chooses its code by: counts are only comparable between
+# machines that share them.
+cpu=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx2|avx512f|avx512bw|sse4_2|pclmulqdq|bmi2' | sort | tr '\n' ',')
+
 declare -A per
 # step and N: enough iterations that one costs a stable share of the difference.
 for spec in ingest_batch:40 validate_frame:2000 index_match:2000 enqueue_1k:640; do
@@ -34,11 +38,19 @@ for spec in ingest_batch:40 validate_frame:2000 index_match:2000 enqueue_1k:640;
 done
 
 if [ "${1:-}" = --update ]; then
-  : >"$baseline"
+  echo "cpu $cpu" >"$baseline"
   for step in ingest_batch validate_frame index_match enqueue_1k; do
     echo "$step ${per[$step]}" >>"$baseline"
   done
   echo "baseline written:"; cat "$baseline"
+  exit 0
+fi
+
+base_cpu=$(awk '$1 == "cpu" { print $2 }' "$baseline")
+if [ "$base_cpu" != "$cpu" ]; then
+  echo "the baseline was taken on a CPU with features [$base_cpu], this one has [$cpu]:"
+  echo "counts are not comparable, so not compared; run $0 --update on this machine type."
+  for step in "${!per[@]}"; do echo "$step ${per[$step]}"; done
   exit 0
 fi
 
@@ -53,5 +65,5 @@ while read -r step base; do
     status=1
   fi
   printf '%-16s %14s %14s %7s%%  %s\n' "$step" "$base" "$now" "$change" "$verdict"
-done <"$baseline"
+done < <(grep -v '^cpu ' "$baseline")
 exit $status
