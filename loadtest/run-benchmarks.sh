@@ -39,5 +39,8 @@ for kind in relay baseline limit; do
   $lt run --spawn "$kind" --subscribers 10000 --idle --out "$out/idle-$kind" | tee -a "$out/idle.txt"
 done
 
+# Ingest end to end (TCP in -> ring), no subscribers, default flags: relay and baseline.
+$lt ingest --events 2000000 --out "$out/ingest" | tee "$out/ingest.txt"
+
 # Ingest validate+frame on one core.
 cargo bench --bench hot_path -- --warm-up-time 2 --measurement-time 5 | tee "$out/criterion.txt"

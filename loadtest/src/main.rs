@@ -2,9 +2,11 @@
 //! subscribers and publishers, and reports throughput, loss, latency and cost.
 //!
 //! `run` measures one target; `compare` runs the same scenario against the relay, the
-//! baseline and the limit server, alternating, and reports medians and ratios.
+//! baseline and the limit server, alternating, and reports medians and ratios; `ingest`
+//! measures publishers alone, end to end, against the relay and the baseline.
 
 mod client;
+mod ingest;
 mod report;
 mod scenario;
 mod target;
@@ -66,6 +68,8 @@ enum Command {
         #[arg(long)]
         fail_below_baseline: bool,
     },
+    /// Publisher throughput end to end, no subscribers: relay and baseline in one run.
+    Ingest(ingest::IngestArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +105,13 @@ fn main() -> anyhow::Result<()> {
             if fail_below_baseline && !ok {
                 eprintln!("krux-loadtest: the relay delivered less than the baseline");
                 std::process::exit(1);
+            }
+        }
+        Command::Ingest(args) => {
+            let reports = ingest::run(&args)?;
+            println!("report: {}", args.out.join("ingest.json").display());
+            if reports.iter().any(|r| r.accepted + r.rejected != r.events) {
+                anyhow::bail!("a server did not account for every line");
             }
         }
     }

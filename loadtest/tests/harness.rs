@@ -368,3 +368,37 @@ fn compare_runs_all_three_and_reports_medians_and_ratios() {
         assert!(out.path().join(format!("{t}.json")).exists(), "{t}.json");
     }
 }
+
+#[test]
+fn ingest_counts_every_line_for_relay_and_baseline() {
+    relay_bin();
+    let out = tempfile::tempdir().unwrap();
+    let res = loadtest(&[
+        "ingest",
+        "--events",
+        "5000",
+        "--publishers",
+        "2",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert_success(&res);
+    let reports = read_json(&out.path().join("ingest.json"));
+    let rows = reports.as_array().unwrap();
+    let targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    assert_eq!(targets, ["relay", "baseline"]);
+    for r in rows {
+        assert_eq!(
+            (r["accepted"].as_u64(), r["rejected"].as_u64()),
+            (Some(5000), Some(0)),
+            "{r}"
+        );
+        assert!(
+            r["accepted_per_server_cpu_s"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+        assert!(r["rss_after"].as_u64().unwrap() > 0, "{r}");
+    }
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(text.contains("relay/baseline"), "{text}");
+}
