@@ -11,6 +11,7 @@ mod subscriber;
 pub use outbox::{OutState, Outbox, Push};
 
 use std::cell::{Cell, RefCell};
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -184,24 +185,38 @@ async fn accept_loop<L: Listener>(reactor: Rc<Reactor>, listener: L) {
         match listener.accept().await {
             Ok((conn, peer)) => {
                 let (r, ip, slot) = (reactor.clone(), peer.ip(), SocketSlot::take(shared));
-                drop(tokio::task::spawn_local(async move {
-                    let _slot = slot;
-                    let Some(config) = r.shared.tls.clone() else {
-                        return subscriber::serve(r, conn, ip).await;
-                    };
-                    let hs = tokio::time::timeout(
-                        r.shared.handshake_timeout,
-                        TlsConn::accept(conn, config),
-                    );
-                    match hs.await {
-                        Ok(Ok(tls)) => subscriber::serve(r, tls, ip).await,
-                        Ok(Err(e)) => tracing::debug!(%ip, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%ip, "TLS handshake timed out"),
-                    }
-                }));
+                // One task type per path, each sized for its own state: an idle plain
+                // subscriber's task does not carry TLS's.
+                drop(match r.shared.tls.clone() {
+                    None => tokio::task::spawn_local(serve_plain(r, conn, ip, slot)),
+                    Some(config) => tokio::task::spawn_local(serve_tls(r, conn, ip, config, slot)),
+                });
             }
             Err(e) => crate::server::accept_backoff("reactor", e).await,
         }
+    }
+}
+
+async fn serve_plain<C: crate::io::Conn>(r: Rc<Reactor>, conn: C, ip: IpAddr, _slot: SocketSlot) {
+    subscriber::serve(r, conn, ip).await
+}
+
+async fn serve_tls<C: crate::io::Conn>(
+    r: Rc<Reactor>,
+    conn: C,
+    ip: IpAddr,
+    config: Arc<rustls::ServerConfig>,
+    _slot: SocketSlot,
+) {
+    // Boxed, like the HTTP handshake: freed once it is done.
+    let hs = Box::pin(tokio::time::timeout(
+        r.shared.handshake_timeout,
+        TlsConn::accept(conn, config),
+    ));
+    match hs.await {
+        Ok(Ok(tls)) => subscriber::serve(r, tls, ip).await,
+        Ok(Err(e)) => tracing::debug!(%ip, "TLS handshake failed: {e}"),
+        Err(_) => tracing::debug!(%ip, "TLS handshake timed out"),
     }
 }
 

@@ -26,19 +26,31 @@ static DASHBOARD: &str = include_str!("../../assets/dashboard.html");
 
 pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
     let conn = Rc::new(conn);
-    let shared = reactor.shared.clone();
-    let head = tokio::time::timeout(shared.handshake_timeout, read_head(&*conn)).await;
+    // The handshake's state (timers, request, passphrase check, refusals) lives in its own
+    // allocation, freed once the subscriber is upgraded: the task that stays for the
+    // connection's life holds only what a subscriber needs (a few hundred bytes, not 4 KiB).
+    let Some((up, leftover)) = Box::pin(handshake(&reactor, &*conn, peer)).await else {
+        return;
+    };
+    subscribe(reactor, conn, up, leftover).await;
+}
+
+/// Reads and answers the request head; returns the upgrade to perform, or `None` once a
+/// refusal (or the dashboard) has been answered.
+async fn handshake<C: Conn>(
+    reactor: &Reactor,
+    conn: &C,
+    peer: IpAddr,
+) -> Option<(crate::proto::handshake::Upgrade, Vec<u8>)> {
+    let shared = &reactor.shared;
+    let head = tokio::time::timeout(shared.handshake_timeout, read_head(conn)).await;
     let (req, leftover) = match head {
         Ok(Ok(Some(x))) => x,
-        Ok(Ok(None)) => return, // closed before sending a request
-        Ok(Err(resp)) => return answer_and_close(&*conn, &shared, resp).await,
+        Ok(Ok(None)) => return None, // closed before sending a request
+        Ok(Err(resp)) => return answer_and_close(conn, shared, resp).await,
         Err(_) => {
-            return answer_and_close(
-                &*conn,
-                &shared,
-                Response::text(408, "The request head took too long to arrive."),
-            )
-            .await
+            let late = Response::text(408, "The request head took too long to arrive.");
+            return answer_and_close(conn, shared, late).await;
         }
     };
 
@@ -49,7 +61,7 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
         .find(|(k, _)| k == "passphrase")
     {
         Some((_, p)) if req.path == "/events" && req.upgrade_websocket && !p.is_empty() => {
-            Some(check_passphrase(&shared, p.into_owned(), peer).await)
+            Some(check_passphrase(shared, p.into_owned(), peer).await)
         }
         _ => None,
     };
@@ -73,21 +85,62 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
     );
     let up = match decision {
         Decision::Upgrade(up) => up,
-        Decision::Refuse(resp) => return answer_and_close(&*conn, &shared, resp).await,
+        Decision::Refuse(resp) => return answer_and_close(conn, shared, resp).await,
         Decision::Dashboard => {
-            return answer_and_close(&*conn, &shared, Response::html(DASHBOARD)).await
+            return answer_and_close(conn, shared, Response::html(DASHBOARD)).await
         }
     };
-    drop(req);
+    Some((up, leftover))
+}
 
-    // Register between two fan-out rounds (we are on the reactor's only thread), before
-    // the 101 goes out: once the client sees the upgrade, nothing published after it can
-    // be missed, and replay stops exactly where live delivery through the index starts.
+/// Answers `101` to a registered subscriber and serves it until it is gone.
+async fn subscribe<C: Conn>(
+    reactor: Rc<Reactor>,
+    conn: Rc<C>,
+    up: crate::proto::handshake::Upgrade,
+    leftover: Vec<u8>,
+) {
+    // Synchronous, so that building the subscriber leaves nothing in this task's state.
+    let (registration, sub, response) = register(&reactor, &conn, up);
+    if Box::pin(write_all(&*conn, Bytes::from(response)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    reactor.shared.metrics.handshake(101);
+
+    spawn_writer(&reactor, registration.id, &sub, &conn);
+    read_loop(&reactor, &sub, &*conn, leftover).await;
+
+    // The peer is gone (or finished closing): stop the writer and forget the subscriber.
+    sub.gone.set(true);
+    sub.wake.notify_one();
+    conn.shutdown(Shutdown::Both);
+    drop(registration);
+}
+
+/// Starts the subscriber's writer task (from a plain function, so that the writer's
+/// future is never part of the reader's state).
+fn spawn_writer<C: Conn>(reactor: &Rc<Reactor>, id: usize, sub: &Rc<Subscriber>, conn: &Rc<C>) {
+    tokio::task::spawn_local(write_loop(reactor.clone(), id, sub.clone(), conn.clone()));
+}
+
+/// Registers the subscriber between two fan-out rounds (this is the reactor's only
+/// thread), before the 101 goes out: once the client sees the upgrade, nothing published
+/// after it can be missed, and replay stops exactly where live delivery through the index
+/// starts. Returns its registration, itself and the 101 to write.
+fn register<'r, C: Conn>(
+    reactor: &'r Reactor,
+    conn: &Rc<C>,
+    up: crate::proto::handshake::Upgrade,
+) -> (Registration<'r>, Rc<Subscriber>, Vec<u8>) {
     let start = reactor.next_seq.get();
     let response = up.response(start.checked_sub(1).filter(|&s| s > 0));
+    let weak = Rc::downgrade(conn);
     let sub = Rc::new(Subscriber {
         out: RefCell::new(Outbox::new(
-            shared.client_queue,
+            reactor.shared.client_queue,
             up.since.unwrap_or(start.saturating_sub(1)),
         )),
         wake: Notify::new(),
@@ -99,16 +152,13 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
         pending_filter: RefCell::new(None),
         live_from: Cell::new(start),
         stall: Cell::new((0, 0)),
-        kill: {
-            let weak = Rc::downgrade(&conn);
-            Box::new(move || {
-                if let Some(c) = weak.upgrade() {
-                    c.shutdown(Shutdown::Both);
-                }
-            })
-        },
+        kill: Box::new(move || {
+            if let Some(c) = weak.upgrade() {
+                c.shutdown(Shutdown::Both);
+            }
+        }),
     });
-    let registration = Registration::new(&reactor, sub.clone());
+    let registration = Registration::new(reactor, sub.clone());
     match up.since {
         // Resuming: replayed by the writer as its queue drains, indexed when caught up.
         Some(since) => {
@@ -120,24 +170,7 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
             .borrow_mut()
             .insert(registration.id, up.filter),
     }
-    if write_all(&*conn, Bytes::from(response)).await.is_err() {
-        return;
-    }
-    shared.metrics.handshake(101);
-
-    tokio::task::spawn_local(write_loop(
-        reactor.clone(),
-        registration.id,
-        sub.clone(),
-        conn.clone(),
-    ));
-    read_loop(&reactor, &sub, &*conn, leftover).await;
-
-    // The peer is gone (or finished closing): stop the writer and forget the subscriber.
-    sub.gone.set(true);
-    sub.wake.notify_one();
-    conn.shutdown(Shutdown::Both);
-    drop(registration);
+    (registration, sub, response)
 }
 
 /// A subscriber's place in its reactor (slab, index, counters), released on drop.
@@ -219,8 +252,9 @@ async fn read_head<C: Conn>(conn: &C) -> Result<Option<(Request, Vec<u8>)>, Resp
     }
 }
 
-/// Writes a complete HTTP response (a refusal, or the dashboard page) and ends the connection.
-async fn answer_and_close<C: Conn>(conn: &C, shared: &Shared, resp: Response) {
+/// Writes a complete HTTP response (a refusal, or the dashboard page) and ends the
+/// connection; returns no upgrade.
+async fn answer_and_close<C: Conn, T>(conn: &C, shared: &Shared, resp: Response) -> Option<T> {
     shared.metrics.handshake(resp.status);
     tracing::debug!(status = resp.status, "answered without an upgrade");
     let _ = write_all(conn, Bytes::from(resp.to_bytes())).await;
@@ -238,6 +272,7 @@ async fn answer_and_close<C: Conn>(conn: &C, shared: &Shared, resp: Response) {
         }
     })
     .await;
+    None
 }
 
 async fn read_loop<C: Conn>(reactor: &Reactor, sub: &Subscriber, conn: &C, leftover: Vec<u8>) {
