@@ -8,6 +8,8 @@ use krux_relay::filter::{Filter, SubscriberIndex};
 use krux_relay::frame::FrameArena;
 use krux_relay::reactor::Outbox;
 
+mod support;
+
 // Measure with the allocator the relay runs with.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,32 +40,8 @@ fn validate_and_frame(c: &mut Criterion) {
 }
 
 fn index_match(c: &mut Criterion) {
-    let mut idx = SubscriberIndex::default();
-    let mut rng = fastrand::Rng::with_seed(3);
-    for id in 0..10_000 {
-        let f = match id % 4 {
-            0 => Filter::default(),
-            1 => Filter {
-                types: Some(EventType::ALL[rng.usize(..11)].bit()),
-                ..Filter::default()
-            },
-            2 => Filter {
-                agents: Some(vec![format!("agent-{}", rng.usize(..300)).into()]),
-                ..Filter::default()
-            },
-            _ => Filter {
-                sessions: Some(vec![format!("sess-{}", rng.usize(..3000)).into()]),
-                ..Filter::default()
-            },
-        };
-        idx.insert(id, f);
-    }
-    let keys = krux_relay::event::FilterKeys {
-        etype: EventType::CapabilityInvoked,
-        agent: Some("agent-7".into()),
-        session: Some("sess-70".into()),
-        data_session: None,
-    };
+    let idx = support::mixed_index(10_000);
+    let keys = support::sample_keys();
     c.bench_function("index_match_10k_mixed", |b| {
         b.iter(|| {
             let mut n = 0usize;

@@ -10,13 +10,16 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use krux_relay::event::{EventType, FilterKeys, Validator};
-use krux_relay::filter::{Filter, SubscriberIndex};
+use krux_relay::event::{FilterKeys, Validator};
+use krux_relay::filter::SubscriberIndex;
 use krux_relay::fleet::Fleet;
 use krux_relay::frame::FrameArena;
 use krux_relay::ingest::{LineSplitter, Pipeline, SeqAllocator};
 use krux_relay::reactor::Outbox;
 use krux_relay::ring::FrameRing;
+
+#[path = "../benches/support/mod.rs"]
+mod support;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -89,33 +92,7 @@ impl Step for IndexMatch {
 }
 
 fn index_match() -> IndexMatch {
-    let mut idx = SubscriberIndex::default();
-    let mut rng = fastrand::Rng::with_seed(3);
-    for id in 0..10_000 {
-        let f = match id % 4 {
-            0 => Filter::default(),
-            1 => Filter {
-                types: Some(EventType::ALL[rng.usize(..11)].bit()),
-                ..Filter::default()
-            },
-            2 => Filter {
-                agents: Some(vec![format!("agent-{}", rng.usize(..300)).into()]),
-                ..Filter::default()
-            },
-            _ => Filter {
-                sessions: Some(vec![format!("sess-{}", rng.usize(..3000)).into()]),
-                ..Filter::default()
-            },
-        };
-        idx.insert(id, f);
-    }
-    let keys = FilterKeys {
-        etype: EventType::CapabilityInvoked,
-        agent: Some("agent-7".into()),
-        session: Some("sess-70".into()),
-        data_session: None,
-    };
-    IndexMatch(idx, keys)
+    IndexMatch(support::mixed_index(10_000), support::sample_keys())
 }
 
 /// One frame queued into 1,000 outboxes (drained every 64 frames, as writers keep them).

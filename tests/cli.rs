@@ -96,15 +96,8 @@ async fn demo_prints_a_working_token_and_tail_command() {
     let dir = tempfile::tempdir().unwrap();
     let ready = dir.path().join("ready.json");
     let mut demo = Command::new(bin())
-        .args([
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--ingest",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
+        .arg("demo")
+        .args(ANY_PORTS)
         .args([
             "--rate",
             "500",
@@ -168,14 +161,7 @@ async fn demo_until_sigterm(tmp: &std::path::Path, extra: &[&str]) -> bool {
     let mut demo = Command::new(bin())
         .arg("demo")
         .args(extra)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--ingest",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
+        .args(ANY_PORTS)
         .args([
             "--io",
             &io_backend(),

@@ -203,6 +203,16 @@ impl Relay {
     }
 }
 
+/// Every port of `serve` (and `demo`) on any free port of loopback.
+pub const ANY_PORTS: [&str; 6] = [
+    "--listen",
+    "127.0.0.1:0",
+    "--ingest",
+    "127.0.0.1:0",
+    "--admin",
+    "127.0.0.1:0",
+];
+
 /// Starts `serve` on `dir`; with `debug_log`, at debug level into `<dir>/relay.log`; with
 /// `nofile`, under that open-file limit (set by a shell that then execs the relay).
 async fn spawn_relay(
@@ -226,14 +236,7 @@ async fn spawn_relay(
     let ports: &[&str] = if extra.contains(&"--listen") {
         &[]
     } else {
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--ingest",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ]
+        &ANY_PORTS
     };
     let mut child = cmd
         .arg("serve")
