@@ -4,7 +4,6 @@
 //! tail, nonsense settings, unreadable input, `tail` errors that cannot heal.
 
 mod common;
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,12 +22,21 @@ fn alert(filler: usize) -> String {
 /// Waits (at most 60 s: a `tail` that retries forever is a failure, not a hang) for the
 /// child and returns (success, stdout, stderr).
 fn output_of(child: std::process::Child) -> (bool, String, String) {
+    output_within(child, Duration::from_secs(60), "the child")
+}
+
+/// Like `output_of`, failing with `what` if the child is still running after `within`.
+fn output_within(
+    child: std::process::Child,
+    within: Duration,
+    what: &str,
+) -> (bool, String, String) {
     let pid = child.id().to_string();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
-    let Ok(out) = rx.recv_timeout(Duration::from_secs(60)) else {
+    let Ok(out) = rx.recv_timeout(within) else {
         let _ = Command::new("kill").args(["-KILL", &pid]).status();
-        panic!("still running after 60 s");
+        panic!("{what}: still running after {within:?}");
     };
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.success(), text(&out.stdout), text(&out.stderr))
@@ -220,8 +228,7 @@ async fn tail_exits_on_errors_that_cannot_heal() {
         ),
     ];
     for (args, says) in cases {
-        let started = Instant::now();
-        let mut child = Command::new(bin())
+        let child = Command::new(bin())
             .arg("tail")
             .args(&args)
             .env("KRUX_TOKEN", &relay.token)
@@ -229,24 +236,9 @@ async fn tail_exits_on_errors_that_cannot_heal() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{args:?}: tail kept retrying"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        assert!(!status.success(), "{args:?}");
+        let what = format!("{args:?}: tail kept retrying");
+        let (ok, _, err) = output_within(child, Duration::from_secs(10), &what);
+        assert!(!ok, "{args:?}");
         assert!(err.contains(says), "{args:?}: {err}");
         assert!(!err.contains("reconnecting"), "{args:?}: {err}");
     }
@@ -322,17 +314,27 @@ async fn a_filtered_tail_that_saw_nothing_resumes_from_krux_seq_after_a_restart(
     let child = tail(&relay, &["--type", "policy_violation", "--count", "1"]);
     wait_subscribers(&relay, 1).await;
     relay.publish(&alert(1)).await; // not for it: it has still received nothing
+                                    // Stopped, tail cannot reconnect before the violation below is published: it must
+                                    // resume to get it, however fast it would have retried.
+    let signal = |sig: &str| {
+        let st = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    signal("-STOP");
     let same = [relay.ws, relay.ingest, relay.admin].map(|a| a.to_string());
     relay
         .crash_and_restart(&[
             "--listen", &same[0], "--ingest", &same[1], "--admin", &same[2],
         ])
         .await;
-    // tail backs off while the relay is down, so this lands before it is back.
     let (_, _, m) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(m.contains("\nkrux_subscribers 0\n"));
     let v = r#"{"type":"policy_violation","agent":"a","session_id":"s","data":{"capability":"c","rule":"r","tier":"blocked","reason":"while away"}}"#;
     relay.publish(v).await;
+    signal("-CONT");
     let (ok, out, err) = tokio::task::spawn_blocking(move || output_of(child))
         .await
         .unwrap();
@@ -344,7 +346,7 @@ async fn a_filtered_tail_that_saw_nothing_resumes_from_krux_seq_after_a_restart(
 /// asserting it exits non-zero within 10 s.
 fn serve_must_refuse(args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(bin())
+    let child = Command::new(bin())
         .arg("serve")
         .args(args)
         .env("KRUX_DATA_DIR", dir.path())
@@ -352,39 +354,11 @@ fn serve_must_refuse(args: &[&str]) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            panic!("serve {args:?} started instead of refusing");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(
-        !status.success() && !err.contains("panicked"),
-        "{args:?}: {err}"
-    );
+    let what = format!("serve {args:?} started instead of refusing");
+    let (ok, _, err) = output_within(child, Duration::from_secs(10), &what);
+    assert!(!ok && !err.contains("panicked"), "{args:?}: {err}");
     err
 }
-
-const ANY_PORTS: [&str; 6] = [
-    "--listen",
-    "127.0.0.1:0",
-    "--ingest",
-    "127.0.0.1:0",
-    "--admin",
-    "127.0.0.1:0",
-];
 
 #[tokio::test]
 async fn a_second_relay_cannot_take_a_running_relays_websocket_port() {
