@@ -47,8 +47,15 @@ fn route(method: &str, path: &str, metrics: &Metrics) -> Response {
             r
         }
         "/healthz" => Response::text(200, "ok"),
-        // Listeners are bound and threads running before this port answers at all.
-        "/readyz" => Response::text(200, "ready"),
+        // Listeners are bound and threads running before this port answers at all; a
+        // cluster node also needs JetStream.
+        "/readyz" => match &metrics.cluster {
+            Some(c) if !c.ready.load(std::sync::atomic::Ordering::SeqCst) => Response::text(
+                503,
+                "not ready: JetStream is unreachable, or the node's consumer or credentials are not loaded yet",
+            ),
+            _ => Response::text(200, "ready"),
+        },
         _ => Response::text(
             404,
             "Unknown admin path; try /metrics, /healthz or /readyz.",

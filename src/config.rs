@@ -192,6 +192,10 @@ pub struct ServeConfig {
     /// Allow a non-loopback --admin address (/metrics is not authenticated).
     #[arg(long, env = "KRUX_INSECURE_ADMIN")]
     pub insecure_admin: bool,
+    #[command(flatten)]
+    pub nats: crate::cluster::NatsArgs,
+    #[command(flatten)]
+    pub stream: crate::cluster::StreamArgs,
 }
 
 /// Largest `--replay`: its slots alone are 8 bytes each.
@@ -280,6 +284,9 @@ impl ServeConfig {
                     "--{flag} {addr}: refusing a non-loopback address ({what}, so anyone who can reach it could use it); bind it to 127.0.0.1, or pass --insecure-{flag}"
                 ));
             }
+        }
+        if self.nats.url.is_some() {
+            self.stream.check()?;
         }
         let tls = self.tls_self_signed || self.tls_cert.is_some();
         if !self.listen.ip().is_loopback() && !tls && !self.insecure_plaintext {

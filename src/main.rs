@@ -33,11 +33,9 @@ enum Command {
     /// Zero-setup demo: the relay, a token and a synthetic fleet of agents.
     Demo(cli::demo::DemoArgs),
     /// Manage user tokens (krx_user_…).
-    #[command(subcommand)]
-    UserToken(cli::token::TokenCommand),
+    UserToken(cli::token::TokenArgs),
     /// Manage the operator passphrase.
-    #[command(subcommand)]
-    Passphrase(cli::passphrase::PassphraseCommand),
+    Passphrase(cli::passphrase::PassphraseArgs),
     /// Send NDJSON events to the ingest port.
     Publish(cli::publish::PublishArgs),
     /// Subscribe and print events.
@@ -105,7 +103,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KRUX_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| "info,async_nats=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

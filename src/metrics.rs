@@ -16,7 +16,7 @@ const STATUSES: [u16; 11] = [101, 200, 400, 401, 403, 404, 405, 408, 426, 431, 5
 
 /// Close codes the relay sends (or echoes), in the order they are rendered; any other
 /// echoed code is counted as `other`.
-const CLOSE_CODES: [u16; 7] = [1000, 1001, 1002, 1007, 1008, 1009, 4001];
+const CLOSE_CODES: [u16; 8] = [1000, 1001, 1002, 1007, 1008, 1009, 1011, 4001];
 
 #[derive(Default)]
 pub struct Metrics {
@@ -24,9 +24,8 @@ pub struct Metrics {
     reactor_subscribers: Vec<AtomicI64>,
     /// Bytes queued for subscribers and not yet written, per reactor (sampled 4×/s).
     reactor_queued: Vec<AtomicI64>,
-    /// Ingest→write latency: per-bucket counts (not cumulative; the last is +Inf), sum, count.
-    latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
-    latency_sum_us: AtomicU64,
+    /// Ingest→write latency.
+    latency: Histogram,
     events_in: [AtomicU64; 11],
     pub events_rejected: AtomicU64,
     pub frames_out: AtomicU64,
@@ -38,11 +37,65 @@ pub struct Metrics {
     /// Closes started, by code (`CLOSE_CODES`, then other).
     closes: [AtomicU64; CLOSE_CODES.len() + 1],
     handshakes: [AtomicU64; STATUSES.len()],
+    /// Cluster mode (`--nats`); `None` standalone.
+    pub cluster: Option<ClusterMetrics>,
+}
+
+/// A latency histogram: per-bucket counts (not cumulative; the last is +Inf) and the sum.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        let i = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, c) in self.buckets.iter().enumerate() {
+            cumulative += c.load(Relaxed);
+            let le = LATENCY_BUCKETS_US
+                .get(i)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
+/// The cluster path: JetStream publishes on the ingest side, the node's consumer.
+#[derive(Default)]
+pub struct ClusterMetrics {
+    /// 1 while the node reaches JetStream and its consumer runs (`/readyz` is 200).
+    pub ready: std::sync::atomic::AtomicBool,
+    /// From a batch's publish to its acknowledgement.
+    pub publish_latency: Histogram,
+    pub acks_in_flight: AtomicI64,
+    pub publish_retries: AtomicU64,
+    /// The stream sequence of the last message the node's consumer took.
+    pub consumer_stream_seq: AtomicU64,
+    /// Messages the stream holds beyond the consumer's position.
+    pub consumer_lag: AtomicU64,
+    /// Resumes served (in part) from the stream, beyond the node's window.
+    pub history_fetches: AtomicU64,
 }
 
 impl Metrics {
-    pub fn new(reactors: usize) -> Metrics {
+    /// Metrics of a server with `reactors` reactors, and of the cluster path if `cluster`.
+    pub fn new(reactors: usize, cluster: bool) -> Metrics {
         Metrics {
+            cluster: cluster.then(ClusterMetrics::default),
             reactor_subscribers: (0..reactors).map(|_| AtomicI64::new(0)).collect(),
             reactor_queued: (0..reactors).map(|_| AtomicI64::new(0)).collect(),
             ..Metrics::default()
@@ -69,13 +122,7 @@ impl Metrics {
 
     /// One gathered write completed: its oldest event frame was accepted `d` ago.
     pub fn observe_ingest_to_write(&self, d: std::time::Duration) {
-        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
-        let i = LATENCY_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
-        self.latency_buckets[i].fetch_add(1, Relaxed);
-        self.latency_sum_us.fetch_add(us, Relaxed);
+        self.latency.observe(d);
     }
 
     /// A subscriber's close sequence began with `code`.
@@ -172,24 +219,10 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{reactor=\"{i}\"}} {}", g.load(Relaxed));
             }
         }
-        let _ = writeln!(out, "# HELP krux_ingest_to_write_seconds From ingest acceptance to the kernel taking the write, for the oldest event frame of each gathered write.\n# TYPE krux_ingest_to_write_seconds histogram");
-        let mut cumulative = 0;
-        for (i, c) in self.latency_buckets.iter().enumerate() {
-            cumulative += c.load(Relaxed);
-            let le = LATENCY_BUCKETS_US
-                .get(i)
-                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
-            let _ = writeln!(
-                out,
-                "krux_ingest_to_write_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-            );
+        self.latency.render(&mut out, "krux_ingest_to_write_seconds", "From ingest acceptance to the kernel taking the write, for the oldest event frame of each gathered write.");
+        if let Some(c) = &self.cluster {
+            c.render(&mut out);
         }
-        let _ = writeln!(
-            out,
-            "krux_ingest_to_write_seconds_sum {}",
-            self.latency_sum_us.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "krux_ingest_to_write_seconds_count {cumulative}");
         let _ = writeln!(out, "# HELP krux_closes_total Subscriber closes started, by close code.\n# TYPE krux_closes_total counter");
         let codes = CLOSE_CODES.iter().map(|c| c.to_string());
         for (code, n) in codes.chain(["other".into()]).zip(&self.closes) {
@@ -211,13 +244,67 @@ impl Metrics {
     }
 }
 
+impl ClusterMetrics {
+    fn render(&self, out: &mut String) {
+        let series: [(&str, &str, &str, u64); 6] = [
+            (
+                "krux_cluster_ready",
+                "gauge",
+                "1 while the node reaches JetStream and consumes the stream.",
+                u64::from(self.ready.load(Relaxed)),
+            ),
+            (
+                "krux_cluster_acks_in_flight",
+                "gauge",
+                "Batches published to JetStream and not yet acknowledged.",
+                self.acks_in_flight.load(Relaxed).max(0) as u64,
+            ),
+            (
+                "krux_cluster_publish_retries_total",
+                "counter",
+                "Publishes of a batch repeated (same message id) after JetStream did not acknowledge.",
+                self.publish_retries.load(Relaxed),
+            ),
+            (
+                "krux_cluster_consumer_stream_seq",
+                "gauge",
+                "Stream sequence of the last message this node consumed.",
+                self.consumer_stream_seq.load(Relaxed),
+            ),
+            (
+                "krux_cluster_consumer_lag_messages",
+                "gauge",
+                "Messages in the stream beyond this node's consumer.",
+                self.consumer_lag.load(Relaxed),
+            ),
+            (
+                "krux_cluster_history_fetches_total",
+                "counter",
+                "Resumes served from the stream because the node's window no longer reached them.",
+                self.history_fetches.load(Relaxed),
+            ),
+        ];
+        for (name, kind, help, v) in series {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+        self.publish_latency.render(
+            out,
+            "krux_cluster_publish_seconds",
+            "From publishing a batch to JetStream to its acknowledgement.",
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn renders_every_series_with_krux_prefix() {
-        let m = Metrics::new(2);
+        let m = Metrics::new(2, false);
         m.subscriber_delta(1, 1);
         m.event_in(EventType::HealthAlert);
         m.handshake(401);

@@ -2,10 +2,12 @@
 //! frames from the ingest thread to the reactors.
 //!
 //! Every reactor reads every entry through its own cursor (broadcast, not work sharing).
-//! Slot `seq % capacity` holds the entry with that `seq`, so the ring's contents are also
-//! the replay window: the last `capacity` events, addressable by `seq`. Slots are
-//! `ArcSwapOption`s, so readers never lock and never see a torn entry; a reader that
-//! finds a newer `seq` in its slot knows it was lapped.
+//! Entries have consecutive positions (`pos`), and slot `pos % capacity` holds the entry
+//! at that position, so the ring's contents are also the replay window: the last
+//! `capacity` events. Standalone, `pos` is the event's `seq`; in a cluster `seq` comes
+//! from the stream and has holes, and a resume finds its position by `seq` (`find_after`).
+//! Slots are `ArcSwapOption`s, so readers never lock and never see a torn entry; a reader
+//! that finds a newer `pos` in its slot knows it was lapped.
 //!
 //! The window is bounded in bytes as well (`--replay-memory`): the producer counts what
 //! the retained entries hold and, past the bound, empties the oldest slots first, so the
@@ -26,6 +28,8 @@ use crate::frame::EventFrame;
 /// One accepted event, as the reactors see it.
 #[derive(Debug)]
 pub struct Entry {
+    /// Its place in this ring (consecutive; equal to `seq` on a standalone node).
+    pub pos: u64,
     pub seq: u64,
     /// The complete WebSocket text frame, shared by every subscriber that gets it.
     pub frame: EventFrame,
@@ -61,6 +65,11 @@ pub struct FrameRing {
     quiet_from: AtomicU64,
     /// Entries below this were evicted by the byte bound (their slots are empty).
     evicted_below: AtomicU64,
+    /// Every event with a `seq` from this one on that reached the ring is still in it
+    /// (the seq after the newest entry lapped or evicted, or where the ring started).
+    complete_from: AtomicU64,
+    /// The `seq` of the newest entry (0 before the first).
+    last_seq: AtomicU64,
     readers: Vec<Arc<ReaderWake>>,
 }
 
@@ -70,7 +79,7 @@ pub struct Producer {
     /// What the retained entries hold (`Entry::retained_bytes`), and its bound.
     bytes: usize,
     max_bytes: usize,
-    /// The oldest seq still counted in `bytes`.
+    /// The oldest position still counted in `bytes`.
     oldest_counted: u64,
 }
 
@@ -94,30 +103,32 @@ pub struct Cursor {
 }
 
 impl FrameRing {
-    /// A ring retaining `capacity` entries, whose first entry will have `first_seq`, read by
-    /// `readers` cursors.
+    /// A ring retaining `capacity` entries, whose first entry will be at `first_pos`, read
+    /// by `readers` cursors.
     pub fn with_readers(
         capacity: usize,
-        first_seq: u64,
+        first_pos: u64,
         readers: usize,
     ) -> (Producer, Vec<Cursor>) {
-        Self::bounded(capacity, usize::MAX, first_seq, readers)
+        Self::bounded(capacity, usize::MAX, first_pos, readers)
     }
 
     /// Like `with_readers`, retaining also at most `max_bytes` (`Entry::retained_bytes`).
     pub fn bounded(
         capacity: usize,
         max_bytes: usize,
-        first_seq: u64,
+        first_pos: u64,
         readers: usize,
     ) -> (Producer, Vec<Cursor>) {
         assert!(capacity > 0, "ring capacity must be positive");
         let ring = Arc::new(FrameRing {
             slots: (0..capacity).map(|_| ArcSwapOption::empty()).collect(),
-            head: AtomicU64::new(first_seq),
-            first: first_seq,
-            quiet_from: AtomicU64::new(first_seq),
-            evicted_below: AtomicU64::new(first_seq),
+            head: AtomicU64::new(first_pos),
+            first: first_pos,
+            quiet_from: AtomicU64::new(first_pos),
+            evicted_below: AtomicU64::new(first_pos),
+            complete_from: AtomicU64::new(first_pos),
+            last_seq: AtomicU64::new(0),
             readers: (0..readers).map(|_| Arc::default()).collect(),
         });
         let cursors = ring
@@ -126,14 +137,14 @@ impl FrameRing {
             .map(|w| Cursor {
                 ring: ring.clone(),
                 wake: w.clone(),
-                next: first_seq,
+                next: first_pos,
             })
             .collect();
         let producer = Producer {
             ring,
             bytes: 0,
             max_bytes,
-            oldest_counted: first_seq,
+            oldest_counted: first_pos,
         };
         (producer, cursors)
     }
@@ -142,9 +153,48 @@ impl FrameRing {
         self.slots.len() as u64
     }
 
-    /// The `seq` the next published entry will get.
+    /// The position the next published entry will get.
     pub fn head(&self) -> u64 {
         self.head.load(SeqCst)
+    }
+
+    /// The `seq` of the newest entry, if any.
+    pub fn last_seq(&self) -> Option<u64> {
+        Some(self.last_seq.load(SeqCst)).filter(|&s| s > 0)
+    }
+
+    /// Every event with a `seq` from this one on that reached the ring is still in it.
+    pub fn complete_from(&self) -> u64 {
+        self.complete_from.load(SeqCst)
+    }
+
+    /// Declares that the ring starts complete at `seq`: nothing before it is owed to a
+    /// resume from here (a cluster node's starting point in the stream). Before the first
+    /// publish only.
+    pub fn set_complete_from(&self, seq: u64) {
+        self.complete_from.store(seq, SeqCst);
+    }
+
+    /// Where a resume after `since` starts: the position of the first retained entry with
+    /// a `seq` above it (`head()` if there is none yet), or `None` when the ring may no
+    /// longer hold every event after `since`. For rings whose seqs have holes.
+    pub fn find_after(&self, since: u64) -> Option<u64> {
+        let complete = |r: &FrameRing| since.saturating_add(1) >= r.complete_from();
+        if !complete(self) {
+            return None;
+        }
+        // Binary search over the retained positions; an entry lapped meanwhile sends the
+        // resume elsewhere (checked again below).
+        let (mut lo, mut hi) = (self.oldest(), self.head());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.get(mid) {
+                Slot::Ready(e) if e.seq <= since => lo = mid + 1,
+                Slot::Ready(_) => hi = mid,
+                _ => return None,
+            }
+        }
+        complete(self).then_some(lo)
     }
 
     /// Records that the previous run published nothing after `last`: seqs from `last + 1`
@@ -161,25 +211,25 @@ impl FrameRing {
         next < oldest && !(oldest == self.first && next >= self.quiet_from.load(SeqCst))
     }
 
-    /// The oldest `seq` still retained (equal to `head()` when nothing is).
+    /// The oldest position still retained (equal to `head()` when nothing is).
     pub fn oldest(&self) -> u64 {
         let by_count = self.head().saturating_sub(self.capacity()).max(self.first);
         by_count.max(self.evicted_below.load(SeqCst))
     }
 
-    pub fn get(&self, seq: u64) -> Slot {
-        if seq >= self.head() {
+    pub fn get(&self, pos: u64) -> Slot {
+        if pos >= self.head() {
             return Slot::Pending;
         }
-        if seq < self.first {
+        if pos < self.first {
             return Slot::Lapped;
         }
-        match self.slots[(seq % self.capacity()) as usize].load_full() {
-            Some(e) if e.seq == seq => Slot::Ready(e),
-            Some(e) if e.seq > seq => Slot::Lapped,
+        match self.slots[(pos % self.capacity()) as usize].load_full() {
+            Some(e) if e.pos == pos => Slot::Ready(e),
+            Some(e) if e.pos > pos => Slot::Lapped,
             // Below `head` every slot was stored, so an empty one was evicted.
             None => Slot::Lapped,
-            // Unreachable while `seq < head`: the producer stores the slot before `head`.
+            // Unreachable while `pos < head`: the producer stores the slot before `head`.
             Some(_) => Slot::Pending,
         }
     }
@@ -190,24 +240,27 @@ impl Producer {
         &self.ring
     }
 
-    /// Publishes the entry whose `seq` must be `ring.head()`. Readers are not woken here:
-    /// call `wake_parked` once per batch.
+    /// Publishes the entry whose `pos` must be `ring.head()`, and whose `seq` is above every
+    /// earlier one. Readers are not woken here: call `wake_parked` once per batch.
     pub fn publish(&mut self, entry: Entry) {
         let ring = &*self.ring;
-        let seq = entry.seq;
-        assert_eq!(seq, ring.head(), "entries are published in seq order");
+        let (pos, seq) = (entry.pos, entry.seq);
+        assert_eq!(pos, ring.head(), "entries are published in position order");
+        debug_assert!(seq > ring.last_seq.load(SeqCst), "seqs increase");
         self.bytes += entry.retained_bytes();
-        let slot = &ring.slots[(seq % ring.capacity()) as usize];
+        let slot = &ring.slots[(pos % ring.capacity()) as usize];
         if let Some(old) = slot.swap(Some(Arc::new(entry))) {
             // Lapped by count: no longer retained.
-            if old.seq >= self.oldest_counted {
+            if old.pos >= self.oldest_counted {
                 self.bytes -= old.retained_bytes();
-                self.oldest_counted = old.seq + 1;
+                self.oldest_counted = old.pos + 1;
             }
+            ring.complete_from.fetch_max(old.seq + 1, SeqCst);
         }
-        ring.head.store(seq + 1, SeqCst);
+        ring.last_seq.store(seq, SeqCst);
+        ring.head.store(pos + 1, SeqCst);
         if self.bytes > self.max_bytes {
-            self.evict_to_bound(seq);
+            self.evict_to_bound(pos);
         }
     }
 
@@ -218,17 +271,20 @@ impl Producer {
         let mut below = self.oldest_counted;
         let mut freed = Vec::new();
         let mut bytes = self.bytes;
+        let mut complete_from = 0;
         while bytes > self.max_bytes && below < newest {
             let slot = &ring.slots[(below % ring.capacity()) as usize];
-            if let Some(e) = slot.load_full().filter(|e| e.seq == below) {
+            if let Some(e) = slot.load_full().filter(|e| e.pos == below) {
                 bytes -= e.retained_bytes();
+                complete_from = e.seq + 1;
                 freed.push(below);
             }
             below += 1;
         }
+        ring.complete_from.fetch_max(complete_from, SeqCst);
         ring.evicted_below.store(below, SeqCst);
-        for seq in freed {
-            ring.slots[(seq % ring.capacity()) as usize].store(None);
+        for pos in freed {
+            ring.slots[(pos % ring.capacity()) as usize].store(None);
         }
         (self.bytes, self.oldest_counted) = (bytes, below);
     }
@@ -277,8 +333,13 @@ mod tests {
     use crate::event::EventType;
 
     fn entry(seq: u64) -> Entry {
+        sparse(seq, seq)
+    }
+
+    fn sparse(pos: u64, seq: u64) -> Entry {
         thread_local!(static ARENA: std::cell::RefCell<crate::frame::FrameArena> = Default::default());
         Entry {
+            pos,
             seq,
             accepted_at: std::time::Instant::now(),
             frame: ARENA.with_borrow_mut(|a| a.event_frame(b"{}", None, seq)),
@@ -348,8 +409,31 @@ mod tests {
         assert_eq!(p.retained_bytes(), 2 * size);
     }
 
+    /// A cluster ring: seqs with holes, found by `find_after` while the ring still holds
+    /// everything after them.
     #[test]
-    #[should_panic(expected = "seq order")]
+    fn resumes_find_their_position_by_seq() {
+        let (mut p, _c) = FrameRing::with_readers(4, 1, 1);
+        let ring = p.ring().clone();
+        ring.set_complete_from(4096);
+        assert_eq!(ring.find_after(4095), Some(1), "nothing yet: from the head");
+        assert_eq!(ring.find_after(10), None, "before the ring's start");
+        for (pos, seq) in [(1, 4096), (2, 4097), (3, 8192), (4, 12288)] {
+            p.publish(sparse(pos, seq));
+        }
+        assert_eq!(ring.last_seq(), Some(12288));
+        assert_eq!(ring.find_after(4095), Some(1));
+        assert_eq!(ring.find_after(4097), Some(3));
+        assert_eq!(ring.find_after(5000), Some(3), "a seq in a hole");
+        assert_eq!(ring.find_after(12288), Some(5), "caught up: the head");
+        p.publish(sparse(5, 12289)); // laps (1, 4096)
+        assert_eq!(ring.complete_from(), 4097);
+        assert_eq!(ring.find_after(4095), None, "4096 is gone");
+        assert_eq!(ring.find_after(4096), Some(2));
+    }
+
+    #[test]
+    #[should_panic(expected = "position order")]
     fn out_of_order_publish_is_a_bug() {
         let (mut p, _c) = FrameRing::with_readers(4, 1, 1);
         p.publish(entry(2));

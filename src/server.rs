@@ -170,11 +170,17 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         _ => None,
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let credentials = LiveCredentials::load(data_dir)?;
-    credentials
-        .clone()
-        .watch(Duration::from_millis(250), stop.clone());
-    let seq = SeqAllocator::open(data_dir)?;
+    let cluster = cfg.nats.url.is_some();
+    // Standalone, credentials and seqs live in the data dir; in a cluster, in NATS.
+    let (credentials, seq) = if cluster {
+        (Arc::new(LiveCredentials::empty(data_dir)), None)
+    } else {
+        let credentials = LiveCredentials::load(data_dir)?;
+        credentials
+            .clone()
+            .watch(Duration::from_millis(250), stop.clone());
+        (credentials, Some(SeqAllocator::open(data_dir)?))
+    };
     let mode = io::resolve(cfg.io).context("--io uring: io_uring cannot be set up here")?;
     let n = cfg
         .reactors
@@ -183,7 +189,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     // Every reactor listens on the same port (SO_REUSEPORT), which another process with
     // SO_REUSEPORT could join, so the port is first claimed alone: that fails if anything
     // (another relay included) holds it.
-    let metrics = Arc::new(Metrics::new(n));
+    let metrics = Arc::new(Metrics::new(n, cluster));
     let ws = claim_port(cfg.listen)?;
     let ws_listeners = (0..n)
         .map(|_| bind_reuseport(ws))
@@ -209,9 +215,17 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     };
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let (producer, cursors) = FrameRing::bounded(cfg.replay, cfg.replay_memory, seq.peek(), n);
-    if let Some(last) = seq.previous_last() {
+    let first_pos = seq.as_ref().map_or(1, SeqAllocator::peek);
+    let (producer, cursors) = FrameRing::bounded(cfg.replay, cfg.replay_memory, first_pos, n);
+    if let Some(last) = seq.as_ref().and_then(SeqAllocator::previous_last) {
         producer.ring().set_previous_last(last);
+    }
+    let ring = producer.ring().clone();
+    let (history_tx, history_rx) = tokio::sync::mpsc::unbounded_channel();
+    if cluster {
+        // Until the node's consumer knows where it starts in the stream, no resume is
+        // served from the ring.
+        ring.set_complete_from(u64::MAX);
     }
     let shared = Arc::new(Shared {
         client_queue: cfg.client_queue,
@@ -228,41 +242,60 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         shutdown: shutdown_rx.clone(),
         tls,
         shutdown_grace: cfg.shutdown_grace,
-        ingest_final_seq: AtomicU64::new(u64::MAX),
+        ingest_final_pos: AtomicU64::new(u64::MAX),
+        history: cluster.then_some(history_tx),
     });
 
     let (ended_tx, ended) = crossbeam_channel::unbounded();
     let mut threads = Vec::new();
     let (up_tx, up_rx) = crossbeam_channel::unbounded::<anyhow::Result<()>>();
 
-    let pipeline = Pipeline::new(producer, seq, metrics.clone(), cfg.max_frame);
+    let sink = match seq {
+        Some(seq) => Sink::Local(Pipeline::new(producer, seq, metrics.clone(), cfg.max_frame)),
+        None => {
+            let node = crate::cluster::node::Node {
+                nats: cfg.nats.clone(),
+                stream: cfg.stream.clone(),
+                data_dir: data_dir.to_path_buf(),
+                producer,
+                metrics: metrics.clone(),
+                credentials: shared.credentials.clone(),
+                history: history_rx,
+            };
+            let notice = EndNotice("the cluster thread".into(), ended_tx.clone());
+            threads.push(spawn_runtime_thread(
+                "krux-cluster",
+                up_tx.clone(),
+                notice,
+                move |up| async move {
+                    let _ = up.send(Ok(()));
+                    if let Err(e) = crate::cluster::node::run(node).await {
+                        tracing::error!("cluster: {e:#}");
+                    }
+                },
+            )?);
+            Sink::Cluster {
+                checker: crate::ingest::Checker::new(cfg.max_frame),
+                url: cfg.nats.url.clone().unwrap_or_default(),
+                subject: cfg.stream.subject(),
+            }
+        }
+    };
     {
-        let (up, notice) = (
+        let notice = EndNotice("the ingest thread".into(), ended_tx.clone());
+        let (shared, dir, ring) = (shared.clone(), data_dir.to_path_buf(), ring.clone());
+        threads.push(spawn_runtime_thread(
+            "krux-ingest",
             up_tx.clone(),
-            EndNotice("the ingest thread".into(), ended_tx.clone()),
-        );
-        let (shared, dir) = (shared.clone(), data_dir.to_path_buf());
-        threads.push(
-            std::thread::Builder::new()
-                .name("krux-ingest".into())
-                .spawn(move || {
-                    let _notice = notice;
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => return drop(up.send(Err(e.into()))),
-                    };
-                    tokio::task::LocalSet::new().block_on(&rt, async move {
-                        if let Err(e) =
-                            run_ingest(pipeline, ingest, unix, admin, &shared, &up, &dir).await
-                        {
-                            drop(up.send(Err(e)));
-                        }
-                    });
-                })?,
-        );
+            notice,
+            move |up| async move {
+                if let Err(e) =
+                    run_ingest(sink, &ring, ingest, unix, admin, &shared, &up, &dir).await
+                {
+                    drop(up.send(Err(e)));
+                }
+            },
+        )?);
     }
 
     for (i, (listener, cursor)) in ws_listeners.into_iter().zip(cursors).enumerate() {
@@ -291,7 +324,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     }
     drop(up_tx);
     // The ingest thread reports itself up once its listeners are registered (see run_ingest).
-    for _ in 0..n + 1 {
+    for _ in 0..n + 1 + usize::from(cluster) {
         match up_rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
@@ -299,7 +332,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         }
     }
 
-    tracing::info!(ws = %addrs.ws, ingest = %addrs.ingest, admin = %addrs.admin, reactors = n, io = ?mode, socket_budget = shared.socket_budget, "krux-relay is up");
+    tracing::info!(ws = %addrs.ws, ingest = %addrs.ingest, admin = %addrs.admin, reactors = n, io = ?mode, socket_budget = shared.socket_budget, nats = cfg.nats.url.as_deref().unwrap_or("-"), "krux-relay is up");
     if let Some(path) = &cfg.ready_file {
         write_ready_file(path, &addrs, mode, shared.tls.is_some())?;
     }
@@ -362,8 +395,10 @@ fn write_ready_file(path: &Path, addrs: &Addresses, mode: IoMode, tls: bool) -> 
 /// The ingest thread: TCP and Unix publishers and the admin port, until shutdown; then it
 /// waits (within the grace period) for every publisher to get its summary, and records the
 /// final seq so the reactors know when everything accepted has been dispatched.
+#[allow(clippy::too_many_arguments)]
 async fn run_ingest(
-    pipeline: Pipeline,
+    sink: Sink,
+    ring: &FrameRing,
     tcp: TcpListener,
     unix: Option<std::os::unix::net::UnixListener>,
     admin: TcpListener,
@@ -371,8 +406,7 @@ async fn run_ingest(
     up: &crossbeam_channel::Sender<anyhow::Result<()>>,
     data_dir: &Path,
 ) -> anyhow::Result<()> {
-    let ring = pipeline.ring().clone();
-    let pipeline = Rc::new(RefCell::new(pipeline));
+    let sink = sink.start(&shared.metrics, &shared.shutdown).await?;
     tcp.set_nonblocking(true)?;
     admin.set_nonblocking(true)?;
     let tcp = tokio::net::TcpListener::from_std(tcp)?;
@@ -401,12 +435,12 @@ async fn run_ingest(
             r = tcp.accept() => match r {
                 Ok((s, _)) => {
                     let _ = s.set_nodelay(true);
-                    publishers.push(tokio::task::spawn_local(crate::ingest::serve_publisher(s, pipeline.clone(), stop)));
+                    publishers.push(sink.serve(s, stop));
                 }
                 Err(e) => accept_backoff("ingest", e).await,
             },
             r = accept_unix => match r {
-                Ok(s) => publishers.push(tokio::task::spawn_local(crate::ingest::serve_publisher(s, pipeline.clone(), stop))),
+                Ok(s) => publishers.push(sink.serve(s, stop)),
                 Err(e) => accept_backoff("ingest unix", e).await,
             },
             _ = shutdown.wait_for(|s| *s) => break,
@@ -422,10 +456,105 @@ async fn run_ingest(
     .await;
     let head = ring.head();
     shared
-        .ingest_final_seq
+        .ingest_final_pos
         .store(head, std::sync::atomic::Ordering::SeqCst);
-    // Nothing after head - 1 was published: the next run's resumes need no gap notice.
-    crate::ingest::seq::record_clean_stop(data_dir, head.saturating_sub(1))
+    match sink {
+        // Nothing after head - 1 was published: the next run's resumes need no gap notice.
+        StartedSink::Local(_) => {
+            crate::ingest::seq::record_clean_stop(data_dir, head.saturating_sub(1))
+        }
+        StartedSink::Cluster(..) => Ok(()),
+    }
+}
+
+/// Where the ingest puts accepted lines: this node's ring, or the cluster's stream.
+enum Sink {
+    Local(Pipeline),
+    Cluster {
+        checker: crate::ingest::Checker,
+        url: String,
+        subject: String,
+    },
+}
+
+enum StartedSink {
+    Local(Rc<RefCell<Pipeline>>),
+    Cluster(
+        Rc<RefCell<crate::ingest::Checker>>,
+        Rc<crate::cluster::ingest::Storer>,
+    ),
+}
+
+impl Sink {
+    /// Ready to serve publishers (in a cluster: with its own NATS connection, on this
+    /// thread's runtime; it connects, and reconnects, in the background).
+    async fn start(
+        self,
+        metrics: &Arc<Metrics>,
+        shutdown: &tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<StartedSink> {
+        Ok(match self {
+            Sink::Local(p) => StartedSink::Local(Rc::new(RefCell::new(p))),
+            Sink::Cluster {
+                checker,
+                url,
+                subject,
+            } => {
+                let client = crate::cluster::connect(&url, "krux-relay ingest").await?;
+                let storer = crate::cluster::ingest::Storer::new(
+                    client,
+                    subject,
+                    metrics.clone(),
+                    shutdown.clone(),
+                )?;
+                StartedSink::Cluster(Rc::new(RefCell::new(checker)), Rc::new(storer))
+            }
+        })
+    }
+}
+
+impl StartedSink {
+    fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>(
+        &self,
+        s: S,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        match self {
+            StartedSink::Local(p) => {
+                tokio::task::spawn_local(crate::ingest::serve_publisher(s, p.clone(), stop))
+            }
+            StartedSink::Cluster(c, st) => tokio::task::spawn_local(
+                crate::cluster::ingest::serve_publisher(s, c.clone(), st.clone(), stop),
+            ),
+        }
+    }
+}
+
+/// A named thread running `body` on its own current-thread runtime (with a `LocalSet`);
+/// a runtime that cannot be built is reported on `up`.
+fn spawn_runtime_thread<F, Fut>(
+    name: &str,
+    up: crossbeam_channel::Sender<anyhow::Result<()>>,
+    notice: EndNotice,
+    body: F,
+) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce(crossbeam_channel::Sender<anyhow::Result<()>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _notice = notice;
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return drop(up.send(Err(e.into()))),
+            };
+            tokio::task::LocalSet::new().block_on(&rt, body(up));
+        })
 }
 
 /// Raises the soft open-file limit to the hard one and returns how many sockets port 7701

@@ -59,11 +59,11 @@ pub struct IngestReport {
 }
 
 /// 4,096 distinct lines (agents and sessions vary), one `\n` each.
-fn block(args: &IngestArgs) -> anyhow::Result<Vec<u8>> {
+pub fn block(mix: &str, line_size: usize) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     let mut fleet = krux_relay::fleet::Fleet::new(300, 11);
     for i in 0..4096 {
-        let line = match args.mix.as_str() {
+        let line = match mix {
             "fleet" => fleet.next_line(),
             "capability" => {
                 let base = format!(
@@ -71,7 +71,7 @@ fn block(args: &IngestArgs) -> anyhow::Result<Vec<u8>> {
                     i % 300,
                     i % 3000
                 );
-                let pad = args.line_size.saturating_sub(base.len());
+                let pad = line_size.saturating_sub(base.len());
                 base.replace(r#""note":"""#, &format!(r#""note":"{}""#, "x".repeat(pad)))
             }
             other => bail!("--mix {other}: use capability or fleet"),
@@ -84,7 +84,7 @@ fn block(args: &IngestArgs) -> anyhow::Result<Vec<u8>> {
 
 /// Sends `n` lines (cycling through `block`) on one connection and returns the summary's
 /// (accepted, rejected).
-fn publish(addr: std::net::SocketAddr, block: &[u8], n: u64) -> anyhow::Result<(u64, u64)> {
+pub fn publish(addr: std::net::SocketAddr, block: &[u8], n: u64) -> anyhow::Result<(u64, u64)> {
     let stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     let reader = stream.try_clone()?;
     // Replies (rejections, then the summary) are read while sending.
@@ -117,7 +117,7 @@ fn publish(addr: std::net::SocketAddr, block: &[u8], n: u64) -> anyhow::Result<(
 }
 
 fn measure(args: &IngestArgs, t: &Target, label: &str) -> anyhow::Result<IngestReport> {
-    let block = std::sync::Arc::new(block(args)?);
+    let block = std::sync::Arc::new(block(&args.mix, args.line_size)?);
     let before = proc_sample(t.pid).unwrap_or_default();
     let client_before = proc_sample(None).unwrap_or_default();
     let started = Instant::now();

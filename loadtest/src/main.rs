@@ -6,6 +6,7 @@
 //! measures publishers alone, end to end, against the relay and the baseline.
 
 mod client;
+mod cluster;
 mod ingest;
 mod report;
 mod scenario;
@@ -70,6 +71,8 @@ enum Command {
     },
     /// Publisher throughput end to end, no subscribers: relay and baseline in one run.
     Ingest(ingest::IngestArgs),
+    /// Throughput through nodes sharing a NATS JetStream stream, against standalone.
+    Cluster(cluster::ClusterArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -105,6 +108,13 @@ fn main() -> anyhow::Result<()> {
             if fail_below_baseline && !ok {
                 eprintln!("krux-loadtest: the relay delivered less than the baseline");
                 std::process::exit(1);
+            }
+        }
+        Command::Cluster(args) => {
+            let reports = cluster::run(&args)?;
+            println!("report: {}", args.out.join("cluster.json").display());
+            if reports.iter().any(|r| r.delivered_min < r.accepted) {
+                anyhow::bail!("a subscriber did not get every accepted event");
             }
         }
         Command::Ingest(args) => {

@@ -39,6 +39,17 @@ struct TokenFile {
     tokens: Vec<TokenRecord>,
 }
 
+impl TokenRecord {
+    /// The record of a token just made: its name, hash and creation time.
+    pub fn new(name: &str, token: &str) -> TokenRecord {
+        TokenRecord {
+            name: name.to_string(),
+            sha256: hex(&hash_token(token)),
+            created: crate::event::now_rfc3339_millis(),
+        }
+    }
+}
+
 pub fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
@@ -106,11 +117,7 @@ impl TokenStore {
             bail!("a token named `{name}` already exists; revoke it first or choose another name");
         }
         let token = generate_token()?;
-        file.tokens.push(TokenRecord {
-            name: name.to_string(),
-            sha256: hex(&hash_token(&token)),
-            created: crate::event::now_rfc3339_millis(),
-        });
+        file.tokens.push(TokenRecord::new(name, &token));
         self.write(&file)?;
         Ok(token)
     }
@@ -166,7 +173,7 @@ impl TokenStore {
 
 /// Token names are shown by `user-token list` one per line: printable, no whitespace or
 /// control characters that could forge a line.
-fn check_name(name: &str) -> anyhow::Result<()> {
+pub fn check_name(name: &str) -> anyhow::Result<()> {
     let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@');
     if name.is_empty() || name.len() > 64 || !name.chars().all(ok) {
         bail!("--name must be 1 to 64 characters of A-Z a-z 0-9 . _ - @ (got {name:?})");
@@ -212,25 +219,40 @@ pub struct LiveCredentials {
 
 impl LiveCredentials {
     pub fn load(data_dir: &Path) -> anyhow::Result<Arc<LiveCredentials>> {
-        let live = LiveCredentials {
+        let live = Self::empty(data_dir);
+        live.reload()?;
+        Ok(Arc::new(live))
+    }
+
+    /// No credentials yet (a cluster node, until it has read the bucket).
+    pub fn empty(data_dir: &Path) -> LiveCredentials {
+        LiveCredentials {
             tokens: ArcSwap::from_pointee(Vec::new()),
             passphrase: arc_swap::ArcSwapOption::empty(),
             failures: passphrase::FailureLimiter::default(),
             generation: AtomicU64::new(0),
             store: TokenStore::new(data_dir),
             data_dir: data_dir.to_path_buf(),
-        };
-        live.reload()?;
-        Ok(Arc::new(live))
+        }
     }
 
     /// Re-reads the token and passphrase files; returns whether anything changed.
     pub fn reload(&self) -> anyhow::Result<bool> {
-        let mut tokens: Vec<([u8; 32], String)> = self
-            .store
-            .list()?
-            .into_iter()
-            .filter_map(|r| Some((unhex(&r.sha256)?, r.name)))
+        let tokens = self.store.list()?;
+        let phc = match std::fs::read_to_string(passphrase::path(&self.data_dir)) {
+            Ok(s) => Some(s.trim().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).context("reading the passphrase file"),
+        };
+        self.replace(&tokens, phc)
+    }
+
+    /// Makes `tokens` and `phc` the accepted credentials (from the files, or from the
+    /// cluster's bucket); returns whether anything changed.
+    pub fn replace(&self, tokens: &[TokenRecord], phc: Option<String>) -> anyhow::Result<bool> {
+        let mut tokens: Vec<([u8; 32], String)> = tokens
+            .iter()
+            .filter_map(|r| Some((unhex(&r.sha256)?, r.name.clone())))
             .collect();
         tokens.sort();
         let mut changed = false;
@@ -238,11 +260,6 @@ impl LiveCredentials {
             self.tokens.store(Arc::new(tokens));
             changed = true;
         }
-        let phc = match std::fs::read_to_string(passphrase::path(&self.data_dir)) {
-            Ok(s) => Some(s.trim().to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e).context("reading the passphrase file"),
-        };
         let current = self.passphrase.load();
         if current.as_deref().map(passphrase::Verifier::phc) != phc.as_deref() {
             self.passphrase.store(

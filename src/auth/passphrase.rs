@@ -29,6 +29,12 @@ pub fn path(data_dir: &Path) -> PathBuf {
 
 /// Hashes and stores a new passphrase (atomically, mode 0600).
 pub fn set(data_dir: &Path, passphrase: &str) -> anyhow::Result<()> {
+    let phc = hash(passphrase)?;
+    super::write_private_atomic(&path(data_dir), format!("{phc}\n").as_bytes())
+}
+
+/// The Argon2id PHC string of a new passphrase (at least 8 characters).
+pub fn hash(passphrase: &str) -> anyhow::Result<String> {
     anyhow::ensure!(
         passphrase.chars().count() >= 8,
         "the passphrase must have at least 8 characters"
@@ -40,7 +46,7 @@ pub fn set(data_dir: &Path, passphrase: &str) -> anyhow::Result<()> {
         .hash_password(passphrase.as_bytes(), &salt)
         .map_err(|e| anyhow::anyhow!("hashing the passphrase: {e}"))?
         .to_string();
-    super::write_private_atomic(&path(data_dir), format!("{phc}\n").as_bytes())
+    Ok(phc)
 }
 
 /// The stored hash, and the cheap verifier learned from the first success.

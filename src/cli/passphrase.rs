@@ -5,7 +5,16 @@ use std::io::{BufRead, IsTerminal};
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
+
+/// `passphrase`: its subcommand, and where the hash lives (the data dir, or the cluster).
+#[derive(Debug, Args)]
+pub struct PassphraseArgs {
+    #[command(flatten)]
+    pub nats: crate::cluster::NatsArgs,
+    #[command(subcommand)]
+    pub cmd: PassphraseCommand,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum PassphraseCommand {
@@ -13,8 +22,8 @@ pub enum PassphraseCommand {
     Set,
 }
 
-pub fn run(cmd: PassphraseCommand, data_dir: &Path) -> anyhow::Result<()> {
-    match cmd {
+pub fn run(args: PassphraseArgs, data_dir: &Path) -> anyhow::Result<()> {
+    match args.cmd {
         PassphraseCommand::Set => {
             let pass = if std::io::stdin().is_terminal() {
                 let first = rpassword::prompt_password("Operator passphrase: ")?;
@@ -31,8 +40,23 @@ pub fn run(cmd: PassphraseCommand, data_dir: &Path) -> anyhow::Result<()> {
                     .context("reading the passphrase from stdin")?;
                 line.trim_end_matches(['\r', '\n']).to_string()
             };
-            crate::auth::passphrase::set(data_dir, &pass)?;
-            eprintln!("operator passphrase set; running servers use it within 1 s");
+            match &args.nats.url {
+                Some(url) => {
+                    let phc = crate::auth::passphrase::hash(&pass)?;
+                    let bucket = &args.nats.bucket;
+                    crate::cluster::block_on(url, |js| async move {
+                        let store = crate::cluster::credentials::open(&js, bucket).await?;
+                        crate::cluster::credentials::set_passphrase(&store, &phc).await
+                    })?;
+                    eprintln!(
+                        "operator passphrase set in the cluster; every node uses it within 1 s"
+                    );
+                }
+                None => {
+                    crate::auth::passphrase::set(data_dir, &pass)?;
+                    eprintln!("operator passphrase set; running servers use it within 1 s");
+                }
+            }
             Ok(())
         }
     }

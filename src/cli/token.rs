@@ -2,9 +2,19 @@
 
 use std::path::Path;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 
 use crate::auth::TokenStore;
+use crate::cluster::{credentials, NatsArgs};
+
+/// `user-token`: its subcommand, and where the tokens live (the data dir, or the cluster).
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(subcommand)]
+    pub cmd: TokenCommand,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -23,7 +33,11 @@ pub enum TokenCommand {
     },
 }
 
-pub fn run(cmd: TokenCommand, data_dir: &Path) -> anyhow::Result<()> {
+pub fn run(args: TokenArgs, data_dir: &Path) -> anyhow::Result<()> {
+    let cmd = args.cmd;
+    if let Some(url) = &args.nats.url {
+        return in_cluster(cmd, url, &args.nats.bucket);
+    }
     let store = TokenStore::new(data_dir);
     match cmd {
         TokenCommand::Create { name } => println!("{}", store.create(&name)?),
@@ -42,4 +56,30 @@ pub fn run(cmd: TokenCommand, data_dir: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The same commands on the cluster's credentials bucket (every node applies them).
+fn in_cluster(cmd: TokenCommand, url: &str, bucket: &str) -> anyhow::Result<()> {
+    crate::cluster::block_on(url, |js| async move {
+        let store = credentials::open(&js, bucket).await?;
+        match cmd {
+            TokenCommand::Create { name } => {
+                println!("{}", credentials::create_token(&store, &name).await?)
+            }
+            TokenCommand::List => {
+                let tokens = credentials::list_tokens(&store).await?;
+                if tokens.is_empty() {
+                    eprintln!("no user tokens in the cluster's bucket {bucket}");
+                }
+                for t in tokens {
+                    println!("{}\t{}", t.name, t.created);
+                }
+            }
+            TokenCommand::Revoke { name } => {
+                credentials::revoke_token(&store, &name).await?;
+                eprintln!("revoked `{name}` on every node");
+            }
+        }
+        Ok(())
+    })
 }

@@ -17,21 +17,53 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::event::{now_rfc3339_millis, LineError, Validator};
+use crate::event::{now_rfc3339_millis, LineError, ValidEvent, Validator};
 use crate::frame::FrameArena;
 use crate::metrics::Metrics;
 use crate::ring::{Entry, Producer};
 
+/// The check every line gets, standalone or in a cluster: its length, then validation.
+pub struct Checker {
+    validator: Validator,
+    max_line: usize,
+}
+
+impl Checker {
+    pub fn new(max_line: usize) -> Checker {
+        Checker {
+            validator: Validator::new(),
+            max_line,
+        }
+    }
+
+    pub fn max_line(&self) -> usize {
+        self.max_line
+    }
+
+    /// The event's text (without surrounding whitespace) and what validation learned.
+    pub fn check<'a>(&mut self, line: Line<'a>) -> Result<(&'a [u8], ValidEvent), LineError> {
+        let text = match line {
+            Line::Text(t) => t.trim_ascii(),
+            Line::TooLong(len) => {
+                return Err(LineError::TooLong {
+                    len,
+                    max: self.max_line,
+                })
+            }
+        };
+        Ok((text, self.validator.validate(text)?))
+    }
+}
+
 /// Validation, sequencing and framing of accepted lines: everything between the bytes of
 /// a line and its entry in the ring.
 pub struct Pipeline {
-    validator: Validator,
+    checker: Checker,
     /// Frames are built here, back to back (see `FrameArena`).
     arena: FrameArena,
     producer: Producer,
     seq: SeqAllocator,
     metrics: Arc<Metrics>,
-    max_line: usize,
 }
 
 impl Pipeline {
@@ -42,12 +74,11 @@ impl Pipeline {
         max_line: usize,
     ) -> Pipeline {
         Pipeline {
-            validator: Validator::new(),
+            checker: Checker::new(max_line),
             arena: FrameArena::new(),
             producer,
             seq,
             metrics,
-            max_line,
         }
     }
 
@@ -56,21 +87,12 @@ impl Pipeline {
     }
 
     pub fn max_line(&self) -> usize {
-        self.max_line
+        self.checker.max_line()
     }
 
     /// Accepts one line into the ring, returning its `seq`.
     pub fn accept(&mut self, line: Line<'_>) -> Result<u64, LineError> {
-        let text = match line {
-            Line::Text(t) => t.trim_ascii(),
-            Line::TooLong(len) => {
-                return Err(LineError::TooLong {
-                    len,
-                    max: self.max_line,
-                })
-            }
-        };
-        let valid = self.validator.validate(text)?;
+        let (text, valid) = self.checker.check(line)?;
         let stamp = valid.needs_stamp.then(now_rfc3339_millis);
         let seq = self.seq.allocate().map_err(|e| {
             tracing::error!("cannot persist sequence numbers: {e:#}");
@@ -79,6 +101,7 @@ impl Pipeline {
         let frame = self.arena.event_frame(text, stamp.as_deref(), seq);
         self.metrics.event_in(valid.keys.etype);
         self.producer.publish(Entry {
+            pos: seq,
             seq,
             accepted_at: std::time::Instant::now(),
             frame,

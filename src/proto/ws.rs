@@ -12,6 +12,7 @@ pub mod close_code {
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
     /// Application code: the subscriber fell behind (see CONTRACT.md).
     pub const SLOW_CONSUMER: u16 = 4001;
 }

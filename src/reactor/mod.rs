@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use crate::auth::LiveCredentials;
+use crate::cluster::node::{HistoryReply, HistoryRequest};
 use crate::filter::{SubId, SubscriberIndex};
 use crate::frame;
 use crate::io::tls::TlsConn;
@@ -52,9 +53,11 @@ pub struct Shared {
     /// Becomes true when the server shuts down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub shutdown_grace: Duration,
-    /// The ring head once the ingest has stopped (u64::MAX before): reactors deliver up
-    /// to it, then close their subscribers.
-    pub ingest_final_seq: AtomicU64,
+    /// The ring head (a position) once the ingest has stopped (u64::MAX before): reactors
+    /// deliver up to it, then close their subscribers.
+    pub ingest_final_pos: AtomicU64,
+    /// A cluster node's history fetches: resumes its window no longer reaches.
+    pub history: Option<mpsc::UnboundedSender<HistoryRequest>>,
 }
 
 /// One subscriber as its reactor holds it.
@@ -71,16 +74,48 @@ pub struct Subscriber {
     pub closing_since: Cell<Option<Instant>>,
     /// Shuts the socket down (both ways), ending its pending reads and writes.
     pub kill: Box<dyn Fn()>,
-    /// While resuming: the next retained seq to replay (not yet in the index).
+    /// While resuming: the ring position to replay next (not yet in the index).
     pub replay_next: Cell<Option<u64>>,
     /// While resuming: the filter, moved into the index once replay catches up.
     pub pending_filter: RefCell<Option<crate::filter::Filter>>,
-    /// Once indexed: the first seq fan-out owes it. A resume can get ahead of a lagging
-    /// fan-out (the window already starts past it), so this is not always `next_seq`.
+    /// Once indexed: the first position fan-out owes it. A resume can get ahead of a
+    /// lagging fan-out (the window already starts past it), so this is not always
+    /// `next_pos`.
     pub live_from: Cell<u64>,
     /// The stall check: bytes written when last looked at, and for how many housekeeping
     /// ticks since then the subscriber has been full without its socket taking a byte.
     pub stall: Cell<(u64, u32)>,
+    /// Unique per reactor (slab ids are reused): matches history replies to their asker.
+    pub serial: u64,
+    /// While resuming from the cluster's stream, before the ring takes over.
+    pub backlog: RefCell<Option<Backlog>>,
+}
+
+/// A resume served from the cluster's stream because the node's window no longer reaches
+/// it; once the stream has given everything up to the ring's start, replay goes on from
+/// the ring (`replay_next`), then live.
+#[derive(Default)]
+pub struct Backlog {
+    /// The seq of the last event queued (at first, the resume's `since`).
+    after: u64,
+    queue: std::collections::VecDeque<Arc<Entry>>,
+    /// A fetch is under way.
+    asked: bool,
+    /// The last fetch got to the ring's start or the stream's end.
+    reached: bool,
+    /// Once the queue is empty, everything up to this seq has been queued.
+    covered: u64,
+}
+
+/// What a subscriber's replay needs from its writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Not replaying.
+    Done,
+    /// More to scan: come back soon (a sparse filter may have queued nothing).
+    Scanning,
+    /// Waiting for the socket to take what is queued, or for the stream to answer.
+    Waiting,
 }
 
 /// Per-thread reactor state.
@@ -89,10 +124,15 @@ pub struct Reactor {
     pub shared: Arc<Shared>,
     pub subs: RefCell<Slab<Rc<Subscriber>>>,
     pub index: RefCell<SubscriberIndex>,
-    /// The fan-out cursor's position: the seq of the next event this reactor will
-    /// dispatch. A new subscriber starts here (or replays up to here).
-    pub next_seq: Cell<u64>,
+    /// The fan-out cursor's position: the ring position of the next event this reactor
+    /// will dispatch. A new subscriber starts here (or replays up to here).
+    pub next_pos: Cell<u64>,
+    /// The `seq` of the last event dispatched (0 before the first).
+    pub last_seq: Cell<u64>,
     cursor_ring: Arc<crate::ring::FrameRing>,
+    pub next_serial: Cell<u64>,
+    /// Where this reactor's history replies arrive.
+    history_replies: mpsc::UnboundedSender<HistoryReply>,
 }
 
 /// How long a closing subscriber may take — to get its close frame out, then to answer
@@ -108,15 +148,20 @@ const STALL_TICKS: u32 = 4;
 
 /// Runs a reactor until the process stops.
 pub async fn run<L: Listener>(id: usize, shared: Arc<Shared>, listener: L, cursor: Cursor) {
+    let (history_replies, replies) = mpsc::unbounded_channel();
     let reactor = Rc::new(Reactor {
         id,
         shared,
         subs: RefCell::new(Slab::new()),
         index: RefCell::new(SubscriberIndex::default()),
-        next_seq: Cell::new(cursor.next),
+        next_pos: Cell::new(cursor.next),
+        last_seq: Cell::new(0),
         cursor_ring: cursor.ring().clone(),
+        next_serial: Cell::new(0),
+        history_replies,
     });
     tokio::task::spawn_local(fan_out(reactor.clone(), cursor));
+    tokio::task::spawn_local(backlog_replies(reactor.clone(), replies));
     tokio::task::spawn_local(housekeeping(reactor.clone()));
     let mut shutdown = reactor.shared.shutdown.clone();
     tokio::select! {
@@ -133,8 +178,8 @@ async fn drain(reactor: &Reactor) {
     let shared = &reactor.shared;
     let deadline = tokio::time::Instant::now() + shared.shutdown_grace;
     while tokio::time::Instant::now() < deadline {
-        let last = shared.ingest_final_seq.load(Ordering::SeqCst);
-        if last != u64::MAX && reactor.next_seq.get() >= last {
+        let last = shared.ingest_final_pos.load(Ordering::SeqCst);
+        if last != u64::MAX && reactor.next_pos.get() >= last {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -241,44 +286,120 @@ impl Reactor {
         }
     }
 
-    /// A subscriber that had no room for the event `seq` leaves the index and catches up
+    /// A subscriber that had no room for the event at `pos` leaves the index and catches up
     /// from the retained window as its socket drains (the path of a resume), so nothing is
     /// lost while it is behind and the others never wait for it.
-    fn fall_behind(&self, id: SubId, sub: &Subscriber, seq: u64) {
+    fn fall_behind(&self, id: SubId, sub: &Subscriber, pos: u64) {
         if let Some(filter) = self.index.borrow_mut().remove(id) {
             *sub.pending_filter.borrow_mut() = Some(filter);
-            sub.replay_next.set(Some(seq));
+            sub.replay_next.set(Some(pos));
         }
     }
 
-    /// Starts a resume from `since`: queues the `replay_gap` notice when the window no
-    /// longer reaches `since + 1`, and returns the first seq to replay.
-    pub fn start_replay(&self, sub: &Subscriber, since: u64) -> u64 {
-        let oldest = self.ring().oldest();
-        if self.ring().lost_after(since) {
-            let gap = format!(
-                r#"{{"type":"replay_gap","timestamp":"{}","agent":null,"data":{{"since":{since},"oldest":{oldest}}}}}"#,
-                crate::event::now_rfc3339_millis()
-            );
-            sub.out
-                .borrow_mut()
-                .push_control(frame::text_frame(gap.as_bytes()));
+    /// The `seq` a subscriber registered now starts after (its `Krux-Seq`): the last event
+    /// dispatched, or where the ring starts (0: unknown yet).
+    pub fn position_seq(&self) -> u64 {
+        match (self.last_seq.get(), self.ring().complete_from()) {
+            (0, u64::MAX) => 0,
+            (0, from) => from.saturating_sub(1),
+            (s, _) => s,
         }
-        since.saturating_add(1).max(oldest)
+    }
+
+    /// Starts a resume from `since`. Standalone: from the window, after the `replay_gap`
+    /// notice when it no longer reaches `since + 1`. In a cluster: from the window when it
+    /// holds everything after `since`, else from the stream first.
+    pub fn start_replay(&self, sub: &Subscriber, since: u64) {
+        let ring = self.ring();
+        if self.shared.history.is_some() {
+            match ring.find_after(since) {
+                Some(pos) => sub.replay_next.set(Some(pos)),
+                None => {
+                    *sub.backlog.borrow_mut() = Some(Backlog {
+                        after: since,
+                        ..Backlog::default()
+                    })
+                }
+            }
+            return;
+        }
+        let oldest = ring.oldest();
+        if ring.lost_after(since) {
+            sub.out.borrow_mut().push_control(gap_frame(since, oldest));
+        }
+        sub.replay_next
+            .set(Some(since.saturating_add(1).max(oldest)));
+    }
+
+    /// Feeds a subscriber resuming from the stream what the stream has given, and asks
+    /// for more; `None` once the ring takes over.
+    fn backlog_step(&self, id: SubId, sub: &Subscriber) -> Option<Replay> {
+        let mut backlog = sub.backlog.borrow_mut();
+        let b = backlog.as_mut()?;
+        let mut out = sub.out.borrow_mut();
+        if out.state() != OutState::Open {
+            *backlog = None;
+            return Some(Replay::Done);
+        }
+        out.resume();
+        {
+            let filter = sub.pending_filter.borrow();
+            let filter = filter
+                .as_ref()
+                .expect("a replaying subscriber keeps its filter");
+            while let Some(e) = b.queue.front() {
+                if filter.matches(&e.keys)
+                    && out.push_event(&e.frame, e.seq, e.accepted_at) == Push::Full
+                {
+                    return Some(Replay::Waiting);
+                }
+                b.after = e.seq;
+                b.queue.pop_front();
+            }
+        }
+        if b.asked {
+            return Some(Replay::Waiting);
+        }
+        b.after = b.after.max(b.covered);
+        if b.reached {
+            if let Some(pos) = self.ring().find_after(b.after) {
+                *backlog = None;
+                sub.replay_next.set(Some(pos));
+                return None;
+            }
+        }
+        b.asked = true;
+        let request = HistoryRequest {
+            after: b.after,
+            until: self.ring().complete_from(),
+            max_bytes: self.shared.client_queue,
+            sub: (id, sub.serial),
+            reply: self.history_replies.clone(),
+        };
+        let sent = self.shared.history.as_ref().map(|h| h.send(request));
+        if !matches!(sent, Some(Ok(()))) {
+            // The cluster thread is gone: nothing can serve this resume.
+            drop(out);
+            self.close(sub, close_code::INTERNAL, "history unavailable");
+        }
+        Some(Replay::Waiting)
     }
 
     /// Feeds a resuming (or fallen-behind) subscriber the next retained events, as far as
     /// its queue bound allows. Once it reaches the fan-out position it is indexed, and
     /// fan-out takes over from exactly there: both run on this thread, so nothing is
-    /// missed or repeated. Returns whether replay is still going.
-    pub fn replay_step(&self, id: SubId, sub: &Subscriber) -> bool {
+    /// missed or repeated.
+    pub fn replay_step(&self, id: SubId, sub: &Subscriber) -> Replay {
+        if let Some(r) = self.backlog_step(id, sub) {
+            return r;
+        }
         const SCAN: u64 = 65_536; // entries looked at per step, so a sparse filter yields too
-        let Some(mut seq) = sub.replay_next.get() else {
-            return false;
+        let Some(mut pos) = sub.replay_next.get() else {
+            return Replay::Done;
         };
         let ring = self.ring();
-        let end = self.next_seq.get();
-        let stop = seq.saturating_add(SCAN).min(end);
+        let end = self.next_pos.get();
+        let stop = pos.saturating_add(SCAN).min(end);
         {
             let filter = sub.pending_filter.borrow();
             let filter = filter
@@ -288,11 +409,11 @@ impl Reactor {
             if out.state() != OutState::Open {
                 // Closing (revoked, shutting down, protocol error): nothing more to replay.
                 sub.replay_next.set(None);
-                return false;
+                return Replay::Done;
             }
             out.resume();
-            while seq < stop {
-                match ring.get(seq) {
+            while pos < stop {
+                match ring.get(pos) {
                     Slot::Ready(e) => {
                         if filter.matches(&e.keys)
                             && out.push_event(&e.frame, e.seq, e.accepted_at) == Push::Full
@@ -304,26 +425,67 @@ impl Reactor {
                     Slot::Lapped => {
                         self.close_slow(&mut out, sub);
                         sub.replay_next.set(None);
-                        return false;
+                        return Replay::Done;
                     }
-                    Slot::Pending => unreachable!("seq {seq} is below the fan-out position"),
+                    Slot::Pending => unreachable!("{pos} is below the fan-out position"),
                 }
-                seq += 1;
+                pos += 1;
             }
         }
-        if seq >= end {
+        if pos >= end {
             let filter = sub
                 .pending_filter
                 .take()
                 .expect("a replaying subscriber keeps its filter");
             self.index.borrow_mut().insert(id, filter);
             sub.replay_next.set(None);
-            sub.live_from.set(seq);
-            false
+            sub.live_from.set(pos);
+            Replay::Done
         } else {
-            sub.replay_next.set(Some(seq));
-            true
+            sub.replay_next.set(Some(pos));
+            Replay::Scanning
         }
+    }
+}
+
+/// The `replay_gap` notice: events after `since` are gone; replay goes on from `oldest`.
+fn gap_frame(since: u64, oldest: u64) -> bytes::Bytes {
+    let gap = format!(
+        r#"{{"type":"replay_gap","timestamp":"{}","agent":null,"data":{{"since":{since},"oldest":{oldest}}}}}"#,
+        crate::event::now_rfc3339_millis()
+    );
+    frame::text_frame(gap.as_bytes())
+}
+
+/// Hands what the cluster thread fetched from the stream to the subscribers that asked.
+async fn backlog_replies(reactor: Rc<Reactor>, mut replies: mpsc::UnboundedReceiver<HistoryReply>) {
+    while let Some(reply) = replies.recv().await {
+        let subs = reactor.subs.borrow();
+        let (id, serial) = reply.sub;
+        let Some(sub) = subs.get(id).filter(|s| s.serial == serial) else {
+            continue; // gone meanwhile
+        };
+        let mut backlog = sub.backlog.borrow_mut();
+        let Some(b) = backlog.as_mut() else {
+            continue;
+        };
+        b.asked = false;
+        match reply.fetched {
+            Ok(f) => {
+                if let Some(oldest) = f.gap_oldest {
+                    sub.out
+                        .borrow_mut()
+                        .push_control(gap_frame(b.after, oldest));
+                }
+                b.queue.extend(f.entries);
+                (b.reached, b.covered) = (f.reached, f.covered);
+            }
+            Err(e) => {
+                tracing::warn!("resume from the stream: {e:#}; asking again");
+                b.reached = false;
+            }
+        }
+        sub.wake.notify_one();
     }
 }
 
@@ -351,6 +513,9 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
         {
             let subs = reactor.subs.borrow();
             dispatch(&reactor, &subs, &round, &mut dirty);
+            if let Some(e) = round.last() {
+                reactor.last_seq.set(e.seq);
+            }
             round.clear();
             if lapped {
                 // The ingest outran this reactor by a whole window: whatever its
@@ -365,14 +530,17 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
                     "reactor fell behind the replay window"
                 );
                 for (_, sub) in subs.iter() {
-                    if sub.replay_next.get().is_some() || sub.live_from.get() >= oldest {
+                    if sub.replay_next.get().is_some()
+                        || sub.backlog.borrow().is_some()
+                        || sub.live_from.get() >= oldest
+                    {
                         continue;
                     }
                     reactor.close_slow(&mut sub.out.borrow_mut(), sub);
                 }
                 cursor.next = oldest;
             }
-            reactor.next_seq.set(cursor.next);
+            reactor.next_pos.set(cursor.next);
             for id in dirty.drain(..) {
                 let sub = &subs[id];
                 sub.out.borrow_mut().dirty = false;
@@ -398,7 +566,7 @@ fn dispatch(
     if round.is_empty() {
         return;
     }
-    // Subscribers with no room for an event of this round, and that event's seq.
+    // Subscribers with no room for an event of this round, and that event's position.
     let mut behind: Vec<(SubId, u64)> = Vec::new();
     {
         let index = reactor.index.borrow();
@@ -410,7 +578,7 @@ fn dispatch(
                     Push::Queued => wake = true,
                     Push::Skipped => {}
                     Push::Full => {
-                        behind.push((id, e.seq));
+                        behind.push((id, e.pos));
                         wake = true; // its writer catches it up from the window
                         break;
                     }
@@ -428,8 +596,8 @@ fn dispatch(
             index.for_each_filtered_match(&e.keys, |id| push(id, &mut std::iter::once(e)));
         }
     }
-    for (id, seq) in behind {
-        reactor.fall_behind(id, &subs[id], seq);
+    for (id, pos) in behind {
+        reactor.fall_behind(id, &subs[id], pos);
     }
 }
 

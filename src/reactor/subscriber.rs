@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::{OutState, Outbox, Reactor, Shared, Subscriber, CLOSE_GRACE};
+use super::{OutState, Outbox, Reactor, Replay, Shared, Subscriber, CLOSE_GRACE};
 use crate::frame::{self, Span};
 use crate::io::{advance, write_all, Conn};
 use crate::proto::handshake::{
@@ -135,13 +135,13 @@ fn register<'r, C: Conn>(
     conn: &Rc<C>,
     up: crate::proto::handshake::Upgrade,
 ) -> (Registration<'r>, Rc<Subscriber>, Vec<u8>) {
-    let start = reactor.next_seq.get();
-    let response = up.response(start.checked_sub(1).filter(|&s| s > 0));
+    let (start, position) = (reactor.next_pos.get(), reactor.position_seq());
+    let response = up.response(Some(position).filter(|&s| s > 0));
     let weak = Rc::downgrade(conn);
     let sub = Rc::new(Subscriber {
         out: RefCell::new(Outbox::new(
             reactor.shared.client_queue,
-            up.since.unwrap_or(start.saturating_sub(1)),
+            up.since.unwrap_or(position),
         )),
         wake: Notify::new(),
         principal: up.principal,
@@ -152,6 +152,8 @@ fn register<'r, C: Conn>(
         pending_filter: RefCell::new(None),
         live_from: Cell::new(start),
         stall: Cell::new((0, 0)),
+        serial: reactor.next_serial.replace(reactor.next_serial.get() + 1),
+        backlog: RefCell::new(None),
         kill: Box::new(move || {
             if let Some(c) = weak.upgrade() {
                 c.shutdown(Shutdown::Both);
@@ -162,8 +164,8 @@ fn register<'r, C: Conn>(
     match up.since {
         // Resuming: replayed by the writer as its queue drains, indexed when caught up.
         Some(since) => {
-            sub.replay_next.set(Some(reactor.start_replay(&sub, since)));
             *sub.pending_filter.borrow_mut() = Some(up.filter);
+            reactor.start_replay(&sub, since);
         }
         None => reactor
             .index
@@ -339,7 +341,7 @@ async fn write_loop<C: Conn>(reactor: Rc<Reactor>, id: usize, sub: Rc<Subscriber
             if state == OutState::CloseTaken {
                 break;
             }
-            if replaying {
+            if replaying == Replay::Scanning {
                 tokio::task::yield_now().await; // a sparse filter: keep scanning
             } else {
                 sub.wake.notified().await;

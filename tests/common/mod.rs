@@ -122,6 +122,19 @@ impl Relay {
         (self.child, self.ws, self.ingest, self.admin) = (child, ws, ingest, admin);
     }
 
+    /// Kills the relay with SIGKILL and waits for it to be gone.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// `GET /readyz` on the admin port: its status.
+    pub async fn readyz(&self) -> u16 {
+        raw_http(self.admin, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .0
+    }
+
     /// Sends SIGTERM and waits (at most `within`) for the exit status.
     pub async fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
         let st = Command::new("kill")

