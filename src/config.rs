@@ -285,7 +285,8 @@ impl ServeConfig {
                 ));
             }
         }
-        if self.nats.url.is_some() {
+        if let Some(url) = &self.nats.url {
+            crate::cluster::parse_urls(url).map_err(|e| format!("{e:#}"))?;
             self.stream.check()?;
         }
         let tls = self.tls_self_signed || self.tls_cert.is_some();
@@ -341,6 +342,11 @@ mod tests {
             ),
             (&["--max-connections", "0"], "--max-connections 0"),
             (&["--read-timeout", "0s"], "--read-timeout 0"),
+            (&["--nats", "no such url"], "--nats no such url: not a list"),
+            (
+                &["--nats", "nats://127.0.0.1:4222", "--nats-stream", "a.b"],
+                "--nats-stream \"a.b\"",
+            ),
         ] {
             let err = check(args).unwrap_err();
             assert!(err.starts_with(names), "{args:?}: {err}");

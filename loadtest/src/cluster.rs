@@ -37,6 +37,10 @@ pub struct ClusterArgs {
     /// Bytes per line (capability_invoked padded to this size).
     #[arg(long, default_value_t = 300)]
     pub line_size: usize,
+    /// Events published (and delivered) before measuring, so that every node's window is
+    /// already faulted in (a long-running node's steady state). 0: measure from cold.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
     /// Subscribers (unfiltered) on each receiving node.
     #[arg(long, default_value_t = 1)]
     pub subscribers: usize,
@@ -251,6 +255,14 @@ fn subscriber(
     }))
 }
 
+/// Waits (at most 2 minutes) until every counter reaches `n`.
+fn wait_for(counts: &[Arc<AtomicU64>], n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while counts.iter().any(|c| c.load(Relaxed) < n) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn measure(
     args: &ClusterArgs,
     relay: &Path,
@@ -292,6 +304,13 @@ fn measure(
     // Every node's consumer runs (and every subscriber is registered) before publishing.
     std::thread::sleep(Duration::from_millis(500));
     let block = Arc::new(block("capability", args.line_size)?);
+    if args.warmup > 0 {
+        let (warm, _) = publish(running[0].ingest, &block, args.warmup)?;
+        wait_for(&counts, warm);
+        for c in &counts {
+            c.store(0, Relaxed);
+        }
+    }
     let cpu = |p: &Proc| proc_sample(Some(p.0.id())).unwrap_or_default().cpu_s;
     let before: Vec<f64> = running.iter().map(|n| cpu(&n.proc)).collect();
     let nats_before = nats.as_ref().map_or(0.0, |(p, _)| cpu(p));
@@ -313,10 +332,7 @@ fn measure(
         accepted += h.join().expect("a publisher does not panic")?.0;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while counts.iter().any(|c| c.load(Relaxed) < accepted) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(&counts, accepted);
     let delivered_seconds = started.elapsed().as_secs_f64();
     let node_cpu_s: Vec<f64> = running
         .iter()

@@ -81,14 +81,18 @@ impl StreamArgs {
     }
 }
 
+/// The servers of `--nats` (`nats://HOST:PORT`, or `tls://`, comma-separated).
+pub fn parse_urls(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    urls.split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("--nats {urls}: not a list of nats://HOST:PORT"))
+}
+
 /// A client of the cluster's NATS servers that keeps reconnecting on its own (forever,
 /// with backoff), and whose first connection may come after the call returns.
 pub async fn connect(urls: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    let addrs = urls
-        .split(',')
-        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("--nats {urls}: not a list of nats://HOST:PORT"))?;
+    let addrs = parse_urls(urls)?;
     async_nats::ConnectOptions::new()
         .name(name)
         .retry_on_initial_connect()
@@ -122,11 +126,7 @@ where
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let addrs = urls
-            .split(',')
-            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("--nats {urls}: not a list of nats://HOST:PORT"))?;
+        let addrs = parse_urls(urls)?;
         let client = async_nats::ConnectOptions::new()
             .name("krux-relay command")
             .connection_timeout(Duration::from_secs(5))
