@@ -284,14 +284,17 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     {
         let notice = EndNotice("the ingest thread".into(), ended_tx.clone());
         let (shared, dir, ring) = (shared.clone(), data_dir.to_path_buf(), ring.clone());
+        let listeners = IngestListeners {
+            tcp: ingest,
+            unix,
+            admin,
+        };
         threads.push(spawn_runtime_thread(
             "krux-ingest",
             up_tx.clone(),
             notice,
             move |up| async move {
-                if let Err(e) =
-                    run_ingest(sink, &ring, ingest, unix, admin, &shared, &up, &dir).await
-                {
+                if let Err(e) = run_ingest(sink, &ring, listeners, &shared, &up, &dir).await {
                     drop(up.send(Err(e)));
                 }
             },
@@ -332,7 +335,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         }
     }
 
-    tracing::info!(ws = %addrs.ws, ingest = %addrs.ingest, admin = %addrs.admin, reactors = n, io = ?mode, socket_budget = shared.socket_budget, nats = cfg.nats.url.as_deref().unwrap_or("-"), "krux-relay is up");
+    tracing::info!(ws = %addrs.ws, ingest = %addrs.ingest, admin = %addrs.admin, reactors = n, io = ?mode, socket_budget = shared.socket_budget, nats = %cfg.nats.url.as_deref().map_or("-".into(), crate::cluster::redact), "krux-relay is up");
     if let Some(path) = &cfg.ready_file {
         write_ready_file(path, &addrs, mode, shared.tls.is_some())?;
     }
@@ -395,17 +398,15 @@ fn write_ready_file(path: &Path, addrs: &Addresses, mode: IoMode, tls: bool) -> 
 /// The ingest thread: TCP and Unix publishers and the admin port, until shutdown; then it
 /// waits (within the grace period) for every publisher to get its summary, and records the
 /// final seq so the reactors know when everything accepted has been dispatched.
-#[allow(clippy::too_many_arguments)]
 async fn run_ingest(
     sink: Sink,
     ring: &FrameRing,
-    tcp: TcpListener,
-    unix: Option<std::os::unix::net::UnixListener>,
-    admin: TcpListener,
+    listeners: IngestListeners,
     shared: &Shared,
     up: &crossbeam_channel::Sender<anyhow::Result<()>>,
     data_dir: &Path,
 ) -> anyhow::Result<()> {
+    let IngestListeners { tcp, unix, admin } = listeners;
     let sink = sink.start(&shared.metrics, &shared.shutdown).await?;
     tcp.set_nonblocking(true)?;
     admin.set_nonblocking(true)?;
@@ -452,6 +453,11 @@ async fn run_ingest(
         for p in publishers {
             let _ = p.await;
         }
+        // In a cluster, what this node stored reaches its ring through the stream: let
+        // its own subscribers get it too before they are closed.
+        if let StartedSink::Cluster(_, storer) = &sink {
+            storer.consumed_all_stored().await;
+        }
     })
     .await;
     let head = ring.head();
@@ -465,6 +471,13 @@ async fn run_ingest(
         }
         StartedSink::Cluster(..) => Ok(()),
     }
+}
+
+/// The ingest thread's listeners: publishers over TCP and Unix, and the admin port.
+struct IngestListeners {
+    tcp: TcpListener,
+    unix: Option<std::os::unix::net::UnixListener>,
+    admin: TcpListener,
 }
 
 /// Where the ingest puts accepted lines: this node's ring, or the cluster's stream.

@@ -457,3 +457,46 @@ async fn cluster_tokens_work_on_every_node_and_revocation_closes_them_everywhere
         401
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passphrase_set_in_the_cluster_opens_every_node() {
+    let Some(nats) = Nats::start() else { return };
+    let a = node(&nats, None, &[]).await;
+    let b = node(&nats, None, &[]).await;
+    let set = |pass: &str| {
+        let mut child = Command::new(bin())
+            .args(["passphrase", "set", "--nats", &nats.url()])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "{pass}").unwrap();
+        assert_success(&child.wait_with_output().unwrap());
+    };
+    set("correct horse battery");
+    // Each failed attempt counts against the address's limit (5 a minute): give the nodes
+    // the moment the bucket's change takes to arrive before the first one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut operators = Vec::new();
+    for n in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let ws = loop {
+            match n
+                .try_subscribe("passphrase=correct%20horse%20battery", None)
+                .await
+            {
+                Ok(ws) => break ws,
+                Err((401, _)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("operator refused: {e:?}"),
+            }
+        };
+        operators.push(ws);
+    }
+    // A new passphrase ends the sessions opened with the old one, on every node.
+    set("another passphrase entirely");
+    for ws in &mut operators {
+        assert_eq!(close_code(ws, Duration::from_secs(2)).await.0, 1008);
+    }
+}

@@ -35,6 +35,8 @@ pub struct Storer {
     /// Message ids are `<node>-<n>`: unique across nodes and restarts.
     node: String,
     next_id: Cell<u64>,
+    /// The highest stream sequence JetStream acknowledged to this node.
+    max_stored: Cell<u64>,
     client: async_nats::Client,
     metrics: Arc<Metrics>,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -54,6 +56,7 @@ impl Storer {
             subject,
             node: id.iter().map(|b| format!("{b:02x}")).collect(),
             next_id: Cell::new(0),
+            max_stored: Cell::new(0),
             client,
             metrics,
             shutdown,
@@ -65,6 +68,14 @@ impl Storer {
         match self.client.server_info().max_payload {
             0 => 1 << 20,
             n => n,
+        }
+    }
+
+    /// Returns once this node's consumer has taken every message it stored.
+    pub async fn consumed_all_stored(&self) {
+        let consumed = || self.cluster().consumer_stream_seq.load(Relaxed);
+        while consumed() < self.max_stored.get() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -100,6 +111,7 @@ impl Storer {
             let err = match attempt.await {
                 Ok(ack) => {
                     m.publish_latency.observe(started.elapsed());
+                    self.max_stored.set(self.max_stored.get().max(ack.sequence));
                     return Ok(ack.sequence);
                 }
                 Err(e) => e,

@@ -86,7 +86,21 @@ pub fn parse_urls(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
     urls.split(',')
         .map(|u| u.trim().parse::<async_nats::ServerAddr>())
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("--nats {urls}: not a list of nats://HOST:PORT"))
+        .with_context(|| format!("--nats {}: not a list of nats://HOST:PORT", redact(urls)))
+}
+
+/// `--nats` as it may be shown: a URL's user and password (or token) replaced by `***`.
+pub fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &u[..scheme + 3], &u[at..])
+            }
+            (None, Some(at)) => format!("***{}", &u[at..]),
+            _ => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A client of the cluster's NATS servers that keeps reconnecting on its own (forever,
@@ -103,7 +117,7 @@ pub async fn connect(urls: &str, name: &str) -> anyhow::Result<async_nats::Clien
         .event_callback(|e| async move { tracing::info!("NATS: {e}") })
         .connect(addrs)
         .await
-        .with_context(|| format!("connecting to {urls}"))
+        .with_context(|| format!("connecting to {}", redact(urls)))
 }
 
 /// A JetStream context whose requests and acks give up after `timeout` (then retried by
@@ -132,15 +146,32 @@ where
             .connection_timeout(Duration::from_secs(5))
             .connect(addrs)
             .await
-            .with_context(|| format!("connecting to {urls}"))?;
+            .with_context(|| format!("connecting to {}", redact(urls)))?;
         let result = tokio::time::timeout(Duration::from_secs(10), f(jetstream(client.clone())))
             .await
             .unwrap_or_else(|_| {
                 Err(anyhow::anyhow!(
-                    "{urls}: JetStream did not answer within 10 s"
+                    "{}: JetStream did not answer within 10 s",
+                    redact(urls)
                 ))
             });
         let _ = client.flush().await;
         result
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_in_urls_are_never_shown() {
+        assert_eq!(
+            super::redact("nats://ops:s3cret@10.0.0.1:4222,tls://tok@h:4222,nats://h:1"),
+            "nats://***@10.0.0.1:4222,tls://***@h:4222,nats://h:1"
+        );
+        let err = format!(
+            "{:#}",
+            super::parse_urls("nats://a:s3cret@bad host").unwrap_err()
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+    }
 }

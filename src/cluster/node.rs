@@ -27,7 +27,7 @@ use async_nats::jetstream::Context as JetStream;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::batch::{event_seq, events, split_seq};
+use super::batch::{event_seq, events, split_seq, MAX_EVENTS};
 use super::StreamArgs;
 use crate::auth::LiveCredentials;
 use crate::event::{now_rfc3339_millis, Validator};
@@ -162,8 +162,10 @@ impl HighWater {
         })
     }
 
-    fn save_if_due(&mut self, force: bool) {
-        if self.seq == self.saved || (!force && self.saved_at.elapsed() < Duration::from_secs(1)) {
+    /// Writes the mark if it moved and the last write is a second old: on disk it lags
+    /// at most a second (in memory, where a running node takes it from, it never lags).
+    fn save_if_due(&mut self) {
+        if self.seq == self.saved || self.saved_at.elapsed() < Duration::from_secs(1) {
             return;
         }
         match crate::auth::write_private_atomic(&self.path, format!("{}\n", self.seq).as_bytes()) {
@@ -286,7 +288,7 @@ impl Consumer {
                     None => anyhow::bail!("the consumer ended"),
                 },
                 _ = check.tick() => {
-                    self.hwm.save_if_due(false);
+                    self.hwm.save_if_due();
                     match js.get_stream(&self.args.name).await {
                         Ok(mut s) => match s.info().await {
                             Ok(i) if i.created.to_string() != created => return Ok(()), // recreated
@@ -315,18 +317,15 @@ impl Consumer {
     /// Frames the events of stream message `msg` into the ring.
     fn take(&mut self, msg: u64, payload: &[u8]) {
         let ring = self.producer.ring().clone();
-        for (i, (stamp, text)) in events(payload).enumerate() {
-            let seq = event_seq(msg, i.min(super::batch::MAX_EVENTS - 1));
-            let valid = match self.validator.validate(text) {
-                Ok(v) if i < super::batch::MAX_EVENTS => v,
-                Ok(_) | Err(_) => {
-                    tracing::warn!(
-                        message = msg,
-                        index = i,
-                        "skipping a malformed event in the stream"
-                    );
-                    continue;
-                }
+        for (i, (stamp, text)) in events(payload).take(MAX_EVENTS).enumerate() {
+            let seq = event_seq(msg, i);
+            let Ok(valid) = self.validator.validate(text) else {
+                tracing::warn!(
+                    message = msg,
+                    index = i,
+                    "skipping a malformed event in the stream"
+                );
+                continue;
             };
             let now = valid.needs_stamp.then(now_rfc3339_millis);
             let stamp = if valid.needs_stamp {
@@ -428,8 +427,8 @@ async fn fetch(js: &JetStream, args: &StreamArgs, req: &HistoryRequest) -> anyho
     let first = state.first_sequence.max(1);
     let mut out = Fetched::default();
     // The message holding `after` is gone: what followed it in that message, and the
-    // messages after it, may be gone too.
-    if first > after_msg.max(1) && state.messages > 0 {
+    // messages after it, may be gone too (or the stream was recreated since).
+    if first > after_msg.max(1) {
         out.gap_oldest = Some(event_seq(first, 0));
     }
     let (mut validator, mut arena, mut bytes) = (Validator::new(), FrameArena::new(), 0);
@@ -457,8 +456,8 @@ async fn fetch(js: &JetStream, args: &StreamArgs, req: &HistoryRequest) -> anyho
             Err(e) => return Err(e).context("reading a stored message"),
         };
         m = msg.sequence;
-        for (i, (stamp, text)) in events(&msg.payload).enumerate() {
-            let seq = event_seq(m, i.min(super::batch::MAX_EVENTS - 1));
+        for (i, (stamp, text)) in events(&msg.payload).take(MAX_EVENTS).enumerate() {
+            let seq = event_seq(m, i);
             if seq <= req.after {
                 continue;
             }
