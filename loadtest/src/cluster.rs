@@ -47,6 +47,21 @@ pub struct ClusterArgs {
     /// Reactors per node (the nodes share this machine's cores).
     #[arg(long, default_value_t = 1)]
     pub reactors: usize,
+    /// Attach to running nodes instead of spawning: the WebSocket addresses of the nodes
+    /// whose subscribers count events (comma-separated)…
+    #[arg(long, value_delimiter = ',')]
+    pub attach_ws: Vec<SocketAddr>,
+    /// …the ingest address publishers send to…
+    #[arg(long)]
+    pub attach_ingest: Option<SocketAddr>,
+    /// …a user token valid on them…
+    #[arg(long, env = "KRUX_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// …and, for CPU figures, the nodes' PIDs and nats-server's.
+    #[arg(long, value_delimiter = ',')]
+    pub pids: Vec<u32>,
+    #[arg(long)]
+    pub nats_pid: Option<u32>,
     #[arg(long, default_value = "loadtest-report")]
     pub out: PathBuf,
 }
@@ -263,41 +278,87 @@ fn wait_for(counts: &[Arc<AtomicU64>], n: u64) {
     }
 }
 
-fn measure(
-    args: &ClusterArgs,
-    relay: &Path,
-    nodes: Option<usize>,
-) -> anyhow::Result<ClusterReport> {
+/// The servers under test: where to publish, where to subscribe, whose CPU to count.
+struct Setup {
+    label: String,
+    ingest: SocketAddr,
+    receivers: Vec<SocketAddr>,
+    token: String,
+    node_pids: Vec<u32>,
+    nats_pid: Option<u32>,
+    /// Spawned processes (killed on drop) and their directory.
+    _procs: Vec<Proc>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Spawns standalone (`nodes` = None) or a nats-server and `nodes` nodes. Subscribers go
+/// on every node but node 0, which takes the publishers (on node 0 when it is alone).
+fn spawn(args: &ClusterArgs, relay: &Path, nodes: Option<usize>) -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
     let nats = match nodes {
         Some(_) => Some(start_nats(&args.nats_server, &dir.path().join("nats"))?),
         None => None,
     };
-    let url = nats.as_ref().map(|(_, u)| u.as_str());
+    let url = nats.as_ref().map(|(_, u)| u.clone());
     let n = nodes.unwrap_or(1);
     let running = (0..n)
         .map(|i| {
-            start_node(
-                relay,
-                &dir.path().join(format!("node{i}")),
-                url,
-                args.reactors,
-            )
+            let d = dir.path().join(format!("node{i}"));
+            start_node(relay, &d, url.as_deref(), args.reactors)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let token = token(relay, &dir.path().join("node0"), url)?;
-    let receivers: Vec<&Node> = if n == 1 {
-        vec![&running[0]]
-    } else {
-        running[1..].iter().collect()
-    };
+    let token = token(relay, &dir.path().join("node0"), url.as_deref())?;
+    let receivers = running
+        .iter()
+        .skip(usize::from(n > 1))
+        .map(|n| n.ws)
+        .collect();
+    let nats_pid = nats.as_ref().map(|(p, _)| p.0.id());
+    let mut procs: Vec<Proc> = nats.into_iter().map(|(p, _)| p).collect();
+    let node_pids = running.iter().map(|n| n.proc.0.id()).collect();
+    let ingest = running[0].ingest;
+    procs.extend(running.into_iter().map(|n| n.proc));
+    Ok(Setup {
+        label: nodes.map_or("standalone".into(), |n| {
+            format!("{n} node(s) + nats-server")
+        }),
+        ingest,
+        receivers,
+        token,
+        node_pids,
+        nats_pid,
+        _procs: procs,
+        _dir: Some(dir),
+    })
+}
+
+/// Running nodes given by address (`--attach-ws`, `--attach-ingest`, `--token`).
+fn attached(args: &ClusterArgs) -> anyhow::Result<Setup> {
+    Ok(Setup {
+        label: format!("attached ({} receiving node(s))", args.attach_ws.len()),
+        ingest: args
+            .attach_ingest
+            .context("--attach-ingest: the node to publish to")?,
+        receivers: args.attach_ws.clone(),
+        token: args
+            .token
+            .clone()
+            .context("--token (or KRUX_TOKEN) for attached nodes")?,
+        node_pids: args.pids.clone(),
+        nats_pid: args.nats_pid,
+        _procs: Vec::new(),
+        _dir: None,
+    })
+}
+
+fn drive(args: &ClusterArgs, setup: Setup) -> anyhow::Result<ClusterReport> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut counts = Vec::new();
     let mut threads = Vec::new();
-    for node in &receivers {
+    for &ws in &setup.receivers {
         for _ in 0..args.subscribers {
             let c = Arc::new(AtomicU64::new(0));
-            threads.push(subscriber(node.ws, &token, c.clone(), stop.clone())?);
+            threads.push(subscriber(ws, &setup.token, c.clone(), stop.clone())?);
             counts.push(c);
         }
     }
@@ -305,20 +366,20 @@ fn measure(
     std::thread::sleep(Duration::from_millis(500));
     let block = Arc::new(block("capability", args.line_size)?);
     if args.warmup > 0 {
-        let (warm, _) = publish(running[0].ingest, &block, args.warmup)?;
+        let (warm, _) = publish(setup.ingest, &block, args.warmup)?;
         wait_for(&counts, warm);
         for c in &counts {
             c.store(0, Relaxed);
         }
     }
-    let cpu = |p: &Proc| proc_sample(Some(p.0.id())).unwrap_or_default().cpu_s;
-    let before: Vec<f64> = running.iter().map(|n| cpu(&n.proc)).collect();
-    let nats_before = nats.as_ref().map_or(0.0, |(p, _)| cpu(p));
+    let cpu = |pid: u32| proc_sample(Some(pid)).unwrap_or_default().cpu_s;
+    let before: Vec<f64> = setup.node_pids.iter().map(|&p| cpu(p)).collect();
+    let nats_before = setup.nats_pid.map_or(0.0, cpu);
     let started = Instant::now();
     let per = args.events / args.publishers.max(1);
     let handles: Vec<_> = (0..args.publishers.max(1))
         .map(|i| {
-            let (block, addr) = (block.clone(), running[0].ingest);
+            let (block, addr) = (block.clone(), setup.ingest);
             let n = if i == 0 {
                 args.events - per * (args.publishers.max(1) - 1)
             } else {
@@ -334,23 +395,21 @@ fn measure(
     let seconds = started.elapsed().as_secs_f64();
     wait_for(&counts, accepted);
     let delivered_seconds = started.elapsed().as_secs_f64();
-    let node_cpu_s: Vec<f64> = running
+    let node_cpu_s: Vec<f64> = setup
+        .node_pids
         .iter()
         .zip(&before)
-        .map(|(n, b)| cpu(&n.proc) - b)
+        .map(|(&p, b)| cpu(p) - b)
         .collect();
-    let nats_cpu_s = nats.as_ref().map_or(0.0, |(p, _)| cpu(p)) - nats_before;
+    let nats_cpu_s = setup.nats_pid.map_or(0.0, cpu) - nats_before;
     stop.store(true, Relaxed);
-    drop(running);
     for t in threads {
         let _ = t.join();
     }
     let total_cpu = node_cpu_s.iter().sum::<f64>() + nats_cpu_s;
     Ok(ClusterReport {
-        setup: nodes.map_or("standalone".into(), |n| {
-            format!("{n} node(s) + nats-server")
-        }),
-        nodes: n,
+        setup: setup.label.clone(),
+        nodes: setup.node_pids.len(),
         accepted,
         seconds,
         accepted_per_s: accepted as f64 / seconds,
@@ -372,9 +431,20 @@ pub fn run(args: &ClusterArgs) -> anyhow::Result<Vec<ClusterReport>> {
             .to_path_buf(),
     };
     let relay = bins.join("krux-relay");
+    let setups: Vec<Option<usize>> = if args.attach_ws.is_empty() {
+        std::iter::once(None)
+            .chain(args.nodes.iter().map(|&n| Some(n)))
+            .collect()
+    } else {
+        vec![None]
+    };
     let mut reports = Vec::new();
-    for nodes in std::iter::once(None).chain(args.nodes.iter().map(|&n| Some(n))) {
-        let r = measure(args, &relay, nodes)?;
+    for nodes in setups {
+        let setup = match args.attach_ws.is_empty() {
+            true => spawn(args, &relay, nodes)?,
+            false => attached(args)?,
+        };
+        let r = drive(args, setup)?;
         println!(
             "{}: {} accepted in {:.2} s: {:.0}/s; all {} subscribers had all by {:.2} s (min {}); CPU-s per node {:?}, nats-server {:.2}; {:.2} µs of server CPU per event",
             r.setup,
@@ -390,8 +460,9 @@ pub fn run(args: &ClusterArgs) -> anyhow::Result<Vec<ClusterReport>> {
         );
         reports.push(r);
     }
+    // Spawned runs start with standalone, the reference of the others.
     let standalone = reports[0].accepted_per_s;
-    for r in &reports[1..] {
+    for r in reports.iter().skip(1) {
         println!(
             "{}: {:.0}% of standalone accepted/s",
             r.setup,
