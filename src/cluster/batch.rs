@@ -101,8 +101,15 @@ impl BatchBuilder {
 
 /// The events of a message payload: `(stamp, event text)` in order.
 pub fn events(payload: &[u8]) -> impl Iterator<Item = (Option<&str>, &[u8])> {
-    payload
-        .split(|&b| b == b'\n')
+    let mut start = 0;
+    // Lines end at each `\n` (found with SIMD: a byte-by-byte split was a tenth of a
+    // consuming node's time).
+    memchr::memchr_iter(b'\n', payload)
+        .map(move |end| {
+            let line = &payload[start..end];
+            start = end + 1;
+            line
+        })
         .filter(|l| !l.is_empty())
         .map(|l| {
             if l.first() == Some(&b'{') {

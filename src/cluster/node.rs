@@ -317,6 +317,7 @@ impl Consumer {
     /// Frames the events of stream message `msg` into the ring.
     fn take(&mut self, msg: u64, payload: &[u8]) {
         let ring = self.producer.ring().clone();
+        let now = Instant::now(); // one clock read per message
         for (i, (stamp, text)) in events(payload).take(MAX_EVENTS).enumerate() {
             let seq = event_seq(msg, i);
             let Ok(valid) = self.validator.validate(text) else {
@@ -327,19 +328,14 @@ impl Consumer {
                 );
                 continue;
             };
-            let now = valid.needs_stamp.then(now_rfc3339_millis);
-            let stamp = if valid.needs_stamp {
-                stamp.or(now.as_deref())
-            } else {
-                None
-            };
+            let stamp = stamp_of(valid.needs_stamp, stamp);
             self.metrics.event_in(valid.keys.etype);
             self.producer.publish(Entry {
                 pos: ring.head(),
                 seq,
-                frame: self.arena.event_frame(text, stamp, seq),
+                frame: self.arena.event_frame(text, stamp.as_deref(), seq),
                 keys: valid.keys,
-                accepted_at: Instant::now(),
+                accepted_at: now,
             });
             self.hwm.seq = seq;
         }
@@ -349,6 +345,13 @@ impl Consumer {
             .replay_bytes
             .store(self.producer.retained_bytes() as i64, Relaxed);
     }
+}
+
+/// The stamp to frame an event with, when it needs one: the one the storing node gave it
+/// (so every node frames the same text), else (a message not written by a node) now.
+fn stamp_of(needs: bool, stored: Option<&str>) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
+    needs.then(|| stored.map_or_else(|| Cow::Owned(now_rfc3339_millis()), Cow::Borrowed))
 }
 
 /// The stream, created if missing (first sequence `first_message`).
@@ -469,13 +472,8 @@ async fn fetch(js: &JetStream, args: &StreamArgs, req: &HistoryRequest) -> anyho
             let Ok(valid) = validator.validate(text) else {
                 continue; // as the consumer does
             };
-            let now = valid.needs_stamp.then(now_rfc3339_millis);
-            let stamp = if valid.needs_stamp {
-                stamp.or(now.as_deref())
-            } else {
-                None
-            };
-            let frame = arena.event_frame(text, stamp, seq);
+            let stamp = stamp_of(valid.needs_stamp, stamp);
+            let frame = arena.event_frame(text, stamp.as_deref(), seq);
             bytes += frame.len();
             out.entries.push(Arc::new(Entry {
                 pos: 0, // never in a ring
