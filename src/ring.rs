@@ -68,8 +68,6 @@ pub struct FrameRing {
     /// Every event with a `seq` from this one on that reached the ring is still in it
     /// (the seq after the newest entry lapped or evicted, or where the ring started).
     complete_from: AtomicU64,
-    /// The `seq` of the newest entry (0 before the first).
-    last_seq: AtomicU64,
     readers: Vec<Arc<ReaderWake>>,
 }
 
@@ -128,7 +126,6 @@ impl FrameRing {
             quiet_from: AtomicU64::new(first_pos),
             evicted_below: AtomicU64::new(first_pos),
             complete_from: AtomicU64::new(first_pos),
-            last_seq: AtomicU64::new(0),
             readers: (0..readers).map(|_| Arc::default()).collect(),
         });
         let cursors = ring
@@ -158,19 +155,14 @@ impl FrameRing {
         self.head.load(SeqCst)
     }
 
-    /// The `seq` of the newest entry, if any.
-    pub fn last_seq(&self) -> Option<u64> {
-        Some(self.last_seq.load(SeqCst)).filter(|&s| s > 0)
-    }
-
     /// Every event with a `seq` from this one on that reached the ring is still in it.
     pub fn complete_from(&self) -> u64 {
         self.complete_from.load(SeqCst)
     }
 
-    /// Declares that the ring starts complete at `seq`: nothing before it is owed to a
-    /// resume from here (a cluster node's starting point in the stream). Before the first
-    /// publish only.
+    /// Declares that the ring is complete from `seq` on only: resumes from before it are
+    /// not served from here (a cluster node's starting point in the stream, and the first
+    /// seq of a recreated stream).
     pub fn set_complete_from(&self, seq: u64) {
         self.complete_from.store(seq, SeqCst);
     }
@@ -244,9 +236,8 @@ impl Producer {
     /// earlier one. Readers are not woken here: call `wake_parked` once per batch.
     pub fn publish(&mut self, entry: Entry) {
         let ring = &*self.ring;
-        let (pos, seq) = (entry.pos, entry.seq);
+        let pos = entry.pos;
         assert_eq!(pos, ring.head(), "entries are published in position order");
-        debug_assert!(seq > ring.last_seq.load(SeqCst), "seqs increase");
         self.bytes += entry.retained_bytes();
         let slot = &ring.slots[(pos % ring.capacity()) as usize];
         if let Some(old) = slot.swap(Some(Arc::new(entry))) {
@@ -257,7 +248,6 @@ impl Producer {
             }
             ring.complete_from.fetch_max(old.seq + 1, SeqCst);
         }
-        ring.last_seq.store(seq, SeqCst);
         ring.head.store(pos + 1, SeqCst);
         if self.bytes > self.max_bytes {
             self.evict_to_bound(pos);
@@ -421,7 +411,6 @@ mod tests {
         for (pos, seq) in [(1, 4096), (2, 4097), (3, 8192), (4, 12288)] {
             p.publish(sparse(pos, seq));
         }
-        assert_eq!(ring.last_seq(), Some(12288));
         assert_eq!(ring.find_after(4095), Some(1));
         assert_eq!(ring.find_after(4097), Some(3));
         assert_eq!(ring.find_after(5000), Some(3), "a seq in a hole");
