@@ -37,6 +37,8 @@ pub struct Storer {
     next_id: Cell<u64>,
     /// The highest stream sequence JetStream acknowledged to this node.
     max_stored: Cell<u64>,
+    /// When a retry was last logged (one line a second, however many batches wait).
+    warned_at: Cell<Option<Instant>>,
     client: async_nats::Client,
     metrics: Arc<Metrics>,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -57,6 +59,7 @@ impl Storer {
             node: id.iter().map(|b| format!("{b:02x}")).collect(),
             next_id: Cell::new(0),
             max_stored: Cell::new(0),
+            warned_at: Cell::new(None),
             client,
             metrics,
             shutdown,
@@ -122,7 +125,17 @@ impl Storer {
                 ));
             }
             m.publish_retries.fetch_add(1, Relaxed);
-            tracing::warn!("JetStream did not acknowledge a batch ({err}); publishing it again");
+            if self
+                .warned_at
+                .get()
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                self.warned_at.set(Some(Instant::now()));
+                tracing::warn!(
+                    in_flight = m.acks_in_flight.load(Relaxed),
+                    "JetStream did not acknowledge a batch ({err}); publishing again (same message id) until it does"
+                );
+            }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(1));
         }
