@@ -41,6 +41,18 @@ pub struct Metrics {
     pub cluster: Option<ClusterMetrics>,
 }
 
+/// One series of one sample: name, type, help text, value.
+type Scalar = (&'static str, &'static str, &'static str, i64);
+
+fn write_scalars(out: &mut String, series: &[Scalar]) {
+    for (name, kind, help, v) in series {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    }
+}
+
 /// A latency histogram: per-bucket counts (not cumulative; the last is +Inf) and the sum.
 #[derive(Default)]
 pub struct Histogram {
@@ -110,6 +122,11 @@ impl Metrics {
         }
     }
 
+    /// The cluster path's metrics; only a cluster node (`--nats`) has them.
+    pub fn cluster(&self) -> &ClusterMetrics {
+        self.cluster.as_ref().expect("a cluster node")
+    }
+
     pub fn event_in(&self, t: EventType) {
         self.events_in[t.index()].fetch_add(1, Relaxed);
     }
@@ -151,7 +168,7 @@ impl Metrics {
                 self.events_in[t.index()].load(Relaxed)
             );
         }
-        let scalars: [(&str, &str, &str, i64); 7] = [
+        let scalars: [Scalar; 7] = [
             (
                 "krux_events_rejected_total",
                 "counter",
@@ -195,12 +212,7 @@ impl Metrics {
                 self.closes[CLOSE_CODES.len() - 1].load(Relaxed) as i64,
             ),
         ];
-        for (name, kind, help, v) in scalars {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        }
+        write_scalars(&mut out, &scalars);
         let per_reactor = [
             (
                 "krux_reactor_subscribers",
@@ -246,50 +258,45 @@ impl Metrics {
 
 impl ClusterMetrics {
     fn render(&self, out: &mut String) {
-        let series: [(&str, &str, &str, u64); 6] = [
+        let series: [Scalar; 6] = [
             (
                 "krux_cluster_ready",
                 "gauge",
                 "1 while the node reaches JetStream and consumes the stream.",
-                u64::from(self.ready.load(Relaxed)),
+                i64::from(self.ready.load(Relaxed)),
             ),
             (
                 "krux_cluster_acks_in_flight",
                 "gauge",
                 "Batches published to JetStream and not yet acknowledged.",
-                self.acks_in_flight.load(Relaxed).max(0) as u64,
+                self.acks_in_flight.load(Relaxed).max(0),
             ),
             (
                 "krux_cluster_publish_retries_total",
                 "counter",
                 "Publishes of a batch repeated (same message id) after JetStream did not acknowledge.",
-                self.publish_retries.load(Relaxed),
+                self.publish_retries.load(Relaxed) as i64,
             ),
             (
                 "krux_cluster_consumer_stream_seq",
                 "gauge",
                 "Stream sequence of the last message this node consumed.",
-                self.consumer_stream_seq.load(Relaxed),
+                self.consumer_stream_seq.load(Relaxed) as i64,
             ),
             (
                 "krux_cluster_consumer_lag_messages",
                 "gauge",
                 "Messages in the stream beyond this node's consumer.",
-                self.consumer_lag.load(Relaxed),
+                self.consumer_lag.load(Relaxed) as i64,
             ),
             (
                 "krux_cluster_history_fetches_total",
                 "counter",
                 "Resumes served from the stream because the node's window no longer reached them.",
-                self.history_fetches.load(Relaxed),
+                self.history_fetches.load(Relaxed) as i64,
             ),
         ];
-        for (name, kind, help, v) in series {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        }
+        write_scalars(out, &series);
         self.publish_latency.render(
             out,
             "krux_cluster_publish_seconds",

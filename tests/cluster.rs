@@ -70,12 +70,13 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// SIGKILL, then a new server on the same port and store.
+    /// SIGKILL (the store stays, for `restart`).
     fn kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
 
+    /// A new server on the same port and store.
     fn restart(&mut self) {
         self.child = Self::spawn(self.port, self.dir.path());
     }
@@ -146,15 +147,24 @@ fn cluster_token(nats: &Nats, name: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// Subscribes, retrying while the node has not yet seen the token (≤ 1 s by contract).
+/// Subscribes with the node's token, retrying while the node has not yet seen it.
 async fn subscribe_when_known(relay: &Relay, query: &str) -> Ws {
+    subscribe_retrying(relay, query, Some(&relay.token), Duration::from_millis(50)).await
+}
+
+/// Subscribes, retrying every `every` on 401 for 3 s: a credential set in the cluster
+/// reaches a node within 1 s by contract.
+async fn subscribe_retrying(
+    relay: &Relay,
+    query: &str,
+    bearer: Option<&str>,
+    every: Duration,
+) -> Ws {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        match relay.try_subscribe(query, Some(&relay.token)).await {
+        match relay.try_subscribe(query, bearer).await {
             Ok(ws) => return ws,
-            Err((401, _)) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
+            Err((401, _)) if Instant::now() < deadline => tokio::time::sleep(every).await,
             Err(e) => panic!("subscription refused: {e:?}"),
         }
     }
@@ -479,20 +489,8 @@ async fn a_passphrase_set_in_the_cluster_opens_every_node() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut operators = Vec::new();
     for n in [&a, &b] {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        let ws = loop {
-            match n
-                .try_subscribe("passphrase=correct%20horse%20battery", None)
-                .await
-            {
-                Ok(ws) => break ws,
-                Err((401, _)) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(e) => panic!("operator refused: {e:?}"),
-            }
-        };
-        operators.push(ws);
+        let query = "passphrase=correct%20horse%20battery";
+        operators.push(subscribe_retrying(n, query, None, Duration::from_millis(100)).await);
     }
     // A new passphrase ends the sessions opened with the old one, on every node.
     set("another passphrase entirely");

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::ingest::{block, publish};
-use crate::target::proc_sample;
+use crate::ingest::{block, publish, publish_split};
+use crate::target::{proc_sample, wait_ready_file};
 
 #[derive(Debug, Clone, Args)]
 pub struct ClusterArgs {
@@ -154,22 +154,7 @@ fn start_node(
         cmd.args(["--nats", url]);
     }
     let mut proc = Proc(cmd.stdout(Stdio::null()).spawn()?);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let info: serde_json::Value = loop {
-        if let Some(v) = std::fs::read_to_string(&ready)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-        {
-            break v;
-        }
-        if let Some(st) = proc.0.try_wait()? {
-            bail!("krux-relay exited before it was ready: {st}");
-        }
-        if Instant::now() > deadline {
-            bail!("krux-relay not ready within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let info = wait_ready_file(&mut proc.0, &ready, "krux-relay")?;
     let addr = |k: &str| -> anyhow::Result<SocketAddr> {
         Ok(info[k].as_str().context("an address")?.parse()?)
     };
@@ -376,22 +361,7 @@ fn drive(args: &ClusterArgs, setup: Setup) -> anyhow::Result<ClusterReport> {
     let before: Vec<f64> = setup.node_pids.iter().map(|&p| cpu(p)).collect();
     let nats_before = setup.nats_pid.map_or(0.0, cpu);
     let started = Instant::now();
-    let per = args.events / args.publishers.max(1);
-    let handles: Vec<_> = (0..args.publishers.max(1))
-        .map(|i| {
-            let (block, addr) = (block.clone(), setup.ingest);
-            let n = if i == 0 {
-                args.events - per * (args.publishers.max(1) - 1)
-            } else {
-                per
-            };
-            std::thread::spawn(move || publish(addr, &block, n))
-        })
-        .collect();
-    let mut accepted = 0;
-    for h in handles {
-        accepted += h.join().expect("a publisher does not panic")?.0;
-    }
+    let (accepted, _) = publish_split(setup.ingest, &block, args.events, args.publishers)?;
     let seconds = started.elapsed().as_secs_f64();
     wait_for(&counts, accepted);
     let delivered_seconds = started.elapsed().as_secs_f64();

@@ -116,17 +116,21 @@ pub fn publish(addr: std::net::SocketAddr, block: &[u8], n: u64) -> anyhow::Resu
     replies.join().expect("the reply reader does not panic")
 }
 
-fn measure(args: &IngestArgs, t: &Target, label: &str) -> anyhow::Result<IngestReport> {
-    let block = std::sync::Arc::new(block(&args.mix, args.line_size)?);
-    let before = proc_sample(t.pid).unwrap_or_default();
-    let client_before = proc_sample(None).unwrap_or_default();
-    let started = Instant::now();
-    let per = args.events / args.publishers.max(1);
-    let handles: Vec<_> = (0..args.publishers.max(1))
+/// Sends `events` lines split evenly over `publishers` connections at once (one thread
+/// each) and returns the summaries' (accepted, rejected) summed.
+pub fn publish_split(
+    addr: std::net::SocketAddr,
+    block: &std::sync::Arc<Vec<u8>>,
+    events: u64,
+    publishers: u64,
+) -> anyhow::Result<(u64, u64)> {
+    let publishers = publishers.max(1);
+    let per = events / publishers;
+    let handles: Vec<_> = (0..publishers)
         .map(|i| {
-            let (block, addr) = (block.clone(), t.ingest);
+            let block = block.clone();
             let n = if i == 0 {
-                args.events - per * (args.publishers.max(1) - 1)
+                events - per * (publishers - 1)
             } else {
                 per
             };
@@ -138,6 +142,15 @@ fn measure(args: &IngestArgs, t: &Target, label: &str) -> anyhow::Result<IngestR
         let (a, r) = h.join().expect("a publisher does not panic")?;
         (accepted, rejected) = (accepted + a, rejected + r);
     }
+    Ok((accepted, rejected))
+}
+
+fn measure(args: &IngestArgs, t: &Target, label: &str) -> anyhow::Result<IngestReport> {
+    let block = std::sync::Arc::new(block(&args.mix, args.line_size)?);
+    let before = proc_sample(t.pid).unwrap_or_default();
+    let client_before = proc_sample(None).unwrap_or_default();
+    let started = Instant::now();
+    let (accepted, rejected) = publish_split(t.ingest, &block, args.events, args.publishers)?;
     let seconds = started.elapsed().as_secs_f64();
     let after = proc_sample(t.pid).unwrap_or_default();
     let client_after = proc_sample(None).unwrap_or_default();

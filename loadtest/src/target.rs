@@ -181,21 +181,7 @@ impl Target {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let info: serde_json::Value = loop {
-            if let Ok(t) = std::fs::read_to_string(&ready) {
-                if let Ok(v) = serde_json::from_str(&t) {
-                    break v;
-                }
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!("{} exited before it was ready: {status}", kind.binary());
-            }
-            if Instant::now() > deadline {
-                bail!("{} not ready within 20 s", kind.binary());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let info = wait_ready_file(&mut child, &ready, kind.binary())?;
         let ca_pem = match (args.tls, kind) {
             (false, _) => None,
             (true, Kind::Relay) => Some(dir.path().join("tls-self-signed.pem")),
@@ -220,6 +206,31 @@ impl Target {
             child: Some(child),
             _dir: Some(dir),
         })
+    }
+}
+
+/// Waits (at most 20 s) for `child` to write its ready file and returns it; an error if
+/// the child exits first.
+pub fn wait_ready_file(
+    child: &mut Child,
+    ready: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = std::fs::read_to_string(ready)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+        {
+            return Ok(v);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{name} exited before it was ready: {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("{name} not ready within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -22,8 +22,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::batch::{event_seq, Batch, BatchBuilder, TooLarge};
 use crate::event::{now_rfc3339_millis, LineError};
-use crate::ingest::{rejection_line, Checker, Line, LineSplitter, Tally};
-use crate::metrics::{ClusterMetrics, Metrics};
+use crate::ingest::{Checker, Line, LineSplitter, Tally};
+use crate::metrics::Metrics;
 
 /// Batches one connection may have awaiting their acks before it stops reading.
 const MAX_PENDING: usize = 64;
@@ -76,14 +76,10 @@ impl Storer {
 
     /// Returns once this node's consumer has taken every message it stored.
     pub async fn consumed_all_stored(&self) {
-        let consumed = || self.cluster().consumer_stream_seq.load(Relaxed);
+        let consumed = || self.metrics.cluster().consumer_stream_seq.load(Relaxed);
         while consumed() < self.max_stored.get() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    }
-
-    fn cluster(&self) -> &ClusterMetrics {
-        self.metrics.cluster.as_ref().expect("a cluster node")
     }
 
     /// Publishes `payload` until JetStream acknowledges it; returns its stream sequence.
@@ -92,7 +88,7 @@ impl Storer {
         let n = self.next_id.get();
         self.next_id.set(n + 1);
         let id = format!("{}-{n}", self.node);
-        let m = self.cluster();
+        let m = self.metrics.cluster();
         m.acks_in_flight.fetch_add(1, Relaxed);
         let _in_flight = scopeguard(|| {
             m.acks_in_flight.fetch_sub(1, Relaxed);
@@ -172,9 +168,7 @@ struct Conn {
 
 impl Conn {
     fn reject(&mut self, line: u64, e: &LineError) {
-        self.tally.rejected += 1;
-        self.metrics.events_rejected.fetch_add(1, Relaxed);
-        self.replies.push_str(&rejection_line(line, e));
+        self.tally.reject(line, e, &mut self.replies, &self.metrics);
     }
 
     fn line(&mut self, checker: &mut Checker, no: u64, line: Line<'_>, closed: &mut Vec<Batch>) {

@@ -32,7 +32,7 @@ use super::StreamArgs;
 use crate::auth::LiveCredentials;
 use crate::event::{now_rfc3339_millis, Validator};
 use crate::frame::FrameArena;
-use crate::metrics::{ClusterMetrics, Metrics};
+use crate::metrics::Metrics;
 use crate::ring::{Entry, Producer};
 
 /// How long the consumer may take no message while the stream holds newer ones.
@@ -107,7 +107,7 @@ pub async fn run(node: Node) -> anyhow::Result<()> {
                 let connected =
                     client.connection_state() == async_nats::connection::State::Connected;
                 let ready = connected && consuming.load(SeqCst) && creds_loaded.load(SeqCst);
-                cluster(&metrics).ready.store(ready, SeqCst);
+                metrics.cluster().ready.store(ready, SeqCst);
                 if ready != was {
                     tracing::info!(ready, "cluster readiness changed");
                     was = ready;
@@ -117,8 +117,7 @@ pub async fn run(node: Node) -> anyhow::Result<()> {
         });
     }
     let mut consumer = Consumer {
-        validator: Validator::new(),
-        arena: FrameArena::new(),
+        framer: Framer::default(),
         producer: node.producer,
         metrics: node.metrics,
         hwm: HighWater::load(&node.data_dir, &node.stream.name)?,
@@ -129,10 +128,6 @@ pub async fn run(node: Node) -> anyhow::Result<()> {
     };
     consumer.run(&js).await;
     Ok(())
-}
-
-fn cluster(m: &Metrics) -> &ClusterMetrics {
-    m.cluster.as_ref().expect("a cluster node")
 }
 
 /// The last `seq` this node delivered, persisted at most once a second.
@@ -181,8 +176,7 @@ impl HighWater {
 }
 
 struct Consumer {
-    validator: Validator,
-    arena: FrameArena,
+    framer: Framer,
     producer: Producer,
     metrics: Arc<Metrics>,
     hwm: HighWater,
@@ -280,7 +274,7 @@ impl Consumer {
                         }
                         self.take(seq, &m.payload);
                         progress = Instant::now();
-                        let c = cluster(&self.metrics);
+                        let c = self.metrics.cluster();
                         c.consumer_stream_seq.store(seq, Relaxed);
                         c.consumer_lag.store(pending, Relaxed);
                     }
@@ -320,7 +314,7 @@ impl Consumer {
         let now = Instant::now(); // one clock read per message
         for (i, (stamp, text)) in events(payload).take(MAX_EVENTS).enumerate() {
             let seq = event_seq(msg, i);
-            let Ok(valid) = self.validator.validate(text) else {
+            let Some(entry) = self.framer.entry(ring.head(), seq, stamp, text, now) else {
                 tracing::warn!(
                     message = msg,
                     index = i,
@@ -328,15 +322,8 @@ impl Consumer {
                 );
                 continue;
             };
-            let stamp = stamp_of(valid.needs_stamp, stamp);
-            self.metrics.event_in(valid.keys.etype);
-            self.producer.publish(Entry {
-                pos: ring.head(),
-                seq,
-                frame: self.arena.event_frame(text, stamp.as_deref(), seq),
-                keys: valid.keys,
-                accepted_at: now,
-            });
+            self.metrics.event_in(entry.keys.etype);
+            self.producer.publish(entry);
             self.hwm.seq = seq;
         }
         self.next_msg = Some(msg + 1);
@@ -347,11 +334,44 @@ impl Consumer {
     }
 }
 
-/// The stamp to frame an event with, when it needs one: the one the storing node gave it
-/// (so every node frames the same text), else (a message not written by a node) now.
-fn stamp_of(needs: bool, stored: Option<&str>) -> Option<std::borrow::Cow<'_, str>> {
-    use std::borrow::Cow;
-    needs.then(|| stored.map_or_else(|| Cow::Owned(now_rfc3339_millis()), Cow::Borrowed))
+/// Turns a stored event into a ring entry: validated again (for its filter keys, and so
+/// that nothing but valid events reaches subscribers), framed once.
+#[derive(Default)]
+struct Framer {
+    validator: Validator,
+    arena: FrameArena,
+}
+
+impl Framer {
+    /// `None` for a malformed event. An event without `timestamp` is framed with the stamp
+    /// the storing node gave it (so every node frames the same text), else (a message not
+    /// written by a node) with now.
+    fn entry(
+        &mut self,
+        pos: u64,
+        seq: u64,
+        stamp: Option<&str>,
+        text: &[u8],
+        at: Instant,
+    ) -> Option<Entry> {
+        let valid = self.validator.validate(text).ok()?;
+        let fresh;
+        let stamp = match (valid.needs_stamp, stamp) {
+            (false, _) => None,
+            (true, Some(s)) => Some(s),
+            (true, None) => {
+                fresh = now_rfc3339_millis();
+                Some(fresh.as_str())
+            }
+        };
+        Some(Entry {
+            pos,
+            seq,
+            frame: self.arena.event_frame(text, stamp, seq),
+            keys: valid.keys,
+            accepted_at: at,
+        })
+    }
 }
 
 /// The stream, created if missing (first sequence `first_message`).
@@ -434,7 +454,7 @@ async fn fetch(js: &JetStream, args: &StreamArgs, req: &HistoryRequest) -> anyho
     if first > after_msg.max(1) {
         out.gap_oldest = Some(event_seq(first, 0));
     }
-    let (mut validator, mut arena, mut bytes) = (Validator::new(), FrameArena::new(), 0);
+    let (mut framer, mut bytes, at) = (Framer::default(), 0, Instant::now());
     let mut m = after_msg.max(first);
     out.covered = req.after;
     'messages: loop {
@@ -469,19 +489,11 @@ async fn fetch(js: &JetStream, args: &StreamArgs, req: &HistoryRequest) -> anyho
                 out.covered = req.until - 1;
                 break 'messages;
             }
-            let Ok(valid) = validator.validate(text) else {
-                continue; // as the consumer does
-            };
-            let stamp = stamp_of(valid.needs_stamp, stamp);
-            let frame = arena.event_frame(text, stamp.as_deref(), seq);
-            bytes += frame.len();
-            out.entries.push(Arc::new(Entry {
-                pos: 0, // never in a ring
-                seq,
-                frame,
-                keys: valid.keys,
-                accepted_at: Instant::now(),
-            }));
+            // Never in a ring: no position. Skipped when malformed, as the consumer does.
+            if let Some(entry) = framer.entry(0, seq, stamp, text, at) {
+                bytes += entry.frame.len();
+                out.entries.push(Arc::new(entry));
+            }
         }
         m += 1;
     }

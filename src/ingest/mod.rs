@@ -129,6 +129,15 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Counts line `n` as rejected and queues its reply.
+    pub fn reject(&mut self, n: u64, err: &LineError, replies: &mut String, metrics: &Metrics) {
+        self.rejected += 1;
+        metrics
+            .events_rejected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        replies.push_str(&rejection_line(n, err));
+    }
+
     pub fn summary_line(&self) -> String {
         let last = self.last_seq.map_or("null".to_string(), |s| s.to_string());
         format!(
@@ -166,14 +175,7 @@ pub async fn serve_publisher<S: AsyncRead + AsyncWrite>(
                 tally.accepted += 1;
                 tally.last_seq = Some(seq);
             }
-            Err(e) => {
-                tally.rejected += 1;
-                pipeline
-                    .metrics
-                    .events_rejected
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                replies.push_str(&rejection_line(n, &e));
-            }
+            Err(e) => tally.reject(n, &e, replies, &pipeline.metrics),
         };
     let ended_by_peer = loop {
         let n = tokio::select! {
