@@ -146,7 +146,7 @@ pub async fn connect(
 }
 
 /// Incremental frame counting over a byte stream.
-struct FrameCounter {
+pub(crate) struct FrameCounter {
     head: [u8; 10],
     head_len: usize,
     /// Payload bytes left in the current frame.
@@ -156,7 +156,7 @@ struct FrameCounter {
     /// `SAMPLE_BYTES`); the buffer is reused, so sampling never allocates.
     sampled: bool,
     sample: Vec<u8>,
-    frames: u64,
+    pub(crate) frames: u64,
     sample_every: u64,
     /// Churn runs: read every frame's `seq` (from the payload's tail) to resume from it
     /// and to count duplicates.
@@ -168,14 +168,14 @@ struct FrameCounter {
 
 const SAMPLE_BYTES: usize = 1024;
 
-enum Seen<'a> {
+pub(crate) enum Seen<'a> {
     /// A text frame completed; its sampled payload prefix if it was sampled.
     Text(Option<&'a [u8]>),
     Close(u16),
 }
 
 impl FrameCounter {
-    fn new(sample_every: u64, track_seq: bool) -> Self {
+    pub(crate) fn new(sample_every: u64, track_seq: bool) -> Self {
         FrameCounter {
             head: [0; 10],
             head_len: 0,
@@ -210,7 +210,7 @@ impl FrameCounter {
         }
     }
 
-    fn feed(&mut self, mut data: &[u8], on: &mut impl FnMut(Seen)) {
+    pub(crate) fn feed(&mut self, mut data: &[u8], on: &mut impl FnMut(Seen)) {
         while !data.is_empty() {
             if self.remaining > 0 {
                 let k = (self.remaining as usize).min(data.len());
