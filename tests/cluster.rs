@@ -83,6 +83,11 @@ impl Nats {
 
     /// A JetStream API request over the plain NATS protocol (no client library needed).
     fn api(&self, subject: &str) -> Value {
+        self.request(&format!("$JS.API.{subject}"), b"")
+    }
+
+    /// Publishes `payload` to `subject` and returns the JSON reply (a stream's ack).
+    fn request(&self, subject: &str, payload: &[u8]) -> Value {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut r = std::io::BufReader::new(s.try_clone().unwrap());
@@ -90,9 +95,12 @@ impl Nats {
         r.read_line(&mut line).unwrap(); // INFO
         write!(
             s,
-            "CONNECT {{\"verbose\":false}}\r\nSUB _T.r 1\r\nPUB $JS.API.{subject} _T.r 0\r\n\r\n"
+            "CONNECT {{\"verbose\":false}}\r\nSUB _T.r 1\r\nPUB {subject} _T.r {}\r\n",
+            payload.len()
         )
         .unwrap();
+        s.write_all(payload).unwrap();
+        s.write_all(b"\r\n").unwrap();
         loop {
             line.clear();
             r.read_line(&mut line).unwrap();
@@ -252,6 +260,57 @@ async fn events_published_to_one_node_reach_the_others_as_identical_frames() {
     let more_b = take_events(&mut sub_b, 5).await;
     assert_eq!(more_b, take_events(&mut sub_c, 5).await);
     assert!(seqs(&more_b)[0] > last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_hold_on_every_node_and_messages_no_node_wrote_are_validated_in_full() {
+    let Some(nats) = Nats::start() else { return };
+    let token = cluster_token(&nats, "ops");
+    let a = node(&nats, Some(&token), &[]).await;
+    let b = node(&nats, Some(&token), &[]).await;
+    // B filters with the keys A computed when it validated each event.
+    let mut subs = Vec::new();
+    for (q, _) in SEED_FILTERS {
+        subs.push(subscribe_when_known(&b, q).await);
+    }
+    let mut all = subscribe_when_known(&b, "").await;
+    wait_subscribers(&b, SEED_FILTERS.len() + 1).await;
+    let replies = a.publish(SEED).await;
+    assert_eq!(summary(&replies)["accepted"], 11, "{replies:?}");
+    assert_seed_filters(subs).await;
+    assert_eq!(take_events(&mut all, 11).await.len(), 11);
+
+    // Written straight to the stream, not by a node: one event per line, each validated
+    // on the node; the bad lines are skipped and keep their places in the numbering.
+    let good = |agent: &str| {
+        format!(
+            r#"{{"type":"health_alert","agent":"{agent}","data":{{"component":"c","severity":"warning","message":"m","threshold":"t"}}}}"#
+        )
+    };
+    let foreign = format!(
+        "{}\nnot json\n{{\"type\":\"nope\"}}\n{}\n",
+        good("x1"),
+        good("x2")
+    );
+    let ack = nats.request("KRUX_EVENTS.events", foreign.as_bytes());
+    assert!(ack["seq"].as_u64().is_some(), "stored: {ack}");
+    // A damaged node-format message is skipped whole.
+    let ack = nats.request("KRUX_EVENTS.events", b"\x02\x00\x07");
+    assert!(ack["seq"].as_u64().is_some(), "stored: {ack}");
+    let replies = a.publish(&events(0, 1)).await;
+    assert_eq!(summary(&replies)["accepted"], 1);
+    let got = take_events(&mut all, 3).await;
+    assert_eq!(
+        got.iter().map(|e| e["agent"].clone()).collect::<Vec<_>>(),
+        ["x1", "x2", "agent-0"]
+    );
+    let s = seqs(&got);
+    assert_eq!(s[1] - s[0], 3, "event 3 of its message: {s:?}");
+    for e in &got[..2] {
+        let stamp = e["timestamp"].as_str().expect("stamped by the node");
+        assert!(stamp.ends_with('Z') && stamp.len() == 24, "{stamp}");
+    }
+    assert_silent(&mut all, Duration::from_millis(300)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,81 +6,16 @@ use std::time::Duration;
 
 use common::*;
 
-/// Subscribes with each query, publishes the seed, and returns `type:agent` of every
-/// event each subscription received (a stream counts as done after 600 ms of silence).
-async fn received(relay: &Relay, queries: &[&str]) -> Vec<Vec<String>> {
+#[tokio::test]
+async fn each_filter_and_their_combination() {
+    let relay = Relay::start().await;
     let mut subs = Vec::new();
-    for q in queries {
+    for (q, _) in SEED_FILTERS {
         subs.push(relay.subscribe(q).await);
     }
     let replies = relay.publish(SEED).await;
     assert_eq!(replies[0]["accepted"], 11);
-    let mut out = Vec::new();
-    for ws in &mut subs {
-        let mut got = Vec::new();
-        while let Ok(ev) = tokio::time::timeout(
-            Duration::from_millis(600),
-            next_event(ws, Duration::from_secs(5)),
-        )
-        .await
-        {
-            got.push(format!(
-                "{}:{}",
-                ev["type"].as_str().unwrap(),
-                ev["agent"].as_str().unwrap_or("null")
-            ));
-        }
-        out.push(got);
-    }
-    out
-}
-
-#[tokio::test]
-async fn each_filter_and_their_combination() {
-    let relay = Relay::start().await;
-    let queries = [
-        "agent=research-agent",
-        "type=approval_requested,health_alert",
-        "session=sess-a1b2c3d4",
-        "session=sess-e5f6g7h8",
-        "agent=deploy-agent&type=approval_requested",
-        "agent=research-agent,scraper-agent&type=session_started,rate_limit_hit,capability_invoked&session=sess-a1b2c3d4",
-        "agent=nobody",
-        "agent=research-agent&type=health_alert",
-    ];
-    let got = received(&relay, &queries).await;
-    let expect: [&[&str]; 8] = [
-        &[
-            "capability_invoked:research-agent",
-            "capability_result:research-agent",
-            "capability_error:research-agent",
-            "policy_violation:research-agent",
-            "session_started:research-agent",
-            "session_ended:research-agent",
-        ],
-        &["approval_requested:deploy-agent", "health_alert:null"],
-        // Envelope session_id, and data.session_id for session_started/ended.
-        &[
-            "capability_invoked:research-agent",
-            "capability_result:research-agent",
-            "capability_error:research-agent",
-            "policy_violation:research-agent",
-            "session_started:research-agent",
-            "session_ended:research-agent",
-        ],
-        &["approval_requested:deploy-agent"],
-        &["approval_requested:deploy-agent"],
-        &[
-            "capability_invoked:research-agent",
-            "session_started:research-agent",
-        ],
-        &[],
-        // An agent filter never matches health_alert (agent null).
-        &[],
-    ];
-    for ((q, got), want) in queries.iter().zip(&got).zip(expect) {
-        assert_eq!(got, want, "query {q}");
-    }
+    assert_seed_filters(subs).await;
 }
 
 #[tokio::test]

@@ -1,12 +1,31 @@
 //! What one JetStream message holds, and how its events get their `seq`. No I/O here.
 //!
-//! A message carries a batch of validated events, one per line, in the order they were
-//! read: `{…}` as the publisher sent it, or `STAMP {…}` when the publisher left out
-//! `timestamp` and the receiving node stamped it (so every node frames the same text).
-//! Event `i` of the message with stream sequence `m` gets `seq = m × 2^SEQ_BITS + i`:
-//! the same on every node, strictly increasing, with holes after each message.
+//! A node writes a batch of validated events in the order they were read, each with the
+//! filter keys it computed, so that the other nodes need not parse the event again:
+//!
+//! ```text
+//! payload := 0x02 record*
+//! record  := type:u8 flags:u8 [stamp] [agent] [session] [data_session] text
+//! field   := len:LEB128 bytes          (flags: 1 stamp, 2 agent, 4 session, 8 data_session)
+//! ```
+//!
+//! `stamp` is there when the publisher left out `timestamp` and the storing node stamped
+//! it (so every node frames the same text). A payload not starting with 0x02 (no JSON
+//! line starts with a control character) is a message not written by a node: one JSON
+//! event per line, which nodes validate in full. Event `i` of the message with stream
+//! sequence `m` gets `seq = m × 2^SEQ_BITS + i`: the same on every node, strictly
+//! increasing, with holes after each message.
 
 use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::event::{EventType, FilterKeys};
+
+/// The first byte of a payload a node wrote.
+const FORMAT: u8 = 0x02;
+const HAS_STAMP: u8 = 1;
+const HAS_AGENT: u8 = 2;
+const HAS_SESSION: u8 = 4;
+const HAS_DATA_SESSION: u8 = 8;
 
 /// Bits of `seq` that number an event within its message.
 pub const SEQ_BITS: u32 = 12;
@@ -57,16 +76,29 @@ impl BatchBuilder {
         }
     }
 
-    /// Adds event `text` (line `line`), stamped with `stamp` if given. Returns the batch it
-    /// closed to make room, if any.
+    /// Adds event `text` (line `line`) with its filter keys, stamped with `stamp` if
+    /// given. Returns the batch it closed to make room, if any.
     pub fn push(
         &mut self,
         line: u64,
         text: &[u8],
+        keys: &FilterKeys,
         stamp: Option<&str>,
     ) -> Result<Option<Batch>, TooLarge> {
-        let len = text.len() + stamp.map_or(0, |s| s.len() + 1) + 1;
-        if len > self.max_payload {
+        let fields = [
+            stamp,
+            keys.agent.as_deref(),
+            keys.session.as_deref(),
+            keys.data_session.as_deref(),
+        ];
+        let len = 2
+            + fields
+                .iter()
+                .flatten()
+                .map(|f| field_len(f.len()))
+                .sum::<usize>()
+            + field_len(text.len());
+        if len + 1 > self.max_payload {
             return Err(TooLarge {
                 len: text.len(),
                 max: self.max_payload,
@@ -77,12 +109,20 @@ impl BatchBuilder {
         } else {
             None
         };
-        if let Some(s) = stamp {
-            self.buf.put_slice(s.as_bytes());
-            self.buf.put_u8(b' ');
+        if self.buf.is_empty() {
+            self.buf.put_u8(FORMAT);
         }
-        self.buf.put_slice(text);
-        self.buf.put_u8(b'\n');
+        let flags = [HAS_STAMP, HAS_AGENT, HAS_SESSION, HAS_DATA_SESSION]
+            .iter()
+            .zip(&fields)
+            .filter(|(_, f)| f.is_some())
+            .fold(0, |acc, (bit, _)| acc | bit);
+        self.buf.put_u8(keys.etype as u8);
+        self.buf.put_u8(flags);
+        for f in fields.iter().flatten() {
+            put_field(&mut self.buf, f.as_bytes());
+        }
+        put_field(&mut self.buf, text);
         self.lines.push(line);
         Ok(closed)
     }
@@ -99,27 +139,153 @@ impl BatchBuilder {
     }
 }
 
-/// The events of a message payload: `(stamp, event text)` in order.
-pub fn events(payload: &[u8]) -> impl Iterator<Item = (Option<&str>, &[u8])> {
-    let mut start = 0;
-    // Lines end at each `\n` (found with SIMD: a byte-by-byte split was a tenth of a
-    // consuming node's time).
-    memchr::memchr_iter(b'\n', payload)
-        .map(move |end| {
-            let line = &payload[start..end];
-            start = end + 1;
-            line
-        })
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            if l.first() == Some(&b'{') {
-                return (None, l);
+fn field_len(len: usize) -> usize {
+    let bits = usize::BITS - (len | 1).leading_zeros();
+    bits.div_ceil(7) as usize + len
+}
+
+fn put_field(buf: &mut BytesMut, bytes: &[u8]) {
+    let mut n = bytes.len();
+    while n >= 0x80 {
+        buf.put_u8(n as u8 | 0x80);
+        n >>= 7;
+    }
+    buf.put_u8(n as u8);
+    buf.put_slice(bytes);
+}
+
+/// One event of a stored message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stored<'a> {
+    /// The stamp the storing node gave an event without `timestamp`.
+    pub stamp: Option<&'a str>,
+    pub text: &'a [u8],
+    /// The filter keys the storing node computed; `None` in a message not written by a
+    /// node (then the event must be validated).
+    pub keys: Option<StoredKeys<'a>>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct StoredKeys<'a> {
+    pub etype: EventType,
+    pub agent: Option<&'a str>,
+    pub session: Option<&'a str>,
+    pub data_session: Option<&'a str>,
+}
+
+impl StoredKeys<'_> {
+    pub fn to_keys(&self) -> FilterKeys {
+        FilterKeys {
+            etype: self.etype,
+            agent: self.agent.map(Into::into),
+            session: self.session.map(Into::into),
+            data_session: self.data_session.map(Into::into),
+        }
+    }
+}
+
+/// A record that cannot be read: the rest of its message is lost to this node.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Malformed;
+
+/// The events of a message payload, in order. A malformed record ends the iteration
+/// with `Err` (lengths are all there is to find the next one).
+pub fn events(payload: &[u8]) -> impl Iterator<Item = Result<Stored<'_>, Malformed>> {
+    enum Events<'a> {
+        Records(&'a [u8]),
+        Lines(memchr::Memchr<'a>, &'a [u8], usize),
+        Done,
+    }
+    impl<'a> Iterator for Events<'a> {
+        type Item = Result<Stored<'a>, Malformed>;
+        fn next(&mut self) -> Option<Self::Item> {
+            match self {
+                Events::Records(rest) if rest.is_empty() => None,
+                Events::Records(rest) => {
+                    let got = record(rest);
+                    if got.is_err() {
+                        *self = Events::Done;
+                    }
+                    Some(got)
+                }
+                // Lines end at each `\n` (found with SIMD: a byte-by-byte split was a
+                // tenth of a consuming node's time).
+                Events::Lines(ends, payload, start) => loop {
+                    let end = ends.next()?;
+                    let line = &payload[*start..end];
+                    *start = end + 1;
+                    if !line.is_empty() {
+                        return Some(Ok(Stored {
+                            stamp: None,
+                            text: line,
+                            keys: None,
+                        }));
+                    }
+                },
+                Events::Done => None,
             }
-            match l.iter().position(|&b| b == b' ') {
-                Some(i) => (std::str::from_utf8(&l[..i]).ok(), &l[i + 1..]),
-                None => (None, l), // not ours: validation refuses it
-            }
-        })
+        }
+    }
+    match payload.split_first() {
+        Some((&FORMAT, records)) => Events::Records(records),
+        _ => Events::Lines(memchr::memchr_iter(b'\n', payload), payload, 0),
+    }
+}
+
+/// Reads the record at the start of `rest` and moves past it.
+fn record<'a>(rest: &mut &'a [u8]) -> Result<Stored<'a>, Malformed> {
+    let &[etype, flags, ref tail @ ..] = *rest else {
+        return Err(Malformed);
+    };
+    *rest = tail;
+    let etype = *EventType::ALL.get(usize::from(etype)).ok_or(Malformed)?;
+    let mut opt = |bit: u8| -> Result<Option<&'a str>, Malformed> {
+        if flags & bit == 0 {
+            return Ok(None);
+        }
+        std::str::from_utf8(field(rest)?)
+            .map(Some)
+            .map_err(|_| Malformed)
+    };
+    let stamp = opt(HAS_STAMP)?;
+    let keys = StoredKeys {
+        etype,
+        agent: opt(HAS_AGENT)?,
+        session: opt(HAS_SESSION)?,
+        data_session: opt(HAS_DATA_SESSION)?,
+    };
+    let text = field(rest)?;
+    // Framing relies on the text being an object (it writes `seq` before the last `}`).
+    if text.len() < 3 || text[0] != b'{' || text[text.len() - 1] != b'}' {
+        return Err(Malformed);
+    }
+    Ok(Stored {
+        stamp,
+        text,
+        keys: Some(keys),
+    })
+}
+
+fn field<'a>(rest: &mut &'a [u8]) -> Result<&'a [u8], Malformed> {
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let (&b, tail) = rest.split_first().ok_or(Malformed)?;
+        *rest = tail;
+        if shift > 28 {
+            return Err(Malformed);
+        }
+        len |= usize::from(b & 0x7F) << shift;
+        if b < 0x80 {
+            break;
+        }
+        shift += 7;
+    }
+    if len > rest.len() {
+        return Err(Malformed);
+    }
+    let (f, tail) = rest.split_at(len);
+    *rest = tail;
+    Ok(f)
 }
 
 #[cfg(test)]
@@ -135,33 +301,49 @@ mod tests {
         assert_eq!(split_seq(event_seq(77, 12)), (77, 12));
     }
 
+    fn keys(etype: EventType, agent: Option<&str>) -> FilterKeys {
+        FilterKeys {
+            etype,
+            agent: agent.map(Into::into),
+            session: Some("s-1".into()),
+            data_session: None,
+        }
+    }
+
     #[test]
-    fn batches_round_trip_and_respect_the_message_limit() {
+    fn batches_round_trip_with_their_keys_and_respect_the_message_limit() {
         let mut b = BatchBuilder::new(HEADER_ROOM + 1024);
         let ev = br#"{"type":"health_alert","agent":null,"data":{}}"#;
-        assert_eq!(b.push(1, ev, None), Ok(None));
-        assert_eq!(b.push(2, ev, Some("2026-12-02T12:00:00.000Z")), Ok(None));
+        let alert = keys(EventType::HealthAlert, None);
+        let long = "é".repeat(100); // a length that takes two LEB128 bytes
+        let mut invoked = keys(EventType::CapabilityInvoked, Some(&long));
+        invoked.data_session = Some("s-2".into());
+        assert_eq!(b.push(1, ev, &alert, None), Ok(None));
+        let stamp = "2026-12-02T12:00:00.000Z";
+        assert_eq!(b.push(2, ev, &invoked, Some(stamp)), Ok(None));
         let batch = b.take().unwrap();
         assert_eq!(batch.lines, [1, 2]);
-        let got: Vec<_> = events(&batch.payload).collect();
-        assert_eq!(
-            got,
-            [(None, &ev[..]), (Some("2026-12-02T12:00:00.000Z"), &ev[..])]
-        );
+        let got: Vec<_> = events(&batch.payload).map(Result::unwrap).collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].stamp, got[0].text), (None, &ev[..]));
+        assert_eq!(got[0].keys.as_ref().unwrap().to_keys(), alert);
+        assert_eq!((got[1].stamp, got[1].text), (Some(stamp), &ev[..]));
+        assert_eq!(got[1].keys.as_ref().unwrap().to_keys(), invoked);
         assert!(b.take().is_none());
         // Filling past the limit closes the batch before the event that does not fit.
         let mut closed = Vec::new();
         for line in 1..=30 {
-            if let Some(c) = b.push(line, ev, None).unwrap() {
+            if let Some(c) = b.push(line, ev, &alert, None).unwrap() {
                 assert!(c.payload.len() <= 1024);
                 closed.push(c);
             }
         }
         assert_eq!(closed.len(), 1);
-        assert_eq!(closed[0].lines.len(), 1024 / (ev.len() + 1));
+        let record = 2 + 1 + 3 + 1 + ev.len(); // type, flags, session, text
+        assert_eq!(closed[0].lines.len(), (1024 - 1) / record);
         let big = vec![b'x'; 2000];
         assert_eq!(
-            b.push(31, &big, None),
+            b.push(31, &big, &alert, None),
             Err(TooLarge {
                 len: 2000,
                 max: 1024
@@ -170,11 +352,52 @@ mod tests {
     }
 
     #[test]
+    fn every_type_survives_the_trip() {
+        let mut b = BatchBuilder::new(usize::MAX);
+        for t in EventType::ALL {
+            b.push(0, b"{\"a\":1}", &keys(t, Some("a")), None).unwrap();
+        }
+        let payload = b.take().unwrap().payload;
+        let types: Vec<_> = events(&payload)
+            .map(|e| e.unwrap().keys.unwrap().etype)
+            .collect();
+        assert_eq!(types, EventType::ALL);
+    }
+
+    #[test]
+    fn a_damaged_record_ends_its_message_and_foreign_lines_come_without_keys() {
+        let mut b = BatchBuilder::new(usize::MAX);
+        let k = keys(EventType::SessionEnded, Some("a"));
+        b.push(1, b"{\"a\":1}", &k, None).unwrap();
+        b.push(2, b"{\"a\":2}", &k, None).unwrap();
+        let payload = b.take().unwrap().payload;
+        let record = (payload.len() - 1) / 2;
+        for cut in 1..payload.len() {
+            // Every whole record is read; a cut one is an error, and nothing follows it.
+            let got: Vec<_> = events(&payload[..cut]).collect();
+            let whole = (cut - 1) / record;
+            assert_eq!(got.iter().filter(|e| e.is_ok()).count(), whole, "{cut}");
+            let cut_record = (cut - 1) % record != 0;
+            assert_eq!(got.len(), whole + usize::from(cut_record), "{cut}");
+        }
+        let mut bad = payload.to_vec();
+        bad[1] = 200; // no such type
+        assert_eq!(events(&bad).collect::<Vec<_>>(), [Err(Malformed)]);
+        let foreign = b"{\"a\":1}\n\n{\"b\":2}\n";
+        let got: Vec<_> = events(foreign).map(Result::unwrap).collect();
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|e| e.keys.is_none() && e.stamp.is_none()));
+        assert_eq!(got[1].text, br#"{"b":2}"#);
+    }
+
+    #[test]
     fn a_batch_holds_at_most_max_events() {
         let mut b = BatchBuilder::new(usize::MAX);
         let mut closed = None;
         for line in 0..=MAX_EVENTS as u64 {
-            closed = closed.or(b.push(line, b"{}", None).unwrap());
+            closed = closed.or(b
+                .push(line, b"{}", &keys(EventType::HealthAlert, None), None)
+                .unwrap());
         }
         assert_eq!(closed.unwrap().lines.len(), MAX_EVENTS);
         assert_eq!(b.take().unwrap().lines, [MAX_EVENTS as u64]);

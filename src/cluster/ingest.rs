@@ -177,7 +177,7 @@ impl Conn {
             Err(e) => return self.reject(no, &e),
         };
         let stamp = valid.needs_stamp.then(now_rfc3339_millis);
-        match self.builder.push(no, text, stamp.as_deref()) {
+        match self.builder.push(no, text, &valid.keys, stamp.as_deref()) {
             Ok(full) => closed.extend(full),
             Err(TooLarge { len, max }) => self.reject(no, &LineError::TooLong { len, max }),
         }

@@ -3,9 +3,9 @@
 //! the credentials watch, and readiness.
 //!
 //! The consumer is an ordered consumer over the whole stream (no filter: subscriber filters
-//! stay in the relay). Every event is validated again here — for its filter keys, and so
-//! nothing but valid events reaches subscribers whoever wrote to the stream — and framed
-//! once for this node.
+//! stay in the relay). An event a node stored carries the filter keys that node computed
+//! when it validated it, so it is framed here without being parsed again; an event in a
+//! message no node wrote is validated here in full. Each is framed once for this node.
 //!
 //! The stream's creation time is its epoch. Once a second the node looks at the stream: if
 //! it is gone, or was deleted and recreated (a new epoch), the consumer starts again. A
@@ -27,7 +27,7 @@ use async_nats::jetstream::Context as JetStream;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::batch::{event_seq, events, split_seq, MAX_EVENTS};
+use super::batch::{event_seq, events, split_seq, Stored, MAX_EVENTS};
 use super::StreamArgs;
 use crate::auth::LiveCredentials;
 use crate::event::{now_rfc3339_millis, Validator};
@@ -312,9 +312,12 @@ impl Consumer {
     fn take(&mut self, msg: u64, payload: &[u8]) {
         let ring = self.producer.ring().clone();
         let now = Instant::now(); // one clock read per message
-        for (i, (stamp, text)) in events(payload).take(MAX_EVENTS).enumerate() {
+        for (i, event) in events(payload).take(MAX_EVENTS).enumerate() {
             let seq = event_seq(msg, i);
-            let Some(entry) = self.framer.entry(ring.head(), seq, stamp, text, now) else {
+            let Some(entry) = event
+                .ok()
+                .and_then(|e| self.framer.entry(ring.head(), seq, &e, now))
+            else {
                 tracing::warn!(
                     message = msg,
                     index = i,
@@ -334,8 +337,9 @@ impl Consumer {
     }
 }
 
-/// Turns a stored event into a ring entry: validated again (for its filter keys, and so
-/// that nothing but valid events reaches subscribers), framed once.
+/// Turns a stored event into a ring entry, framed once. An event a node stored comes with
+/// the keys that node computed when it validated it; any other is validated here (for its
+/// keys, and so that nothing but valid events reaches subscribers).
 #[derive(Default)]
 struct Framer {
     validator: Validator,
@@ -346,29 +350,25 @@ impl Framer {
     /// `None` for a malformed event. An event without `timestamp` is framed with the stamp
     /// the storing node gave it (so every node frames the same text), else (a message not
     /// written by a node) with now.
-    fn entry(
-        &mut self,
-        pos: u64,
-        seq: u64,
-        stamp: Option<&str>,
-        text: &[u8],
-        at: Instant,
-    ) -> Option<Entry> {
-        let valid = self.validator.validate(text).ok()?;
+    fn entry(&mut self, pos: u64, seq: u64, event: &Stored<'_>, at: Instant) -> Option<Entry> {
         let fresh;
-        let stamp = match (valid.needs_stamp, stamp) {
-            (false, _) => None,
-            (true, Some(s)) => Some(s),
-            (true, None) => {
-                fresh = now_rfc3339_millis();
-                Some(fresh.as_str())
+        let (keys, stamp) = match &event.keys {
+            Some(k) => (k.to_keys(), event.stamp),
+            None => {
+                let valid = self.validator.validate(event.text).ok()?;
+                if !valid.needs_stamp {
+                    (valid.keys, None)
+                } else {
+                    fresh = now_rfc3339_millis();
+                    (valid.keys, Some(fresh.as_str()))
+                }
             }
         };
         Some(Entry {
             pos,
             seq,
-            frame: self.arena.event_frame(text, stamp, seq),
-            keys: valid.keys,
+            frame: self.arena.event_frame(event.text, stamp, seq),
+            keys,
             accepted_at: at,
         })
     }
@@ -479,7 +479,7 @@ async fn fetch(js: &JetStream, args: &StreamArgs, req: &HistoryRequest) -> anyho
             Err(e) => return Err(e).context("reading a stored message"),
         };
         m = msg.sequence;
-        for (i, (stamp, text)) in events(&msg.payload).take(MAX_EVENTS).enumerate() {
+        for (i, event) in events(&msg.payload).take(MAX_EVENTS).enumerate() {
             let seq = event_seq(m, i);
             if seq <= req.after {
                 continue;
@@ -490,7 +490,7 @@ async fn fetch(js: &JetStream, args: &StreamArgs, req: &HistoryRequest) -> anyho
                 break 'messages;
             }
             // Never in a ring: no position. Skipped when malformed, as the consumer does.
-            if let Some(entry) = framer.entry(0, seq, stamp, text, at) {
+            if let Some(entry) = event.ok().and_then(|e| framer.entry(0, seq, &e, at)) {
                 bytes += entry.frame.len();
                 out.entries.push(Arc::new(entry));
             }

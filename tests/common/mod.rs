@@ -18,6 +18,75 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub const SEED: &str = include_str!("../data/seed_events.ndjson");
 
+/// Filters over `SEED` and the `type:agent` of what each must deliver, in order.
+pub const SEED_FILTERS: [(&str, &[&str]); 8] = [
+    (
+        "agent=research-agent",
+        &[
+            "capability_invoked:research-agent",
+            "capability_result:research-agent",
+            "capability_error:research-agent",
+            "policy_violation:research-agent",
+            "session_started:research-agent",
+            "session_ended:research-agent",
+        ],
+    ),
+    (
+        "type=approval_requested,health_alert",
+        &["approval_requested:deploy-agent", "health_alert:null"],
+    ),
+    // Envelope session_id, and data.session_id for session_started/ended.
+    (
+        "session=sess-a1b2c3d4",
+        &[
+            "capability_invoked:research-agent",
+            "capability_result:research-agent",
+            "capability_error:research-agent",
+            "policy_violation:research-agent",
+            "session_started:research-agent",
+            "session_ended:research-agent",
+        ],
+    ),
+    ("session=sess-e5f6g7h8", &["approval_requested:deploy-agent"]),
+    (
+        "agent=deploy-agent&type=approval_requested",
+        &["approval_requested:deploy-agent"],
+    ),
+    (
+        "agent=research-agent,scraper-agent&type=session_started,rate_limit_hit,capability_invoked&session=sess-a1b2c3d4",
+        &[
+            "capability_invoked:research-agent",
+            "session_started:research-agent",
+        ],
+    ),
+    ("agent=nobody", &[]),
+    // An agent filter never matches health_alert (agent null).
+    ("agent=research-agent&type=health_alert", &[]),
+];
+
+/// Reads each of `subs` (subscribed with `SEED_FILTERS`' queries, in order, before `SEED`
+/// was published) until 600 ms of silence, and checks it got exactly what its filter
+/// must deliver.
+pub async fn assert_seed_filters(subs: Vec<Ws>) {
+    assert_eq!(subs.len(), SEED_FILTERS.len());
+    for (mut ws, (q, want)) in subs.into_iter().zip(SEED_FILTERS) {
+        let mut got = Vec::new();
+        while let Ok(ev) = tokio::time::timeout(
+            Duration::from_millis(600),
+            next_event(&mut ws, Duration::from_secs(5)),
+        )
+        .await
+        {
+            got.push(format!(
+                "{}:{}",
+                ev["type"].as_str().unwrap(),
+                ev["agent"].as_str().unwrap_or("null")
+            ));
+        }
+        assert_eq!(got, want, "query {q}");
+    }
+}
+
 /// The binary under test: this build's, or `KRUX_TEST_BIN` (to show that a test fails
 /// against an older build).
 pub fn bin() -> &'static str {
