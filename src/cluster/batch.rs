@@ -200,7 +200,7 @@ pub fn events(payload: &[u8]) -> impl Iterator<Item = Result<Stored<'_>, Malform
         type Item = Result<Stored<'a>, Malformed>;
         fn next(&mut self) -> Option<Self::Item> {
             match self {
-                Events::Records(rest) if rest.is_empty() => None,
+                Events::Records([]) => None,
                 Events::Records(rest) => {
                     let got = record(rest);
                     if got.is_err() {
