@@ -101,6 +101,8 @@ pub struct ClusterMetrics {
     pub consumer_lag: AtomicU64,
     /// Resumes served (in part) from the stream, beyond the node's window.
     pub history_fetches: AtomicU64,
+    /// Payload bytes of the stream messages the consumer took, as stored (compressed).
+    pub consumed_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -258,7 +260,7 @@ impl Metrics {
 
 impl ClusterMetrics {
     fn render(&self, out: &mut String) {
-        let series: [Scalar; 6] = [
+        let series: [Scalar; 7] = [
             (
                 "krux_cluster_ready",
                 "gauge",
@@ -294,6 +296,12 @@ impl ClusterMetrics {
                 "counter",
                 "Resumes served from the stream because the node's window no longer reached them.",
                 self.history_fetches.load(Relaxed) as i64,
+            ),
+            (
+                "krux_cluster_consumed_bytes_total",
+                "counter",
+                "Payload bytes of the stream messages this node consumed, as stored (batches are LZ4-compressed).",
+                self.consumed_bytes.load(Relaxed) as i64,
             ),
         ];
         write_scalars(out, &series);

@@ -38,6 +38,10 @@ pub struct ClusterArgs {
     /// Bytes per line (capability_invoked padded to this size).
     #[arg(long, default_value_t = 300)]
     pub line_size: usize,
+    /// Event mix: `capability` (capability_invoked only, padded: compresses ~20×) or
+    /// `fleet` (the synthetic fleet's mix of all 11 types, with varied ids and text).
+    #[arg(long, default_value = "capability")]
+    pub mix: String,
     /// Events published (and delivered) before measuring, so that every node's window is
     /// already faulted in (a long-running node's steady state). 0: measure from cold.
     #[arg(long, default_value_t = 0)]
@@ -83,6 +87,24 @@ pub struct ClusterReport {
     pub nats_cpu_s: f64,
     /// All servers' CPU (nodes and nats-server) per accepted event.
     pub server_cpu_us_per_event: f64,
+    /// The published lines' average size, and what the stream carried per event (its
+    /// messages' payloads, as a receiving node's `krux_cluster_consumed_bytes_total` counts
+    /// them; spawned clusters only).
+    pub line_bytes: f64,
+    pub stored_bytes_per_event: Option<f64>,
+}
+
+/// A node's `krux_cluster_consumed_bytes_total`, from its `/metrics`.
+fn consumed_bytes(admin: SocketAddr) -> Option<u64> {
+    let mut s = TcpStream::connect(admin).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("krux_cluster_consumed_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 struct Proc(Child);
@@ -98,6 +120,7 @@ struct Node {
     proc: Proc,
     ws: SocketAddr,
     ingest: SocketAddr,
+    admin: SocketAddr,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -162,6 +185,7 @@ fn start_node(
     Ok(Node {
         ws: addr("ws")?,
         ingest: addr("ingest")?,
+        admin: addr("admin")?,
         proc,
     })
 }
@@ -255,6 +279,8 @@ struct Setup {
     token: String,
     node_pids: Vec<u32>,
     nats_pid: Option<u32>,
+    /// The admin address of a receiving cluster node, for what the stream carried.
+    receiver_admin: Option<SocketAddr>,
     /// Spawned processes (killed on drop) and their directory.
     _procs: Vec<Proc>,
     _dir: Option<tempfile::TempDir>,
@@ -282,6 +308,7 @@ fn spawn(args: &ClusterArgs, relay: &Path, nodes: Option<usize>) -> anyhow::Resu
         .skip(usize::from(n > 1))
         .map(|n| n.ws)
         .collect();
+    let receiver_admin = nodes.and(running.last().map(|n| n.admin));
     let nats_pid = nats.as_ref().map(|(p, _)| p.0.id());
     let mut procs: Vec<Proc> = nats.into_iter().map(|(p, _)| p).collect();
     let node_pids = running.iter().map(|n| n.proc.0.id()).collect();
@@ -296,6 +323,7 @@ fn spawn(args: &ClusterArgs, relay: &Path, nodes: Option<usize>) -> anyhow::Resu
         token,
         node_pids,
         nats_pid,
+        receiver_admin,
         _procs: procs,
         _dir: Some(dir),
     })
@@ -315,6 +343,7 @@ fn attached(args: &ClusterArgs) -> anyhow::Result<Setup> {
             .context("--token (or KRUX_TOKEN) for attached nodes")?,
         node_pids: args.pids.clone(),
         nats_pid: args.nats_pid,
+        receiver_admin: None,
         _procs: Vec::new(),
         _dir: None,
     })
@@ -333,7 +362,7 @@ fn drive(args: &ClusterArgs, setup: Setup) -> anyhow::Result<ClusterReport> {
     }
     // Every node's consumer runs (and every subscriber is registered) before publishing.
     std::thread::sleep(Duration::from_millis(500));
-    let block = Arc::new(block("capability", args.line_size)?);
+    let block = Arc::new(block(&args.mix, args.line_size)?);
     if args.warmup > 0 {
         let (warm, _) = publish(setup.ingest, &block, args.warmup)?;
         wait_for(&counts, warm);
@@ -344,6 +373,8 @@ fn drive(args: &ClusterArgs, setup: Setup) -> anyhow::Result<ClusterReport> {
     let cpu = |pid: u32| proc_sample(Some(pid)).unwrap_or_default().cpu_s;
     let before: Vec<f64> = setup.node_pids.iter().map(|&p| cpu(p)).collect();
     let nats_before = setup.nats_pid.map_or(0.0, cpu);
+    let stream_bytes = || setup.receiver_admin.and_then(consumed_bytes);
+    let bytes_before = stream_bytes();
     let started = Instant::now();
     let (accepted, _) = publish_split(setup.ingest, &block, args.events, args.publishers)?;
     let seconds = started.elapsed().as_secs_f64();
@@ -356,6 +387,9 @@ fn drive(args: &ClusterArgs, setup: Setup) -> anyhow::Result<ClusterReport> {
         .map(|(&p, b)| cpu(p) - b)
         .collect();
     let nats_cpu_s = setup.nats_pid.map_or(0.0, cpu) - nats_before;
+    let stored_bytes_per_event = bytes_before
+        .zip(stream_bytes())
+        .map(|(b, a)| (a - b) as f64 / accepted.max(1) as f64);
     stop.store(true, Relaxed);
     for t in threads {
         let _ = t.join();
@@ -373,6 +407,8 @@ fn drive(args: &ClusterArgs, setup: Setup) -> anyhow::Result<ClusterReport> {
         node_cpu_s,
         nats_cpu_s,
         server_cpu_us_per_event: total_cpu * 1e6 / accepted.max(1) as f64,
+        line_bytes: block.len() as f64 / 4096.0 - 1.0,
+        stored_bytes_per_event,
     })
 }
 
@@ -412,6 +448,14 @@ pub fn run(args: &ClusterArgs) -> anyhow::Result<Vec<ClusterReport>> {
             r.nats_cpu_s,
             r.server_cpu_us_per_event
         );
+        if let Some(b) = r.stored_bytes_per_event {
+            println!(
+                "{}: the stream carried {b:.1} B per event (lines of {:.0} B: {:.1}x smaller)",
+                r.setup,
+                r.line_bytes,
+                r.line_bytes / b.max(0.001)
+            );
+        }
         reports.push(r);
     }
     // Spawned runs start with standalone, the reference of the others.

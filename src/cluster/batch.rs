@@ -10,7 +10,10 @@
 //! ```
 //!
 //! `stamp` is there when the publisher left out `timestamp` and the storing node stamped
-//! it (so every node frames the same text). A payload not starting with 0x02 (no JSON
+//! it (so every node frames the same text). A batch is stored LZ4-compressed when that is
+//! smaller, `0x03 len:u32le lz4(record*)`: JSON events compress 4–20×, and the stream's
+//! cost (nats-server's copies into its file and out to every node, the kernel's on each
+//! socket) is mostly per byte. A payload starting with neither 0x02 nor 0x03 (no JSON
 //! line starts with a control character) is a message not written by a node: one JSON
 //! event per line, which nodes validate in full. Event `i` of the message with stream
 //! sequence `m` gets `seq = m × 2^SEQ_BITS + i`: the same on every node, strictly
@@ -20,8 +23,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::event::{EventType, FilterKeys};
 
-/// The first byte of a payload a node wrote.
+/// The first byte of a payload a node wrote: records as they are, or compressed.
 const FORMAT: u8 = 0x02;
+const FORMAT_LZ4: u8 = 0x03;
+/// The most a compressed payload may say it holds (NATS' own `max_payload` limit is
+/// 64 MiB, and a batch is never larger than a message).
+const MAX_UNPACKED: usize = 64 << 20;
 const HAS_STAMP: u8 = 1;
 const HAS_AGENT: u8 = 2;
 const HAS_SESSION: u8 = 4;
@@ -129,6 +136,21 @@ impl BatchBuilder {
 
     /// The batch collected so far, if it has any event.
     pub fn take(&mut self) -> Option<Batch> {
+        let mut batch = self.take_uncompressed()?;
+        let records = &batch.payload[1..];
+        let mut packed = vec![0; 5 + lz4_flex::block::get_maximum_output_size(records.len())];
+        packed[0] = FORMAT_LZ4;
+        packed[1..5].copy_from_slice(&(records.len() as u32).to_le_bytes());
+        if let Ok(n) = lz4_flex::block::compress_into(records, &mut packed[5..]) {
+            if 5 + n < batch.payload.len() {
+                packed.truncate(5 + n);
+                batch.payload = packed.into();
+            }
+        }
+        Some(batch)
+    }
+
+    fn take_uncompressed(&mut self) -> Option<Batch> {
         if self.lines.is_empty() {
             return None;
         }
@@ -188,47 +210,75 @@ impl StoredKeys<'_> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Malformed;
 
-/// The events of a message payload, in order. A malformed record ends the iteration
-/// with `Err` (lengths are all there is to find the next one).
-pub fn events(payload: &[u8]) -> impl Iterator<Item = Result<Stored<'_>, Malformed>> {
-    enum Events<'a> {
-        Records(&'a [u8]),
-        Lines(memchr::Memchr<'a>, &'a [u8], usize),
-        Done,
-    }
-    impl<'a> Iterator for Events<'a> {
-        type Item = Result<Stored<'a>, Malformed>;
-        fn next(&mut self) -> Option<Self::Item> {
-            match self {
-                Events::Records([]) => None,
-                Events::Records(rest) => {
-                    let got = record(rest);
-                    if got.is_err() {
-                        *self = Events::Done;
-                    }
-                    Some(got)
-                }
-                // Lines end at each `\n` (found with SIMD: a byte-by-byte split was a
-                // tenth of a consuming node's time).
-                Events::Lines(ends, payload, start) => loop {
-                    let end = ends.next()?;
-                    let line = &payload[*start..end];
-                    *start = end + 1;
-                    if !line.is_empty() {
-                        return Some(Ok(Stored {
-                            stamp: None,
-                            text: line,
-                            keys: None,
-                        }));
-                    }
-                },
-                Events::Done => None,
-            }
-        }
-    }
+/// The events of a message payload, in order; `scratch` holds a compressed batch's
+/// records while they are read. A malformed record ends the iteration with `Err`
+/// (lengths are all there is to find the next one).
+pub fn events<'a>(
+    payload: &'a [u8],
+    scratch: &'a mut Vec<u8>,
+) -> impl Iterator<Item = Result<Stored<'a>, Malformed>> {
     match payload.split_first() {
         Some((&FORMAT, records)) => Events::Records(records),
+        Some((&FORMAT_LZ4, packed)) => match unpack(packed, scratch) {
+            Ok(records) => Events::Records(records),
+            Err(Malformed) => Events::Failed,
+        },
         _ => Events::Lines(memchr::memchr_iter(b'\n', payload), payload, 0),
+    }
+}
+
+fn unpack<'a>(packed: &[u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8], Malformed> {
+    let (len, compressed) = packed.split_first_chunk::<4>().ok_or(Malformed)?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if len > MAX_UNPACKED {
+        return Err(Malformed);
+    }
+    scratch.resize(len, 0);
+    match lz4_flex::block::decompress_into(compressed, scratch) {
+        Ok(n) if n == len => Ok(&scratch[..]),
+        _ => Err(Malformed),
+    }
+}
+
+enum Events<'a> {
+    Records(&'a [u8]),
+    Lines(memchr::Memchr<'a>, &'a [u8], usize),
+    Failed,
+    Done,
+}
+
+impl<'a> Iterator for Events<'a> {
+    type Item = Result<Stored<'a>, Malformed>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Events::Records([]) | Events::Done => None,
+            Events::Records(rest) => {
+                let got = record(rest);
+                if got.is_err() {
+                    *self = Events::Done;
+                }
+                Some(got)
+            }
+            Events::Failed => {
+                *self = Events::Done;
+                Some(Err(Malformed))
+            }
+            // Lines end at each `\n` (found with SIMD: a byte-by-byte split was a tenth
+            // of a consuming node's time).
+            Events::Lines(ends, payload, start) => loop {
+                let end = ends.next()?;
+                let line = &payload[*start..end];
+                *start = end + 1;
+                if !line.is_empty() {
+                    return Some(Ok(Stored {
+                        stamp: None,
+                        text: line,
+                        keys: None,
+                    }));
+                }
+            },
+        }
     }
 }
 
@@ -323,7 +373,10 @@ mod tests {
         assert_eq!(b.push(2, ev, &invoked, Some(stamp)), Ok(None));
         let batch = b.take().unwrap();
         assert_eq!(batch.lines, [1, 2]);
-        let got: Vec<_> = events(&batch.payload).map(Result::unwrap).collect();
+        let mut scratch = Vec::new();
+        let got: Vec<_> = events(&batch.payload, &mut scratch)
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(got.len(), 2);
         assert_eq!((got[0].stamp, got[0].text), (None, &ev[..]));
         assert_eq!(got[0].keys.as_ref().unwrap().to_keys(), alert);
@@ -358,7 +411,7 @@ mod tests {
             b.push(0, b"{\"a\":1}", &keys(t, Some("a")), None).unwrap();
         }
         let payload = b.take().unwrap().payload;
-        let types: Vec<_> = events(&payload)
+        let types: Vec<_> = events(&payload, &mut Vec::new())
             .map(|e| e.unwrap().keys.unwrap().etype)
             .collect();
         assert_eq!(types, EventType::ALL);
@@ -370,11 +423,12 @@ mod tests {
         let k = keys(EventType::SessionEnded, Some("a"));
         b.push(1, b"{\"a\":1}", &k, None).unwrap();
         b.push(2, b"{\"a\":2}", &k, None).unwrap();
-        let payload = b.take().unwrap().payload;
+        let payload = b.take_uncompressed().unwrap().payload;
         let record = (payload.len() - 1) / 2;
+        let mut scratch = Vec::new();
         for cut in 1..payload.len() {
             // Every whole record is read; a cut one is an error, and nothing follows it.
-            let got: Vec<_> = events(&payload[..cut]).collect();
+            let got: Vec<_> = events(&payload[..cut], &mut scratch).collect();
             let whole = (cut - 1) / record;
             assert_eq!(got.iter().filter(|e| e.is_ok()).count(), whole, "{cut}");
             let cut_record = (cut - 1) % record != 0;
@@ -382,12 +436,55 @@ mod tests {
         }
         let mut bad = payload.to_vec();
         bad[1] = 200; // no such type
-        assert_eq!(events(&bad).collect::<Vec<_>>(), [Err(Malformed)]);
+        assert_eq!(
+            events(&bad, &mut scratch).collect::<Vec<_>>(),
+            [Err(Malformed)]
+        );
         let foreign = b"{\"a\":1}\n\n{\"b\":2}\n";
-        let got: Vec<_> = events(foreign).map(Result::unwrap).collect();
+        let got: Vec<_> = events(foreign, &mut scratch).map(Result::unwrap).collect();
         assert_eq!(got.len(), 2);
         assert!(got.iter().all(|e| e.keys.is_none() && e.stamp.is_none()));
         assert_eq!(got[1].text, br#"{"b":2}"#);
+    }
+
+    #[test]
+    fn a_batch_is_stored_compressed_when_that_is_smaller() {
+        let mut b = BatchBuilder::new(1 << 20);
+        let k = keys(EventType::CapabilityInvoked, Some("agent-1"));
+        let texts: Vec<String> = (0..200)
+            .map(|i| format!(r#"{{"type":"capability_invoked","n":{i},"data":{{"path":"/workspace/data.csv"}}}}"#))
+            .collect();
+        for (i, t) in texts.iter().enumerate() {
+            b.push(i as u64, t.as_bytes(), &k, None).unwrap();
+        }
+        let batch = b.take().unwrap();
+        let raw: usize = texts.iter().map(|t| t.len()).sum();
+        assert_eq!(batch.payload[0], FORMAT_LZ4);
+        assert!(
+            batch.payload.len() * 4 < raw,
+            "{} of {raw}",
+            batch.payload.len()
+        );
+        let mut scratch = Vec::new();
+        let got: Vec<_> = events(&batch.payload, &mut scratch)
+            .map(|e| String::from_utf8(e.unwrap().text.to_vec()).unwrap())
+            .collect();
+        assert_eq!(got, texts);
+        // A cut or lying compressed payload is one error, never a panic or a huge buffer.
+        let cut = &batch.payload[..batch.payload.len() - 3];
+        assert_eq!(
+            events(cut, &mut scratch).collect::<Vec<_>>(),
+            [Err(Malformed)]
+        );
+        let mut lying = batch.payload.to_vec();
+        lying[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            events(&lying, &mut scratch).collect::<Vec<_>>(),
+            [Err(Malformed)]
+        );
+        // One small event does not compress: stored as it is.
+        b.push(0, b"{\"a\":1}", &k, None).unwrap();
+        assert_eq!(b.take().unwrap().payload[0], FORMAT);
     }
 
     #[test]

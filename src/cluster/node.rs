@@ -118,6 +118,7 @@ pub async fn run(node: Node) -> anyhow::Result<()> {
     }
     let mut consumer = Consumer {
         framer: Framer::default(),
+        scratch: Vec::new(),
         producer: node.producer,
         metrics: node.metrics,
         hwm: HighWater::load(&node.data_dir, &node.stream.name)?,
@@ -177,6 +178,8 @@ impl HighWater {
 
 struct Consumer {
     framer: Framer,
+    /// A compressed message's records while they are framed.
+    scratch: Vec<u8>,
     producer: Producer,
     metrics: Arc<Metrics>,
     hwm: HighWater,
@@ -277,6 +280,7 @@ impl Consumer {
                         let c = self.metrics.cluster();
                         c.consumer_stream_seq.store(seq, Relaxed);
                         c.consumer_lag.store(pending, Relaxed);
+                        c.consumed_bytes.fetch_add(m.payload.len() as u64, Relaxed);
                     }
                     Some(Err(e)) => return Err(anyhow::anyhow!("{e}")),
                     None => anyhow::bail!("the consumer ended"),
@@ -312,7 +316,10 @@ impl Consumer {
     fn take(&mut self, msg: u64, payload: &[u8]) {
         let ring = self.producer.ring().clone();
         let now = Instant::now(); // one clock read per message
-        for (i, event) in events(payload).take(MAX_EVENTS).enumerate() {
+        for (i, event) in events(payload, &mut self.scratch)
+            .take(MAX_EVENTS)
+            .enumerate()
+        {
             let seq = event_seq(msg, i);
             let Some(entry) = event
                 .ok()
@@ -455,6 +462,7 @@ async fn fetch(js: &JetStream, args: &StreamArgs, req: &HistoryRequest) -> anyho
         out.gap_oldest = Some(event_seq(first, 0));
     }
     let (mut framer, mut bytes, at) = (Framer::default(), 0, Instant::now());
+    let mut scratch = Vec::new();
     let mut m = after_msg.max(first);
     out.covered = req.after;
     'messages: loop {
@@ -479,7 +487,10 @@ async fn fetch(js: &JetStream, args: &StreamArgs, req: &HistoryRequest) -> anyho
             Err(e) => return Err(e).context("reading a stored message"),
         };
         m = msg.sequence;
-        for (i, event) in events(&msg.payload).take(MAX_EVENTS).enumerate() {
+        for (i, event) in events(&msg.payload, &mut scratch)
+            .take(MAX_EVENTS)
+            .enumerate()
+        {
             let seq = event_seq(m, i);
             if seq <= req.after {
                 continue;
