@@ -9,10 +9,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-pub const OP_TEXT: u8 = 0x1;
-pub const OP_CLOSE: u8 = 0x8;
-pub const OP_PING: u8 = 0x9;
-pub const OP_PONG: u8 = 0xA;
+use crate::proto::ws::opcode::{
+    CLOSE as OP_CLOSE, PING as OP_PING, PONG as OP_PONG, TEXT as OP_TEXT,
+};
 
 /// Header length of an unmasked frame carrying `len` payload bytes.
 fn header_len(len: usize) -> usize {

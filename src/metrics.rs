@@ -5,6 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use crate::event::EventType;
+use crate::proto::ws::CloseReason;
 
 /// Upper bounds (µs) of the ingest→write latency histogram's buckets (+Inf follows).
 const LATENCY_BUCKETS_US: [u64; 13] = [
@@ -14,9 +15,13 @@ const LATENCY_BUCKETS_US: [u64; 13] = [
 /// HTTP statuses a handshake can end with, in the order they are rendered.
 const STATUSES: [u16; 11] = [101, 200, 400, 401, 403, 404, 405, 408, 426, 431, 503];
 
-/// Close codes the relay sends (or echoes), in the order they are rendered; any other
-/// echoed code is counted as `other`.
-const CLOSE_CODES: [u16; 8] = [1000, 1001, 1002, 1007, 1008, 1009, 1011, 4001];
+/// The index of a close reason kind in `CloseReason::KINDS`.
+fn kind(name: &str) -> usize {
+    CloseReason::KINDS
+        .iter()
+        .position(|k| *k == name)
+        .expect("a close reason kind")
+}
 
 #[derive(Default)]
 pub struct Metrics {
@@ -34,8 +39,8 @@ pub struct Metrics {
     pub subscribers: AtomicI64,
     /// What the replay window holds (see `--replay-memory`), updated once per ingest batch.
     pub replay_bytes: AtomicI64,
-    /// Closes started, by code (`CLOSE_CODES`, then other).
-    closes: [AtomicU64; CLOSE_CODES.len() + 1],
+    /// Closes started, by reason (`CloseReason::KINDS`).
+    closes: [AtomicU64; CloseReason::KINDS.len()],
     handshakes: [AtomicU64; STATUSES.len()],
     /// Cluster mode (`--nats`); `None` standalone.
     pub cluster: Option<ClusterMetrics>,
@@ -145,12 +150,8 @@ impl Metrics {
     }
 
     /// A subscriber's close sequence began with `code`.
-    pub fn closed(&self, code: u16) {
-        let i = CLOSE_CODES
-            .iter()
-            .position(|&c| c == code)
-            .unwrap_or(CLOSE_CODES.len());
-        self.closes[i].fetch_add(1, Relaxed);
+    pub fn closed(&self, reason: &CloseReason) {
+        self.closes[reason.kind()].fetch_add(1, Relaxed);
     }
 
     pub fn handshake(&self, status: u16) {
@@ -211,7 +212,10 @@ impl Metrics {
                 "krux_slow_consumer_closes_total",
                 "counter",
                 "Subscribers closed with 4001 (live, replaying or lapped).",
-                self.closes[CLOSE_CODES.len() - 1].load(Relaxed) as i64,
+                ["slow_consumer", "lapped"]
+                    .iter()
+                    .map(|k| self.closes[kind(k)].load(Relaxed))
+                    .sum::<u64>() as i64,
             ),
         ];
         write_scalars(&mut out, &scalars);
@@ -237,12 +241,11 @@ impl Metrics {
         if let Some(c) = &self.cluster {
             c.render(&mut out);
         }
-        let _ = writeln!(out, "# HELP krux_closes_total Subscriber closes started, by close code.\n# TYPE krux_closes_total counter");
-        let codes = CLOSE_CODES.iter().map(|c| c.to_string());
-        for (code, n) in codes.chain(["other".into()]).zip(&self.closes) {
+        let _ = writeln!(out, "# HELP krux_closes_total Subscriber closes the relay started or echoed, by reason.\n# TYPE krux_closes_total counter");
+        for (reason, n) in CloseReason::KINDS.iter().zip(&self.closes) {
             let _ = writeln!(
                 out,
-                "krux_closes_total{{code=\"{code}\"}} {}",
+                "krux_closes_total{{reason=\"{reason}\"}} {}",
                 n.load(Relaxed)
             );
         }
@@ -323,15 +326,17 @@ mod tests {
         m.subscriber_delta(1, 1);
         m.event_in(EventType::HealthAlert);
         m.handshake(401);
-        m.closed(4001);
-        m.closed(4999);
+        m.closed(&CloseReason::SlowConsumer { since: 7 });
+        m.closed(&CloseReason::Lapped { since: 9 });
+        m.closed(&CloseReason::Peer(4999));
         let text = m.render();
         assert!(
-            text.contains("krux_closes_total{code=\"4001\"} 1"),
+            text.contains("krux_closes_total{reason=\"slow_consumer\"} 1"),
             "{text}"
         );
-        assert!(text.contains("krux_closes_total{code=\"other\"} 1"));
-        assert!(text.contains("krux_slow_consumer_closes_total 1"));
+        assert!(text.contains("krux_closes_total{reason=\"peer\"} 1"));
+        assert!(text.contains("krux_closes_total{reason=\"revoked\"} 0"));
+        assert!(text.contains("krux_slow_consumer_closes_total 2"));
         assert!(text.contains("krux_events_in_total{type=\"health_alert\"} 1"));
         assert!(text.contains("krux_handshakes_total{status=\"401\"} 1"));
         assert!(text.contains("krux_reactor_subscribers{reactor=\"1\"} 1"));

@@ -107,7 +107,7 @@ async fn a_stalled_subscriber_still_gets_4001_and_it_is_counted() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, _, m) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        if m.contains("krux_closes_total{code=\"4001\"} 1")
+        if m.contains("krux_closes_total{reason=\"slow_consumer\"} 1")
             && m.contains("krux_slow_consumer_closes_total 1")
         {
             break;

@@ -15,10 +15,17 @@ use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-
 use subtle::ConstantTimeEq;
 
-use crate::proto::handshake::Principal;
+/// Who a valid credential belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Principal {
+    /// A user token, identified by its stored hash (so that a revoke can find its streams).
+    User([u8; 32]),
+    /// The operator passphrase, identified by a digest of the stored hash it matched (so
+    /// that changing the passphrase ends the sessions opened with the old one).
+    Operator([u8; 32]),
+}
 
 pub mod passphrase;
 

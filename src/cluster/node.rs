@@ -33,6 +33,7 @@ use crate::auth::LiveCredentials;
 use crate::event::{now_rfc3339_millis, Validator};
 use crate::frame::FrameArena;
 use crate::metrics::Metrics;
+pub use crate::reactor::shard::Fetched;
 use crate::ring::{Entry, Producer};
 
 /// How long the consumer may take no message while the stream holds newer ones.
@@ -53,19 +54,6 @@ pub struct HistoryRequest {
 pub struct HistoryReply {
     pub sub: (usize, u64),
     pub fetched: anyhow::Result<Fetched>,
-}
-
-/// Events after a request's `after`, in seq order.
-#[derive(Default)]
-pub struct Fetched {
-    /// The stream no longer holds every event after `after`: these start at this seq.
-    pub gap_oldest: Option<u64>,
-    pub entries: Vec<Arc<Entry>>,
-    /// The fetch got to `until` or to the end of the stream.
-    pub reached: bool,
-    /// Every stored event after `after` up to this seq is in `entries` (the messages
-    /// looked at hold no others: seqs have holes).
-    pub covered: u64,
 }
 
 /// What the cluster thread needs.

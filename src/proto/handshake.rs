@@ -6,6 +6,7 @@ use std::borrow::Cow;
 
 use percent_encoding::percent_decode_str;
 
+use crate::auth::Principal;
 use crate::event::EventType;
 use crate::filter::Filter;
 
@@ -97,16 +98,6 @@ impl std::fmt::Debug for Credential {
             Credential::Passphrase(_) => f.write_str("Passphrase(<redacted>)"),
         }
     }
-}
-
-/// Who a valid credential belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Principal {
-    /// A user token, identified by its stored hash (so that a revoke can find its streams).
-    User([u8; 32]),
-    /// The operator passphrase, identified by a digest of the stored hash it matched (so
-    /// that changing the passphrase ends the sessions opened with the old one).
-    Operator([u8; 32]),
 }
 
 /// What checking a credential found.

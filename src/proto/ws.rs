@@ -17,6 +17,94 @@ pub mod close_code {
     pub const SLOW_CONSUMER: u16 = 4001;
 }
 
+/// Frame opcodes (RFC 6455 §5.2).
+pub mod opcode {
+    pub const CONTINUATION: u8 = 0x0;
+    pub const TEXT: u8 = 0x1;
+    pub const BINARY: u8 = 0x2;
+    pub const CLOSE: u8 = 0x8;
+    pub const PING: u8 = 0x9;
+    pub const PONG: u8 = 0xA;
+}
+
+/// Why the relay closes a subscriber: every close is one of these, and its code and text
+/// are decided here only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer closed: its code echoed (RFC 6455 §5.5.1).
+    Peer(u16),
+    /// Its unsent bytes stayed over the bound: resume after `since`.
+    SlowConsumer { since: u64 },
+    /// Its reactor fell a whole window behind: resume after `since`.
+    Lapped { since: u64 },
+    /// The token or passphrase it used is no longer valid.
+    Revoked,
+    /// No pong within the read timeout after a ping.
+    PingTimeout,
+    /// The relay is shutting down.
+    Shutdown,
+    /// It broke the protocol.
+    Protocol(Violation),
+    /// A cluster node's stream cannot serve its resume.
+    HistoryUnavailable,
+}
+
+impl CloseReason {
+    /// Every kind, in the order metrics list them.
+    pub const KINDS: [&'static str; 8] = [
+        "peer",
+        "slow_consumer",
+        "lapped",
+        "revoked",
+        "ping_timeout",
+        "shutdown",
+        "protocol_violation",
+        "history_unavailable",
+    ];
+
+    pub fn code(&self) -> u16 {
+        match self {
+            CloseReason::Peer(code) => *code,
+            CloseReason::SlowConsumer { .. } | CloseReason::Lapped { .. } => {
+                close_code::SLOW_CONSUMER
+            }
+            CloseReason::Revoked => close_code::POLICY,
+            CloseReason::PingTimeout | CloseReason::Shutdown => close_code::GOING_AWAY,
+            CloseReason::Protocol(v) => v.code,
+            CloseReason::HistoryUnavailable => close_code::INTERNAL,
+        }
+    }
+
+    /// The close frame's reason text (the contract fixes the 4001 one).
+    pub fn text(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            CloseReason::Peer(_) => "".into(),
+            CloseReason::SlowConsumer { since } | CloseReason::Lapped { since } => {
+                format!("slow consumer; resume with since={since}").into()
+            }
+            CloseReason::Revoked => "credential revoked".into(),
+            CloseReason::PingTimeout => "no pong within the read timeout".into(),
+            CloseReason::Shutdown => "relay shutting down".into(),
+            CloseReason::Protocol(v) => v.reason.into(),
+            CloseReason::HistoryUnavailable => "history unavailable".into(),
+        }
+    }
+
+    /// Its index in `KINDS`.
+    pub fn kind(&self) -> usize {
+        match self {
+            CloseReason::Peer(_) => 0,
+            CloseReason::SlowConsumer { .. } => 1,
+            CloseReason::Lapped { .. } => 2,
+            CloseReason::Revoked => 3,
+            CloseReason::PingTimeout => 4,
+            CloseReason::Shutdown => 5,
+            CloseReason::Protocol(_) => 6,
+            CloseReason::HistoryUnavailable => 7,
+        }
+    }
+}
+
 /// A control frame the reactor must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
@@ -139,8 +227,8 @@ impl InboundDecoder {
         on: &mut impl FnMut(Inbound),
     ) -> Result<(), Violation> {
         match opcode {
-            0x9 => on(Inbound::Ping(payload)),
-            0xA => on(Inbound::Pong),
+            opcode::PING => on(Inbound::Ping(payload)),
+            opcode::PONG => on(Inbound::Pong),
             _ => {
                 let code = match payload.len() {
                     0 => None,
@@ -213,7 +301,7 @@ impl InboundDecoder {
         };
         let mask: [u8; 4] = h[need - 4..need].try_into().expect("4 mask bytes");
         match opcode {
-            0x8..=0xA => {
+            opcode::CLOSE..=opcode::PONG => {
                 if !fin {
                     return Err(violation(
                         close_code::PROTOCOL_ERROR,
@@ -232,7 +320,7 @@ impl InboundDecoder {
                     mask,
                 };
             }
-            0x0..=0x2 => {
+            opcode::CONTINUATION..=opcode::BINARY => {
                 if len > self.max_frame {
                     return Err(violation(
                         close_code::TOO_BIG,
@@ -240,13 +328,13 @@ impl InboundDecoder {
                     ));
                 }
                 match (opcode, self.fragmented) {
-                    (0x0, false) => {
+                    (opcode::CONTINUATION, false) => {
                         return Err(violation(
                             close_code::PROTOCOL_ERROR,
                             "continuation frame without a message",
                         ))
                     }
-                    (0x1 | 0x2, true) => {
+                    (opcode::TEXT | opcode::BINARY, true) => {
                         return Err(violation(
                             close_code::PROTOCOL_ERROR,
                             "new message inside a fragmented one",

@@ -8,7 +8,6 @@ use bytes::Bytes;
 
 use crate::frame::{close_frame, EventFrame, Span};
 use crate::io::MAX_IOV;
-use crate::proto::ws::close_code;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutState {
@@ -46,8 +45,6 @@ pub struct Outbox {
     full: bool,
     /// Bytes the kernel has taken over the outbox's life (progress, for the stall check).
     written: u64,
-    /// Already in the reactor's list of outboxes to wake this round.
-    pub dirty: bool,
     /// When the ingest accepted the oldest queued event frame (an upper bound once part of
     /// the queue has been taken), for the ingest→write latency metric.
     oldest_at: Option<Instant>,
@@ -65,7 +62,6 @@ impl Outbox {
             state: OutState::Open,
             full: false,
             written: 0,
-            dirty: false,
             oldest_at: None,
         }
     }
@@ -118,13 +114,6 @@ impl Outbox {
     /// Bytes the kernel has taken so far.
     pub fn written(&self) -> u64 {
         self.written
-    }
-
-    /// Queues the slow-consumer close: a client resuming from the seq it names (the last
-    /// event frame queued, which goes out before the close) misses and repeats nothing.
-    pub fn close_slow(&mut self) -> bool {
-        let reason = format!("slow consumer; resume with since={}", self.last_seq);
-        self.close(close_code::SLOW_CONSUMER, &reason)
     }
 
     /// Queues a control frame (pong, ping); they are tiny and exempt from the bound.
@@ -250,7 +239,7 @@ mod tests {
         let mut o = Outbox::new(a.len() + b.len() - 1, 41);
         assert_eq!(o.push_event(&a, 42, now()), Push::Queued);
         assert_eq!(o.push_event(&b, 43, now()), Push::Full);
-        assert!(o.close_slow());
+        assert!(o.close(4001, "slow consumer; resume with since=42"));
         assert_eq!(o.state(), OutState::Closing);
         assert_eq!(o.push_event(&ev(&mut arena, 44), 44, now()), Push::Skipped);
         assert!(!o.push_control(Bytes::from_static(b"x")));

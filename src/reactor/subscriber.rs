@@ -1,7 +1,7 @@
 //! One connection on port 7701: the HTTP handshake, then a subscriber's two tasks — the
 //! reader (control frames in) and the writer (its outbox out, one writev per round).
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::net::{IpAddr, Shutdown};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -10,14 +10,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::{OutState, Outbox, Reactor, Replay, Shared, Subscriber, CLOSE_GRACE};
-use crate::frame::{self, Span};
+use super::shard::Transmit;
+use super::{Handle, Reactor, Shared, CLOSE_GRACE};
+use crate::auth::Principal;
+use crate::filter::SubId;
+use crate::frame::Span;
 use crate::io::{advance, write_all, Conn};
 use crate::proto::handshake::{
     decide, parse_request, query_pairs, redact_query, Auth, Credential, Decision, Gate, Parsed,
-    Principal, Request, Response, MAX_HEAD,
+    Request, Response, MAX_HEAD,
 };
-use crate::proto::ws::{close_code, Inbound, InboundDecoder};
+use crate::proto::ws::InboundDecoder;
 
 /// Read buffer of an upgraded subscriber: it only ever sends small control frames.
 const SUBSCRIBER_READ_BUF: usize = 512;
@@ -101,7 +104,7 @@ async fn subscribe<C: Conn>(
     leftover: Vec<u8>,
 ) {
     // Synchronous, so that building the subscriber leaves nothing in this task's state.
-    let (registration, sub, response) = register(&reactor, &conn, up);
+    let (registration, handle, response) = register(&reactor, &conn, up);
     if Box::pin(write_all(&*conn, Bytes::from(response)))
         .await
         .is_err()
@@ -110,95 +113,78 @@ async fn subscribe<C: Conn>(
     }
     reactor.shared.metrics.handshake(101);
 
-    spawn_writer(&reactor, registration.id, &sub, &conn);
-    read_loop(&reactor, &sub, &*conn, leftover).await;
+    let gone = Rc::new(Cell::new(false));
+    spawn_writer(&reactor, registration.id, &handle, &gone, &conn);
+    read_loop(&reactor, registration.id, &*conn, leftover).await;
 
     // The peer is gone (or finished closing): stop the writer and forget the subscriber.
-    sub.gone.set(true);
-    sub.wake.notify_one();
+    gone.set(true);
+    handle.wake.notify_one();
     conn.shutdown(Shutdown::Both);
     drop(registration);
 }
 
 /// Starts the subscriber's writer task (from a plain function, so that the writer's
 /// future is never part of the reader's state).
-fn spawn_writer<C: Conn>(reactor: &Rc<Reactor>, id: usize, sub: &Rc<Subscriber>, conn: &Rc<C>) {
-    tokio::task::spawn_local(write_loop(reactor.clone(), id, sub.clone(), conn.clone()));
+fn spawn_writer<C: Conn>(
+    reactor: &Rc<Reactor>,
+    id: SubId,
+    handle: &Rc<Handle>,
+    gone: &Rc<Cell<bool>>,
+    conn: &Rc<C>,
+) {
+    tokio::task::spawn_local(write_loop(
+        reactor.clone(),
+        id,
+        handle.clone(),
+        gone.clone(),
+        conn.clone(),
+    ));
 }
 
-/// Registers the subscriber between two fan-out rounds (this is the reactor's only
-/// thread), before the 101 goes out: once the client sees the upgrade, nothing published
-/// after it can be missed, and replay stops exactly where live delivery through the index
-/// starts. Returns its registration, itself and the 101 to write.
+/// Registers the subscriber with the shard between two fan-out rounds (this is the
+/// reactor's only thread), before the 101 goes out: once the client sees the upgrade,
+/// nothing published after it can be missed. Returns its registration, its handle and the
+/// 101 to write.
 fn register<'r, C: Conn>(
     reactor: &'r Reactor,
     conn: &Rc<C>,
-    up: crate::proto::handshake::Upgrade,
-) -> (Registration<'r>, Rc<Subscriber>, Vec<u8>) {
-    let (start, position) = (reactor.next_pos.get(), reactor.position_seq());
-    let response = up.response(Some(position).filter(|&s| s > 0));
+    mut up: crate::proto::handshake::Upgrade,
+) -> (Registration<'r>, Rc<Handle>, Vec<u8>) {
     let weak = Rc::downgrade(conn);
-    let sub = Rc::new(Subscriber {
-        out: RefCell::new(Outbox::new(
-            reactor.shared.client_queue,
-            up.since.unwrap_or(position),
-        )),
+    let handle = Rc::new(Handle {
         wake: Notify::new(),
-        principal: up.principal,
-        last_heard: Cell::new(Instant::now()),
-        gone: Cell::new(false),
-        closing_since: Cell::new(None),
-        replay_next: Cell::new(None),
-        pending_filter: RefCell::new(None),
-        live_from: Cell::new(start),
-        stall: Cell::new((0, 0)),
-        serial: reactor.next_serial.replace(reactor.next_serial.get() + 1),
-        backlog: RefCell::new(None),
         kill: Box::new(move || {
             if let Some(c) = weak.upgrade() {
                 c.shutdown(Shutdown::Both);
             }
         }),
     });
-    let registration = Registration::new(reactor, sub.clone());
-    match up.since {
-        // Resuming: replayed by the writer as its queue drains, indexed when caught up.
-        Some(since) => {
-            *sub.pending_filter.borrow_mut() = Some(up.filter);
-            reactor.start_replay(&sub, since);
-        }
-        None => reactor
-            .index
-            .borrow_mut()
-            .insert(registration.id, up.filter),
-    }
-    (registration, sub, response)
+    let filter = std::mem::take(&mut up.filter);
+    let (id, position) = reactor.with_shard(|s| {
+        s.register(
+            up.principal,
+            filter,
+            up.since,
+            handle.clone(),
+            Instant::now(),
+        )
+    });
+    reactor.shared.connections.fetch_add(1, Relaxed);
+    let response = up.response(Some(position).filter(|&s| s > 0));
+    (Registration { reactor, id }, handle, response)
 }
 
-/// A subscriber's place in its reactor (slab, index, counters), released on drop.
+/// A subscriber's place in its reactor (shard and counters), released on drop.
 struct Registration<'a> {
     reactor: &'a Reactor,
-    id: usize,
-}
-
-impl<'a> Registration<'a> {
-    fn new(reactor: &'a Reactor, sub: Rc<Subscriber>) -> Self {
-        let id = reactor.subs.borrow_mut().insert(sub);
-        reactor.shared.connections.fetch_add(1, Relaxed);
-        reactor.shared.metrics.subscriber_delta(reactor.id, 1);
-        Registration { reactor, id }
-    }
+    id: SubId,
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.reactor.index.borrow_mut().remove(self.id);
-        self.reactor.subs.borrow_mut().remove(self.id);
+        self.reactor.shard.borrow_mut().remove(self.id);
         self.reactor.shared.connections.fetch_sub(1, Relaxed);
-        self.reactor
-            .shared
-            .metrics
-            .subscriber_delta(self.reactor.id, -1);
     }
 }
 
@@ -277,35 +263,23 @@ async fn answer_and_close<C: Conn, T>(conn: &C, shared: &Shared, resp: Response)
     None
 }
 
-async fn read_loop<C: Conn>(reactor: &Reactor, sub: &Subscriber, conn: &C, leftover: Vec<u8>) {
+async fn read_loop<C: Conn>(reactor: &Reactor, id: SubId, conn: &C, leftover: Vec<u8>) {
     let mut decoder = InboundDecoder::new(reactor.shared.max_frame);
     let mut buf = leftover;
     loop {
         if !buf.is_empty() {
-            sub.last_heard.set(Instant::now());
+            let now = Instant::now();
             let mut got = Vec::new();
             let res = decoder.feed(&buf, &mut |i| got.push(i));
-            for inbound in got {
-                match inbound {
-                    Inbound::Ping(payload) => {
-                        if sub
-                            .out
-                            .borrow_mut()
-                            .push_control(frame::pong_frame(&payload))
-                        {
-                            sub.wake.notify_one();
-                        }
-                    }
-                    Inbound::Pong => {}
-                    // Echo the peer's code, as RFC 6455 §5.5.1 suggests.
-                    Inbound::Close(code) => {
-                        reactor.close(sub, code.unwrap_or(close_code::NORMAL), "")
-                    }
+            reactor.with_shard(|s| {
+                s.heard(id, now);
+                for inbound in got {
+                    s.on_inbound(id, inbound, now);
                 }
-            }
-            if let Err(v) = res {
-                reactor.close(sub, v.code, v.reason);
-            }
+                if let Err(v) = res {
+                    s.on_violation(id, v, now);
+                }
+            });
             buf.clear();
             if buf.capacity() > SUBSCRIBER_READ_BUF {
                 buf = Vec::with_capacity(SUBSCRIBER_READ_BUF);
@@ -319,39 +293,40 @@ async fn read_loop<C: Conn>(reactor: &Reactor, sub: &Subscriber, conn: &C, lefto
     }
 }
 
-/// Writes the outbox: everything queued goes out in one writev per round; a partial write
-/// keeps the unwritten tail (sliced, not copied) at the front of the next round.
-async fn write_loop<C: Conn>(reactor: Rc<Reactor>, id: usize, sub: Rc<Subscriber>, conn: Rc<C>) {
+/// Writes what the shard hands over: everything queued goes out in one writev per round;
+/// a partial write keeps the unwritten tail (sliced, not copied) at the front of the next
+/// round.
+async fn write_loop<C: Conn>(
+    reactor: Rc<Reactor>,
+    id: SubId,
+    handle: Rc<Handle>,
+    gone: Rc<Cell<bool>>,
+    conn: Rc<C>,
+) {
     let metrics = &reactor.shared.metrics;
     let mut batch: Vec<Span> = Vec::new();
     // Ingest time of the oldest event frame in `batch` (kept across a partial write).
     let mut oldest_at = None;
     loop {
-        if sub.gone.get() {
+        if gone.get() {
             return;
         }
-        let replaying = reactor.replay_step(id, &sub);
-        let state = {
-            let mut out = sub.out.borrow_mut();
-            let taken_at = out.take_batch(&mut batch);
-            oldest_at = oldest_at.or(taken_at);
-            out.state()
-        };
-        if batch.is_empty() {
-            if state == OutState::CloseTaken {
-                break;
-            }
-            if replaying == Replay::Scanning {
+        match reactor.with_shard(|s| s.poll_transmit(id, &mut batch, Instant::now())) {
+            Transmit::Write(taken_at) => oldest_at = oldest_at.or(taken_at),
+            Transmit::Finished => break,
+            Transmit::Scan => {
                 tokio::task::yield_now().await; // a sparse filter: keep scanning
-            } else {
-                sub.wake.notified().await;
+                continue;
             }
-            continue;
+            Transmit::Idle => {
+                handle.wake.notified().await;
+                continue;
+            }
         }
         let (res, mut rest) = conn.writev(std::mem::take(&mut batch)).await;
         match res {
             Ok(n) if n > 0 => {
-                sub.out.borrow_mut().wrote(n);
+                reactor.shard.borrow_mut().on_written(id, n);
                 let frames = advance(&mut rest, n);
                 metrics.writevs.fetch_add(1, Relaxed);
                 metrics.bytes_out.fetch_add(n as u64, Relaxed);
@@ -364,7 +339,7 @@ async fn write_loop<C: Conn>(reactor: Rc<Reactor>, id: usize, sub: Rc<Subscriber
                 batch = rest;
             }
             _ => {
-                sub.gone.set(true);
+                gone.set(true);
                 conn.shutdown(Shutdown::Both);
                 return;
             }

@@ -1,0 +1,695 @@
+//! A reactor's decisions, sans-IO, in the shape of quinn-proto's `Connection`: a `Shard`
+//! owns a reactor's subscribers — each one's phase, outbox and keepalive state — and the
+//! filter index, and decides everything about them. Time comes in as a value; sockets,
+//! tasks and timers stay in the drivers (`reactor/mod.rs`, `reactor/subscriber.rs`), which
+//! move bytes, report what happened (`on_*`) and carry out what the shard asks (`poll_*`,
+//! `drain_wakes`).
+//!
+//! A subscriber is in one phase at a time: resuming from the cluster's stream
+//! (`FromStream`), replaying from the ring window (`Replaying`), indexed for live fan-out
+//! (`Live`), or `Closing`. Replay and fan-out run on the same thread, so a subscriber is
+//! indexed exactly at the fan-out position: nothing is missed or repeated at the hand-over.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use super::outbox::{OutState, Outbox, Push};
+use crate::auth::Principal;
+use crate::filter::{Filter, SubId, SubscriberIndex};
+use crate::frame::{self, Span};
+use crate::metrics::Metrics;
+use crate::proto::ws::{CloseReason, Inbound, Violation};
+use crate::ring::{Entry, FrameRing, Slot};
+
+/// How long a closing subscriber may take — to get its close frame out, then to answer
+/// it — before its socket is shut.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// The housekeeping period: keepalive, stall checks, stuck closes.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// Ticks a full subscriber's socket may take nothing before it is closed as a slow
+/// consumer.
+const STALL_TICKS: u32 = 4;
+
+/// Ring entries one replay step looks at, so that a sparse filter yields too.
+const SCAN: u64 = 65_536;
+
+/// What a shard needs to know of the relay's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The bound on a subscriber's unsent bytes (`--client-queue`).
+    pub client_queue: usize,
+    pub ping_interval: Duration,
+    pub read_timeout: Duration,
+    /// A cluster node: resumes the window cannot serve go to the stream.
+    pub cluster: bool,
+}
+
+/// Events after a history request's `after`, in seq order, from a cluster node's stream.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    /// The stream no longer holds every event after `after`: these start at this seq.
+    pub gap_oldest: Option<u64>,
+    pub entries: Vec<Arc<Entry>>,
+    /// The fetch got to `until` or to the end of the stream.
+    pub reached: bool,
+    /// Every stored event after `after` up to this seq is in `entries` (the messages
+    /// looked at hold no others: seqs have holes).
+    pub covered: u64,
+}
+
+/// A request for stored events, to be sent to the cluster thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryAsk {
+    pub sub: SubId,
+    pub serial: u64,
+    pub after: u64,
+    /// Events from this seq on are in the ring (`u64::MAX`: the ring holds none yet).
+    pub until: u64,
+    pub max_bytes: usize,
+}
+
+/// What a subscriber's writer should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transmit {
+    /// Write the batch (non-empty); the oldest event in it was accepted at this time.
+    Write(Option<Instant>),
+    /// More to replay: come back soon (a sparse filter may have queued nothing).
+    Scan,
+    /// Nothing to do until woken.
+    Idle,
+    /// The close frame is out: half-close and let the peer answer.
+    Finished,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Resuming from the cluster's stream, before the ring takes over.
+    FromStream {
+        filter: Filter,
+        backlog: Backlog,
+    },
+    /// Resuming (or fallen behind) from the ring window, at position `next`.
+    Replaying {
+        next: u64,
+        filter: Filter,
+    },
+    /// In the index; fan-out owes it everything from position `from`.
+    Live {
+        from: u64,
+    },
+    Closing {
+        reason: CloseReason,
+        since: Instant,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Backlog {
+    /// The seq of the last event queued (at first, the resume's `since`).
+    after: u64,
+    queue: VecDeque<Arc<Entry>>,
+    /// A fetch is under way.
+    asked: bool,
+    /// The last fetch got to the ring's start or the stream's end.
+    reached: bool,
+    /// Once the queue is empty, everything up to this seq has been queued.
+    covered: u64,
+}
+
+struct Sub<H> {
+    handle: H,
+    out: Outbox,
+    principal: Principal,
+    phase: Phase,
+    last_heard: Instant,
+    /// Bytes written when last looked at, and for how many ticks since then the
+    /// subscriber has been full without its socket taking a byte.
+    stall: (u64, u32),
+    /// Unique per shard (slab ids are reused): matches history replies to their asker.
+    serial: u64,
+    /// Already in `wakes`.
+    woken: bool,
+}
+
+/// One reactor's subscribers and every decision about them. `H` is the driver's own
+/// handle on each (its wake-up and socket); the shard never looks inside it.
+pub struct Shard<H> {
+    reactor: usize,
+    settings: Settings,
+    ring: Arc<FrameRing>,
+    metrics: Arc<Metrics>,
+    subs: Slab<Sub<H>>,
+    index: SubscriberIndex,
+    /// The ring position of the next event fan-out will dispatch.
+    next_pos: u64,
+    /// The `seq` of the last event dispatched (0 before the first).
+    last_seq: u64,
+    next_serial: u64,
+    wakes: Vec<SubId>,
+    asks: VecDeque<HistoryAsk>,
+    /// Recent ping times: a subscriber is dropped once the first ping it has not answered
+    /// (the first after it was last heard from) is `read_timeout` old.
+    pings: VecDeque<Instant>,
+    last_ping: Instant,
+    next_tick: Instant,
+}
+
+impl<H> Shard<H> {
+    pub fn new(
+        reactor: usize,
+        settings: Settings,
+        ring: Arc<FrameRing>,
+        next_pos: u64,
+        metrics: Arc<Metrics>,
+        now: Instant,
+    ) -> Self {
+        Shard {
+            reactor,
+            settings,
+            ring,
+            metrics,
+            subs: Slab::new(),
+            index: SubscriberIndex::default(),
+            next_pos,
+            last_seq: 0,
+            next_serial: 0,
+            wakes: Vec::new(),
+            asks: VecDeque::new(),
+            pings: VecDeque::new(),
+            last_ping: now,
+            next_tick: now + TICK,
+        }
+    }
+
+    pub fn ring(&self) -> &FrameRing {
+        &self.ring
+    }
+
+    pub fn next_pos(&self) -> u64 {
+        self.next_pos
+    }
+
+    pub fn len(&self) -> usize {
+        self.subs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.subs.is_empty()
+    }
+
+    pub fn handle(&self, id: SubId) -> Option<&H> {
+        self.subs.get(id).map(|s| &s.handle)
+    }
+
+    pub fn serial(&self, id: SubId) -> Option<u64> {
+        self.subs.get(id).map(|s| s.serial)
+    }
+
+    /// Why a subscriber is closing, once it is.
+    pub fn close_reason(&self, id: SubId) -> Option<&CloseReason> {
+        match &self.subs.get(id)?.phase {
+            Phase::Closing { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The `seq` a subscriber registered now starts after (its `Krux-Seq`): the last event
+    /// dispatched, or where the ring starts (0: unknown yet).
+    pub fn position_seq(&self) -> u64 {
+        match (self.last_seq, self.ring.complete_from()) {
+            (0, u64::MAX) => 0,
+            (0, from) => from.saturating_sub(1),
+            (s, _) => s,
+        }
+    }
+
+    /// Registers a subscriber between two fan-out rounds: live from the fan-out position,
+    /// or resuming after `since`. Returns its id and its `Krux-Seq` (0: none).
+    pub fn register(
+        &mut self,
+        principal: Principal,
+        filter: Filter,
+        since: Option<u64>,
+        handle: H,
+        now: Instant,
+    ) -> (SubId, u64) {
+        let position = self.position_seq();
+        let mut out = Outbox::new(self.settings.client_queue, since.unwrap_or(position));
+        let id = self.subs.vacant_key();
+        let phase = match since {
+            None => {
+                self.index.insert(id, filter);
+                Phase::Live {
+                    from: self.next_pos,
+                }
+            }
+            Some(since) => self.resume(&mut out, since, filter),
+        };
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        self.subs.insert(Sub {
+            handle,
+            out,
+            principal,
+            phase,
+            last_heard: now,
+            stall: (0, 0),
+            serial,
+            woken: false,
+        });
+        self.metrics.subscriber_delta(self.reactor, 1);
+        if !matches!(self.subs[id].phase, Phase::Live { .. }) {
+            self.wake(id); // its writer replays
+        }
+        (id, position)
+    }
+
+    /// Where a resume from `since` starts. Standalone: from the window, after the
+    /// `replay_gap` notice when it no longer reaches `since + 1`. In a cluster: from the
+    /// window when it holds everything after `since`, else from the stream first.
+    fn resume(&self, out: &mut Outbox, since: u64, filter: Filter) -> Phase {
+        let ring = &self.ring;
+        if self.settings.cluster {
+            return match ring.find_after(since) {
+                Some(next) => Phase::Replaying { next, filter },
+                None => Phase::FromStream {
+                    filter,
+                    backlog: Backlog {
+                        after: since,
+                        ..Backlog::default()
+                    },
+                },
+            };
+        }
+        let oldest = ring.oldest();
+        if ring.lost_after(since) {
+            out.push_control(gap_frame(since, oldest));
+        }
+        Phase::Replaying {
+            next: since.saturating_add(1).max(oldest),
+            filter,
+        }
+    }
+
+    /// The connection is gone: forget the subscriber. Returns its handle.
+    pub fn remove(&mut self, id: SubId) -> Option<H> {
+        let sub = self.subs.try_remove(id)?;
+        self.index.remove(id);
+        self.metrics.subscriber_delta(self.reactor, -1);
+        Some(sub.handle)
+    }
+
+    /// Bytes arrived from the subscriber (keepalive: it is alive).
+    pub fn heard(&mut self, id: SubId, now: Instant) {
+        if let Some(s) = self.subs.get_mut(id) {
+            s.last_heard = now;
+        }
+    }
+
+    /// A control frame from the subscriber.
+    pub fn on_inbound(&mut self, id: SubId, inbound: Inbound, now: Instant) {
+        match inbound {
+            Inbound::Ping(payload) => {
+                let Some(s) = self.subs.get_mut(id) else {
+                    return;
+                };
+                if s.out.push_control(frame::pong_frame(&payload)) {
+                    self.wake(id);
+                }
+            }
+            Inbound::Pong => {}
+            // Echo the peer's code, as RFC 6455 §5.5.1 suggests.
+            Inbound::Close(code) => self.close(
+                id,
+                CloseReason::Peer(code.unwrap_or(crate::proto::ws::close_code::NORMAL)),
+                now,
+            ),
+        }
+    }
+
+    /// The subscriber broke the protocol.
+    pub fn on_violation(&mut self, id: SubId, v: Violation, now: Instant) {
+        self.close(id, CloseReason::Protocol(v), now);
+    }
+
+    /// Every close a subscriber gets is decided here, and counted by its reason.
+    pub fn close(&mut self, id: SubId, reason: CloseReason, now: Instant) {
+        let Some(s) = self.subs.get_mut(id) else {
+            return;
+        };
+        if matches!(s.phase, Phase::Closing { .. }) {
+            return;
+        }
+        if matches!(s.phase, Phase::Live { .. }) {
+            self.index.remove(id);
+        }
+        if s.out.close(reason.code(), &reason.text()) {
+            self.metrics.closed(&reason);
+        }
+        s.phase = Phase::Closing { reason, since: now };
+        self.wake(id);
+    }
+
+    /// Closes with 4001, naming the last event queued (it goes out before the close) as
+    /// the resume point.
+    fn close_slow(&mut self, id: SubId, lapped: bool, now: Instant) {
+        let Some(s) = self.subs.get(id) else {
+            return;
+        };
+        let since = s.out.last_seq();
+        let reason = match lapped {
+            false => CloseReason::SlowConsumer { since },
+            true => CloseReason::Lapped { since },
+        };
+        self.close(id, reason, now);
+    }
+
+    /// Closes every subscriber (after what is queued).
+    pub fn close_all(&mut self, reason: CloseReason, now: Instant) {
+        let ids: Vec<SubId> = self.subs.iter().map(|(id, _)| id).collect();
+        for id in ids {
+            self.close(id, reason.clone(), now);
+        }
+    }
+
+    /// Credentials changed: closes the subscribers whose principal is no longer valid.
+    pub fn revoke(&mut self, still_valid: impl Fn(&Principal) -> bool, now: Instant) {
+        let gone: Vec<SubId> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| !still_valid(&s.principal))
+            .map(|(id, _)| id)
+            .collect();
+        for id in gone {
+            self.close(id, CloseReason::Revoked, now);
+        }
+    }
+
+    fn wake(&mut self, id: SubId) {
+        if let Some(s) = self.subs.get_mut(id) {
+            if !std::mem::replace(&mut s.woken, true) {
+                self.wakes.push(id);
+            }
+        }
+    }
+
+    /// The subscribers whose writers have something new to do; `f` wakes each.
+    pub fn drain_wakes(&mut self, mut f: impl FnMut(SubId, &H)) {
+        for id in std::mem::take(&mut self.wakes) {
+            if let Some(s) = self.subs.get_mut(id) {
+                s.woken = false;
+                f(id, &s.handle);
+            }
+        }
+    }
+
+    /// One fan-out round: `round` are the ring's entries (in order) up to position
+    /// `next_pos`; each goes to the outboxes of the subscribers it matches. Unfiltered
+    /// subscribers take the whole round at once (their queue stays hot in cache and
+    /// consecutive frames merge into one run); filtered ones are found event by event
+    /// through the index. Each subscriber is in exactly one of the two groups, so it still
+    /// gets its frames in seq order.
+    pub fn on_entries(&mut self, round: &[Arc<Entry>], next_pos: u64) {
+        self.next_pos = next_pos;
+        let Some(last) = round.last() else {
+            return;
+        };
+        self.last_seq = last.seq;
+        // Subscribers with no room for an event of this round, and that event's position.
+        let mut behind: Vec<(SubId, u64)> = Vec::new();
+        let (subs, wakes) = (&mut self.subs, &mut self.wakes);
+        let mut push = |id: SubId, entries: &mut dyn Iterator<Item = &Arc<Entry>>| {
+            let s = &mut subs[id];
+            let mut wake = false;
+            for e in entries {
+                match s.out.push_event(&e.frame, e.seq, e.accepted_at) {
+                    Push::Queued => wake = true,
+                    Push::Skipped => {}
+                    Push::Full => {
+                        behind.push((id, e.pos));
+                        wake = true; // its writer catches it up from the window
+                        break;
+                    }
+                }
+            }
+            if wake && !std::mem::replace(&mut s.woken, true) {
+                wakes.push(id);
+            }
+        };
+        for &id in self.index.unfiltered() {
+            push(id, &mut round.iter());
+        }
+        for e in round {
+            self.index
+                .for_each_filtered_match(&e.keys, |id| push(id, &mut std::iter::once(e)));
+        }
+        // Those that had no room leave the index and catch up from the window as their
+        // socket drains (the path of a resume): nothing is lost while they are behind and
+        // the others never wait for them.
+        for (id, pos) in behind {
+            if let Some(filter) = self.index.remove(id) {
+                self.subs[id].phase = Phase::Replaying { next: pos, filter };
+            }
+        }
+    }
+
+    /// Fan-out found the ring had lapped it: the ingest outran this reactor by a whole
+    /// window, and it goes on from `oldest`. Whatever the live subscribers missed is gone,
+    /// so each is told where to resume. Not those still resuming (they meet the gap
+    /// themselves) nor those owed nothing before the window.
+    pub fn on_lapped(&mut self, oldest: u64, now: Instant) {
+        let owed: Vec<SubId> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| matches!(s.phase, Phase::Live { from } if from < oldest))
+            .map(|(id, _)| id)
+            .collect();
+        for id in owed {
+            self.close_slow(id, true, now);
+        }
+        self.next_pos = oldest;
+    }
+
+    /// What the subscriber's writer should do next: replays what its queue bound allows,
+    /// then moves up to a writev's worth of queued frames into `batch`.
+    pub fn poll_transmit(&mut self, id: SubId, batch: &mut Vec<Span>, now: Instant) -> Transmit {
+        let scanning = self.replay(id, now);
+        let Some(s) = self.subs.get_mut(id) else {
+            return Transmit::Idle;
+        };
+        let taken_at = s.out.take_batch(batch);
+        if !batch.is_empty() {
+            Transmit::Write(taken_at)
+        } else if s.out.state() == OutState::CloseTaken {
+            Transmit::Finished
+        } else if scanning {
+            Transmit::Scan
+        } else {
+            Transmit::Idle
+        }
+    }
+
+    /// The kernel took `n` more bytes of the subscriber's batch.
+    pub fn on_written(&mut self, id: SubId, n: usize) {
+        if let Some(s) = self.subs.get_mut(id) {
+            s.out.wrote(n);
+        }
+    }
+
+    /// Feeds a resuming (or fallen-behind) subscriber what it is owed, as far as its queue
+    /// bound allows. Returns whether more is left to scan right away.
+    fn replay(&mut self, id: SubId, now: Instant) -> bool {
+        if self.stream_step(id) {
+            return false;
+        }
+        let Some(s) = self.subs.get_mut(id) else {
+            return false;
+        };
+        let Phase::Replaying { next, filter } = &mut s.phase else {
+            return false;
+        };
+        let (end, mut pos) = (self.next_pos, *next);
+        let stop = pos.saturating_add(SCAN).min(end);
+        s.out.resume();
+        while pos < stop {
+            match self.ring.get(pos) {
+                Slot::Ready(e) => {
+                    if filter.matches(&e.keys)
+                        && s.out.push_event(&e.frame, e.seq, e.accepted_at) == Push::Full
+                    {
+                        break; // the rest once the socket has taken some
+                    }
+                }
+                // Overwritten before it could be replayed: never skip silently.
+                Slot::Lapped => {
+                    self.close_slow(id, false, now);
+                    return false;
+                }
+                Slot::Pending => unreachable!("{pos} is below the fan-out position"),
+            }
+            pos += 1;
+        }
+        if pos < end {
+            *next = pos;
+            return true;
+        }
+        // Caught up with fan-out: indexed from exactly here.
+        if let Phase::Replaying { filter, .. } =
+            std::mem::replace(&mut s.phase, Phase::Live { from: pos })
+        {
+            self.index.insert(id, filter);
+        }
+        false
+    }
+
+    /// Feeds a subscriber resuming from the stream what the stream has given, and asks
+    /// for more. Returns true while the stream still serves it (false once the ring
+    /// takes over, or for any other phase).
+    fn stream_step(&mut self, id: SubId) -> bool {
+        let until = self.ring.complete_from();
+        let Some(s) = self.subs.get_mut(id) else {
+            return false;
+        };
+        let Phase::FromStream { filter, backlog: b } = &mut s.phase else {
+            return false;
+        };
+        s.out.resume();
+        while let Some(e) = b.queue.front() {
+            if filter.matches(&e.keys)
+                && s.out.push_event(&e.frame, e.seq, e.accepted_at) == Push::Full
+            {
+                return true;
+            }
+            b.after = e.seq;
+            b.queue.pop_front();
+        }
+        if b.asked {
+            return true;
+        }
+        b.after = b.after.max(b.covered);
+        if b.reached {
+            if let Some(next) = self.ring.find_after(b.after) {
+                let filter = std::mem::take(filter);
+                s.phase = Phase::Replaying { next, filter };
+                return false;
+            }
+        }
+        b.asked = true;
+        self.asks.push_back(HistoryAsk {
+            sub: id,
+            serial: s.serial,
+            after: b.after,
+            until,
+            max_bytes: self.settings.client_queue,
+        });
+        true
+    }
+
+    /// The next request for stored events to send to the cluster thread. If it cannot
+    /// be sent, `close(id, CloseReason::HistoryUnavailable)`.
+    pub fn poll_history(&mut self) -> Option<HistoryAsk> {
+        self.asks.pop_front()
+    }
+
+    /// The cluster thread's answer to a `HistoryAsk`.
+    pub fn on_history(&mut self, id: SubId, serial: u64, fetched: Result<Fetched, String>) {
+        let Some(s) = self.subs.get_mut(id).filter(|s| s.serial == serial) else {
+            return; // gone meanwhile
+        };
+        let Phase::FromStream { backlog: b, .. } = &mut s.phase else {
+            return;
+        };
+        b.asked = false;
+        match fetched {
+            Ok(f) => {
+                if let Some(oldest) = f.gap_oldest {
+                    s.out.push_control(gap_frame(b.after, oldest));
+                }
+                b.queue.extend(f.entries);
+                (b.reached, b.covered) = (f.reached, f.covered);
+            }
+            Err(e) => {
+                tracing::warn!("resume from the stream: {e}; asking again");
+                b.reached = false;
+            }
+        }
+        self.wake(id);
+    }
+
+    /// When `on_timeout` is due next.
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_tick
+    }
+
+    /// Housekeeping, every `TICK`: slow consumers whose socket took nothing while full,
+    /// closes stuck past the grace, silent peers, keepalive pings. Returns the ids whose
+    /// sockets the driver must shut now, and records the shard's queued bytes.
+    pub fn on_timeout(&mut self, now: Instant) -> Vec<SubId> {
+        self.next_tick = now + TICK;
+        let keep =
+            self.settings.read_timeout + self.settings.ping_interval + Duration::from_secs(1);
+        while self
+            .pings
+            .front()
+            .is_some_and(|&p| now.duration_since(p) > keep)
+        {
+            self.pings.pop_front();
+        }
+        let (mut slow, mut silent, mut kill, mut queued) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for (id, s) in self.subs.iter_mut() {
+            let (mark, ticks) = s.stall;
+            let stalled = s.out.is_full() && s.out.written() == mark;
+            let ticks = if stalled { ticks + 1 } else { 0 };
+            s.stall = (s.out.written(), ticks);
+            if ticks >= STALL_TICKS {
+                slow.push(id);
+            }
+            queued += s.out.unsent();
+            if let Phase::Closing { since, .. } = s.phase {
+                // Even the close frame could not be written (or was never answered).
+                if now.duration_since(since) > CLOSE_GRACE {
+                    kill.push(id);
+                }
+                continue;
+            }
+            if let Some(&unanswered) = self.pings.iter().find(|&&p| p > s.last_heard) {
+                if now.duration_since(unanswered) >= self.settings.read_timeout {
+                    silent.push(id); // a half-open or hung peer
+                }
+            }
+        }
+        for id in slow {
+            self.close_slow(id, false, now);
+        }
+        for id in silent {
+            self.close(id, CloseReason::PingTimeout, now);
+        }
+        self.metrics.set_reactor_queued(self.reactor, queued);
+        if now.duration_since(self.last_ping) >= self.settings.ping_interval {
+            self.last_ping = now;
+            self.pings.push_back(now);
+            let ping = frame::ping_frame(b"");
+            let ids: Vec<SubId> = self.subs.iter().map(|(id, _)| id).collect();
+            for id in ids {
+                if self.subs[id].out.push_control(ping.clone()) {
+                    self.wake(id);
+                }
+            }
+        }
+        kill
+    }
+}
+
+/// The `replay_gap` notice: events after `since` are gone; replay goes on from `oldest`.
+fn gap_frame(since: u64, oldest: u64) -> bytes::Bytes {
+    let gap = format!(
+        r#"{{"type":"replay_gap","timestamp":"{}","agent":null,"data":{{"since":{since},"oldest":{oldest}}}}}"#,
+        crate::event::now_rfc3339_millis()
+    );
+    frame::text_frame(gap.as_bytes())
+}
