@@ -2,7 +2,8 @@
 //! refusal is a well-formed response.
 #![no_main]
 
-use krux_relay::proto::handshake::{decide, parse_request, Auth, Credential, Decision, Gate, Parsed, Principal};
+use krux_relay::auth::Principal;
+use krux_relay::proto::handshake::{decide, parse_request, Auth, Credential, Decision, Gate, Parsed};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
