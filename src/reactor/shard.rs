@@ -693,3 +693,454 @@ fn gap_frame(since: u64, oldest: u64) -> bytes::Bytes {
     );
     frame::text_frame(gap.as_bytes())
 }
+
+/// The subscriber lifecycle on a simulated clock: no sockets, no sleeps. A test plays the
+/// driver: it publishes to a ring, hands rounds to the shard, and "writes" what
+/// `poll_transmit` gives, parsing the frames back.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventType, FilterKeys};
+    use crate::frame::FrameArena;
+    use crate::proto::ws::close_code;
+    use crate::ring::{Cursor, Producer};
+
+    const ALICE: Principal = Principal::User([1; 32]);
+    const BOB: Principal = Principal::User([2; 32]);
+
+    /// A frame as a subscriber would read it.
+    #[derive(Debug, PartialEq)]
+    enum Got {
+        Event(u64),
+        Gap { since: u64, oldest: u64 },
+        Ping,
+        Pong(Vec<u8>),
+        Close(u16, String),
+    }
+
+    struct World {
+        t0: Instant,
+        producer: Producer,
+        cursor: Cursor,
+        arena: FrameArena,
+        shard: Shard<()>,
+    }
+
+    fn settings(client_queue: usize) -> Settings {
+        Settings {
+            client_queue,
+            ping_interval: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(5),
+            cluster: false,
+        }
+    }
+
+    impl World {
+        fn new(window: usize, settings: Settings) -> World {
+            let t0 = Instant::now();
+            let (producer, mut cursors) = FrameRing::with_readers(window, 1, 1);
+            let cursor = cursors.remove(0);
+            let ring = producer.ring().clone();
+            let metrics = Arc::new(Metrics::new(1, false));
+            let shard = Shard::new(0, settings, ring, 1, metrics, t0);
+            World {
+                t0,
+                producer,
+                cursor,
+                arena: FrameArena::new(),
+                shard,
+            }
+        }
+
+        fn at(&self, ms: u64) -> Instant {
+            self.t0 + Duration::from_millis(ms)
+        }
+
+        /// Publishes `n` events (agent `a0` or `a1` alternately, `pad` bytes of text each).
+        fn publish(&mut self, n: usize, pad: usize) {
+            for _ in 0..n {
+                let pos = self.producer.ring().head();
+                let agent = format!("a{}", pos % 2);
+                let text = format!(
+                    r#"{{"type":"health_alert","agent":"{agent}","data":{{"m":"{}"}}}}"#,
+                    "x".repeat(pad)
+                );
+                self.producer.publish(Entry {
+                    pos,
+                    seq: pos,
+                    frame: self.arena.event_frame(text.as_bytes(), None, pos),
+                    keys: FilterKeys {
+                        etype: EventType::HealthAlert,
+                        agent: Some(agent.into()),
+                        session: None,
+                        data_session: None,
+                    },
+                    accepted_at: self.t0,
+                });
+            }
+        }
+
+        /// One fan-out round over everything published, as the driver's loop does it.
+        fn fan_out(&mut self, now: Instant) {
+            let ring = self.producer.ring().clone();
+            // A lapped round resumes from the oldest retained event, as the driver does.
+            while self.cursor.next < ring.head() {
+                self.fan_out_round(&ring, now);
+            }
+        }
+
+        fn fan_out_round(&mut self, ring: &Arc<FrameRing>, now: Instant) {
+            let mut round = Vec::new();
+            let mut lapped = false;
+            while self.cursor.next < ring.head() {
+                match ring.get(self.cursor.next) {
+                    Slot::Ready(e) => {
+                        round.push(e);
+                        self.cursor.next += 1;
+                    }
+                    Slot::Lapped => {
+                        lapped = true;
+                        break;
+                    }
+                    Slot::Pending => break,
+                }
+            }
+            self.shard.on_entries(&round, self.cursor.next);
+            if lapped {
+                self.shard.on_lapped(ring.oldest(), now);
+                self.cursor.next = ring.oldest();
+            }
+        }
+
+        fn register(&mut self, who: Principal, agent: Option<&str>, since: Option<u64>) -> SubId {
+            let filter = Filter {
+                agents: agent.map(|a| vec![a.into()]),
+                ..Filter::default()
+            };
+            let now = self.at(0);
+            self.shard.register(who, filter, since, (), now).0
+        }
+
+        /// What the subscriber's writer sends until it would wait, the socket taking at
+        /// most `max` bytes (usize::MAX: everything).
+        fn write(&mut self, id: SubId, max: usize, now: Instant) -> Vec<Got> {
+            let mut bytes = Vec::new();
+            let mut budget = max;
+            loop {
+                let mut batch = Vec::new();
+                match self.shard.poll_transmit(id, &mut batch, now) {
+                    Transmit::Write(_) => {}
+                    Transmit::Scan => continue,
+                    Transmit::Idle | Transmit::Finished => break,
+                }
+                let all: Vec<u8> = batch.iter().flat_map(|s| s.to_vec()).collect();
+                let n = all.len().min(budget);
+                bytes.extend_from_slice(&all[..n]);
+                self.shard.on_written(id, n);
+                budget -= n;
+                if budget == 0 {
+                    break;
+                }
+            }
+            parse(&bytes)
+        }
+    }
+
+    fn parse(mut b: &[u8]) -> Vec<Got> {
+        let mut out = Vec::new();
+        while b.len() >= 2 {
+            let (op, len7) = (b[0] & 0x0F, usize::from(b[1] & 0x7F));
+            let (len, head) = match len7 {
+                126 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
+                127 => (
+                    u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (n, 2),
+            };
+            if b.len() < head + len {
+                break; // cut by the socket's budget
+            }
+            let p = &b[head..head + len];
+            out.push(match op {
+                1 => {
+                    let v: serde_json::Value = serde_json::from_slice(p).unwrap();
+                    if v["type"] == "replay_gap" {
+                        Got::Gap {
+                            since: v["data"]["since"].as_u64().unwrap(),
+                            oldest: v["data"]["oldest"].as_u64().unwrap(),
+                        }
+                    } else {
+                        Got::Event(v["seq"].as_u64().unwrap())
+                    }
+                }
+                8 => Got::Close(
+                    u16::from_be_bytes([p[0], p[1]]),
+                    String::from_utf8(p[2..].to_vec()).unwrap(),
+                ),
+                9 => Got::Ping,
+                10 => Got::Pong(p.to_vec()),
+                other => panic!("opcode {other}"),
+            });
+            b = &b[head + len..];
+        }
+        out
+    }
+
+    fn events(range: std::ops::RangeInclusive<u64>) -> Vec<Got> {
+        range.map(Got::Event).collect()
+    }
+
+    #[test]
+    fn a_resume_hands_over_to_live_with_no_hole_and_no_duplicate() {
+        let mut w = World::new(1000, settings(1 << 20));
+        w.publish(10, 10);
+        w.fan_out(w.at(0));
+        let live = w.register(ALICE, None, None);
+        let resumed = w.register(BOB, None, Some(4));
+        // Published while the resume has not replayed a thing yet.
+        w.publish(5, 10);
+        w.fan_out(w.at(1));
+        assert_eq!(w.write(live, usize::MAX, w.at(2)), events(11..=15));
+        assert_eq!(w.write(resumed, usize::MAX, w.at(2)), events(5..=15));
+        w.publish(2, 10);
+        w.fan_out(w.at(3));
+        assert_eq!(w.write(resumed, usize::MAX, w.at(4)), events(16..=17));
+        assert_eq!(w.shard.position_seq(), 17, "the next Krux-Seq");
+    }
+
+    #[test]
+    fn a_filtered_resume_replays_only_its_events() {
+        let mut w = World::new(1000, settings(1 << 20));
+        w.publish(10, 10);
+        w.fan_out(w.at(0));
+        let id = w.register(ALICE, Some("a1"), Some(0));
+        w.publish(4, 10);
+        w.fan_out(w.at(1));
+        let odd: Vec<Got> = (1..=14).filter(|s| s % 2 == 1).map(Got::Event).collect();
+        assert_eq!(w.write(id, usize::MAX, w.at(2)), odd);
+    }
+
+    #[test]
+    fn a_resume_older_than_the_window_is_told_of_the_gap_first() {
+        let mut w = World::new(8, settings(1 << 20));
+        w.publish(20, 10);
+        w.fan_out(w.at(0));
+        let id = w.register(ALICE, None, Some(3));
+        let mut want = vec![Got::Gap {
+            since: 3,
+            oldest: 13,
+        }];
+        want.extend(events(13..=20));
+        assert_eq!(w.write(id, usize::MAX, w.at(1)), want);
+    }
+
+    #[test]
+    fn an_empty_queue_takes_a_frame_larger_than_the_bound() {
+        let mut w = World::new(1000, settings(100));
+        let id = w.register(ALICE, None, None);
+        w.publish(1, 1000);
+        w.fan_out(w.at(0));
+        assert_eq!(w.write(id, usize::MAX, w.at(1)), events(1..=1));
+    }
+
+    #[test]
+    fn a_socket_that_takes_nothing_while_full_is_closed_naming_its_resume_point() {
+        let mut w = World::new(1000, settings(1000));
+        let id = w.register(ALICE, None, None);
+        w.publish(40, 100);
+        w.fan_out(w.at(0));
+        // Its writer hands the kernel a batch, which takes only the first two frames.
+        let first = w.write(id, 300, w.at(1));
+        assert_eq!(first, events(1..=1), "one whole frame (the second is cut)");
+        // The tick after that write notes how far the socket got; stalls count from it.
+        w.shard.on_timeout(w.at(1));
+        for tick in 1..=STALL_TICKS {
+            assert!(w.shard.close_reason(id).is_none(), "tick {tick}");
+            w.shard.on_timeout(w.at(u64::from(tick) * 250));
+        }
+        let queued_last = w.shard.subs[id].out.last_seq();
+        assert_eq!(
+            w.shard.close_reason(id),
+            Some(&CloseReason::SlowConsumer { since: queued_last })
+        );
+        // What was queued goes out, then the close naming the last of it.
+        let rest = w.write(id, usize::MAX, w.at(2000));
+        assert_eq!(
+            rest.last(),
+            Some(&Got::Close(
+                close_code::SLOW_CONSUMER,
+                format!("slow consumer; resume with since={queued_last}")
+            ))
+        );
+    }
+
+    #[test]
+    fn a_lapped_reactor_closes_only_those_owed_what_is_gone() {
+        let mut w = World::new(8, settings(1 << 20));
+        w.publish(2, 10);
+        w.fan_out(w.at(0));
+        let owed = w.register(ALICE, None, None); // live from position 3
+        w.publish(20, 10); // positions 3..=22: the window (15..=22) no longer holds 3
+                           // A resume registered after the ingest ran on: its replay starts at the window.
+        let fresh = w.register(BOB, None, Some(20));
+        w.fan_out(w.at(1));
+        assert_eq!(
+            w.shard.close_reason(owed),
+            Some(&CloseReason::Lapped { since: 2 })
+        );
+        assert_eq!(w.shard.close_reason(fresh), None);
+        assert_eq!(
+            w.write(owed, usize::MAX, w.at(2)),
+            [Got::Close(
+                close_code::SLOW_CONSUMER,
+                "slow consumer; resume with since=2".into()
+            )]
+        );
+        assert_eq!(w.write(fresh, usize::MAX, w.at(2)), events(21..=22));
+    }
+
+    #[test]
+    fn keepalive_pings_and_a_silent_peer_is_closed_after_the_read_timeout() {
+        let mut w = World::new(1000, settings(1 << 20));
+        let silent = w.register(ALICE, None, None);
+        let alive = w.register(BOB, None, None);
+        w.shard.on_timeout(w.at(10_000)); // the ping interval: a ping to each
+        assert_eq!(w.write(silent, usize::MAX, w.at(10_001)), [Got::Ping]);
+        assert_eq!(w.write(alive, usize::MAX, w.at(10_001)), [Got::Ping]);
+        w.shard.heard(alive, w.at(10_100)); // its pong
+        w.shard.on_timeout(w.at(14_999));
+        assert_eq!(w.shard.close_reason(silent), None, "not yet");
+        w.shard.on_timeout(w.at(15_000));
+        assert_eq!(
+            w.shard.close_reason(silent),
+            Some(&CloseReason::PingTimeout)
+        );
+        assert_eq!(w.shard.close_reason(alive), None);
+        assert_eq!(
+            w.write(silent, usize::MAX, w.at(15_001)),
+            [Got::Close(
+                close_code::GOING_AWAY,
+                "no pong within the read timeout".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn pings_are_answered_and_a_peer_close_is_echoed() {
+        let mut w = World::new(1000, settings(1 << 20));
+        let id = w.register(ALICE, None, None);
+        w.shard
+            .on_inbound(id, Inbound::Ping(b"hi".to_vec()), w.at(1));
+        w.shard.on_inbound(id, Inbound::Close(Some(4321)), w.at(2));
+        w.publish(1, 10);
+        w.fan_out(w.at(3));
+        assert_eq!(
+            w.write(id, usize::MAX, w.at(4)),
+            [Got::Pong(b"hi".to_vec()), Got::Close(4321, String::new())],
+            "nothing after the close"
+        );
+        let mut batch = Vec::new();
+        assert_eq!(
+            w.shard.poll_transmit(id, &mut batch, w.at(5)),
+            Transmit::Finished
+        );
+    }
+
+    #[test]
+    fn a_close_that_cannot_get_out_is_cut_after_the_grace() {
+        let mut w = World::new(1000, settings(1 << 20));
+        let id = w.register(ALICE, None, None);
+        w.shard.close_all(CloseReason::Shutdown, w.at(1_000));
+        assert!(
+            w.shard.on_timeout(w.at(3_000)).is_empty(),
+            "within the grace"
+        );
+        assert_eq!(w.shard.on_timeout(w.at(3_001)), [id]);
+    }
+
+    #[test]
+    fn revocation_closes_only_the_streams_of_that_credential() {
+        let mut w = World::new(1000, settings(1 << 20));
+        let alice = w.register(ALICE, None, None);
+        let bob = w.register(BOB, None, None);
+        w.shard.revoke(|p| *p != ALICE, w.at(1));
+        assert_eq!(w.shard.close_reason(alice), Some(&CloseReason::Revoked));
+        assert_eq!(w.shard.close_reason(bob), None);
+        w.publish(1, 10);
+        w.fan_out(w.at(2));
+        assert_eq!(
+            w.write(alice, usize::MAX, w.at(3)),
+            [Got::Close(close_code::POLICY, "credential revoked".into())],
+            "a closed subscriber leaves the index"
+        );
+        assert_eq!(w.write(bob, usize::MAX, w.at(3)), events(1..=1));
+    }
+
+    #[test]
+    fn shutdown_closes_after_what_is_queued_and_removal_forgets() {
+        let mut w = World::new(1000, settings(1 << 20));
+        let id = w.register(ALICE, None, None);
+        w.publish(3, 10);
+        w.fan_out(w.at(0));
+        w.shard.close_all(CloseReason::Shutdown, w.at(1));
+        let mut want = events(1..=3);
+        want.push(Got::Close(
+            close_code::GOING_AWAY,
+            "relay shutting down".into(),
+        ));
+        assert_eq!(w.write(id, usize::MAX, w.at(2)), want);
+        assert_eq!(w.shard.len(), 1);
+        w.shard.remove(id);
+        assert!(w.shard.is_empty());
+    }
+
+    #[test]
+    fn a_cluster_resume_beyond_the_window_asks_the_stream_then_the_ring() {
+        let mut s = settings(1 << 20);
+        s.cluster = true;
+        let mut w = World::new(1000, s);
+        w.publish(10, 10);
+        w.fan_out(w.at(0));
+        // The ring holds positions 1..; seqs below 1 are only in the stream (here: none
+        // before the ring's start, so the ring is complete from 1).
+        w.producer.ring().set_complete_from(5);
+        let id = w.register(ALICE, None, Some(2));
+        assert!(
+            w.write(id, usize::MAX, w.at(1)).is_empty(),
+            "waits for the stream"
+        );
+        let ask = w.shard.poll_history().expect("a history request");
+        assert_eq!((ask.sub, ask.after, ask.until), (id, 2, 5));
+        assert_eq!(w.shard.poll_history(), None, "one at a time");
+        // The stream gives 3 and 4 and says it reached the ring's start.
+        let stored: Vec<Arc<Entry>> = [3, 4]
+            .iter()
+            .map(|&seq| {
+                let frame = w
+                    .arena
+                    .event_frame(br#"{"type":"health_alert"}"#, None, seq);
+                Arc::new(Entry {
+                    pos: 0,
+                    seq,
+                    frame,
+                    keys: FilterKeys {
+                        etype: EventType::HealthAlert,
+                        agent: None,
+                        session: None,
+                        data_session: None,
+                    },
+                    accepted_at: w.t0,
+                })
+            })
+            .collect();
+        let fetched = Fetched {
+            gap_oldest: None,
+            entries: stored,
+            reached: true,
+            covered: 4,
+        };
+        w.shard.on_history(id, ask.serial, Ok(fetched));
+        assert_eq!(w.write(id, usize::MAX, w.at(2)), events(3..=10));
+    }
+}
