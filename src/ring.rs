@@ -299,6 +299,25 @@ impl Cursor {
         &self.ring
     }
 
+    /// Moves the ready entries from `self.next` (at most `max`) into `round`, in order,
+    /// advancing `self.next` past them. Returns true if the reader was lapped at
+    /// `self.next`: the caller must close those owed what is gone and resume from
+    /// `ring().oldest()`.
+    pub fn read_round(&mut self, max: u64, round: &mut Vec<Arc<Entry>>) -> bool {
+        let end = self.ring.head().min(self.next.saturating_add(max));
+        while self.next < end {
+            match self.ring.get(self.next) {
+                Slot::Ready(e) => {
+                    round.push(e);
+                    self.next += 1;
+                }
+                Slot::Lapped => return true,
+                Slot::Pending => break,
+            }
+        }
+        false
+    }
+
     /// Waits until an entry at or past `self.next` is published.
     pub async fn wait(&self) {
         loop {

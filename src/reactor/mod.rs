@@ -29,7 +29,7 @@ use crate::io::tls::TlsConn;
 use crate::io::Listener;
 use crate::metrics::Metrics;
 use crate::proto::ws::CloseReason;
-use crate::ring::{Cursor, Entry, Slot};
+use crate::ring::{Cursor, Entry};
 use shard::Shard;
 
 /// Settings and state shared by all reactors (read-mostly, thread-safe).
@@ -246,21 +246,7 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
     let mut round: Vec<Arc<Entry>> = Vec::with_capacity(FANOUT_BATCH as usize);
     loop {
         cursor.wait().await;
-        let end = cursor.ring().head().min(cursor.next + FANOUT_BATCH);
-        let mut lapped = false;
-        while cursor.next < end {
-            match cursor.ring().get(cursor.next) {
-                Slot::Ready(e) => {
-                    round.push(e);
-                    cursor.next += 1;
-                }
-                Slot::Lapped => {
-                    lapped = true;
-                    break;
-                }
-                Slot::Pending => break,
-            }
-        }
+        let lapped = cursor.read_round(FANOUT_BATCH, &mut round);
         reactor.with_shard(|s| {
             s.on_entries(&round, cursor.next);
             if lapped {

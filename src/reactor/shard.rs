@@ -702,7 +702,7 @@ mod tests {
     use super::*;
     use crate::event::{EventType, FilterKeys};
     use crate::frame::FrameArena;
-    use crate::proto::ws::close_code;
+    use crate::proto::ws::{close_code, opcode};
     use crate::ring::{Cursor, Producer};
 
     const ALICE: Principal = Principal::User([1; 32]);
@@ -786,35 +786,19 @@ mod tests {
             }
         }
 
-        /// One fan-out round over everything published, as the driver's loop does it.
+        /// Fan-out over everything published, in the driver's rounds: a lapped round
+        /// resumes from the oldest retained event.
         fn fan_out(&mut self, now: Instant) {
-            let ring = self.producer.ring().clone();
-            // A lapped round resumes from the oldest retained event, as the driver does.
-            while self.cursor.next < ring.head() {
-                self.fan_out_round(&ring, now);
-            }
-        }
-
-        fn fan_out_round(&mut self, ring: &Arc<FrameRing>, now: Instant) {
             let mut round = Vec::new();
-            let mut lapped = false;
-            while self.cursor.next < ring.head() {
-                match ring.get(self.cursor.next) {
-                    Slot::Ready(e) => {
-                        round.push(e);
-                        self.cursor.next += 1;
-                    }
-                    Slot::Lapped => {
-                        lapped = true;
-                        break;
-                    }
-                    Slot::Pending => break,
+            while self.cursor.next < self.cursor.ring().head() {
+                let lapped = self.cursor.read_round(u64::MAX, &mut round);
+                self.shard.on_entries(&round, self.cursor.next);
+                round.clear();
+                if lapped {
+                    let oldest = self.cursor.ring().oldest();
+                    self.shard.on_lapped(oldest, now);
+                    self.cursor.next = oldest;
                 }
-            }
-            self.shard.on_entries(&round, self.cursor.next);
-            if lapped {
-                self.shard.on_lapped(ring.oldest(), now);
-                self.cursor.next = ring.oldest();
             }
         }
 
@@ -830,7 +814,6 @@ mod tests {
         /// What the subscriber's writer sends until it would wait, the socket taking at
         /// most `max` bytes (usize::MAX: everything).
         fn write(&mut self, id: SubId, max: usize, now: Instant) -> Vec<Got> {
-            let mut bytes = Vec::new();
             let mut budget = max;
             loop {
                 // The driver owns a taken batch until the kernel has all of it.
@@ -844,14 +827,13 @@ mod tests {
                     self.unwritten[id] = batch.iter().flat_map(|s| s.to_vec()).collect();
                 }
                 let n = self.unwritten[id].len().min(budget);
-                bytes.extend(self.unwritten[id].drain(..n));
+                self.received[id].extend(self.unwritten[id].drain(..n));
                 self.shard.on_written(id, n);
                 budget -= n;
                 if budget == 0 {
                     break;
                 }
             }
-            self.received[id].extend_from_slice(&bytes);
             let (got, used) = parse(&self.received[id]);
             self.received[id].drain(..used);
             got
@@ -876,7 +858,7 @@ mod tests {
             }
             let p = &b[head..head + len];
             out.push(match op {
-                1 => {
+                opcode::TEXT => {
                     let v: serde_json::Value = serde_json::from_slice(p).unwrap();
                     if v["type"] == "replay_gap" {
                         Got::Gap {
@@ -887,12 +869,12 @@ mod tests {
                         Got::Event(v["seq"].as_u64().unwrap())
                     }
                 }
-                8 => Got::Close(
+                opcode::CLOSE => Got::Close(
                     u16::from_be_bytes([p[0], p[1]]),
                     String::from_utf8(p[2..].to_vec()).unwrap(),
                 ),
-                9 => Got::Ping,
-                10 => Got::Pong(p.to_vec()),
+                opcode::PING => Got::Ping,
+                opcode::PONG => Got::Pong(p.to_vec()),
                 other => panic!("opcode {other}"),
             });
             b = &b[head + len..];
