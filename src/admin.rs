@@ -13,7 +13,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => drop(tokio::task::spawn_local(answer(stream, metrics.clone()))),
-            Err(e) => crate::server::accept_backoff("admin", e).await,
+            Err(e) => crate::io::accept::accept_backoff("admin", e).await,
         }
     }
 }

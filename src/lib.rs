@@ -25,6 +25,7 @@ pub mod fleet;
 pub mod frame;
 pub mod ingest;
 pub mod io;
+pub mod live;
 pub mod metrics;
 pub mod proto;
 pub mod reactor;

@@ -7,11 +7,9 @@
 //!                                   frame once)                         one thread each)
 //! ```
 
-use std::cell::RefCell;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,12 +17,15 @@ use anyhow::{bail, Context};
 use socket2::{Domain, Socket, Type};
 
 use crate::auth::LiveCredentials;
+use crate::cluster::ingest::ClusterSink;
 use crate::config::ServeConfig;
-use crate::ingest::{Pipeline, SeqAllocator};
-use crate::io::{self, IoMode, ListenerKind};
+use crate::ingest::{self, Pipeline, SeqAllocator};
+use crate::io::accept::SocketBudget;
+use crate::io::{self, IoMode};
+use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::reactor::{self, Shared};
-use crate::ring::FrameRing;
+use crate::reactor;
+use crate::ring::{Cursor, FrameRing};
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Addresses {
@@ -227,22 +228,21 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         // served from the ring.
         ring.set_complete_from(u64::MAX);
     }
-    let shared = Arc::new(Shared {
+    let live = Arc::new(Live::new(
+        credentials,
+        metrics.clone(),
+        SocketBudget::from_open_file_limit(),
+        shutdown_rx,
+        cfg.shutdown_grace,
+    ));
+    let settings = Arc::new(reactor::Settings {
         client_queue: cfg.client_queue,
         max_frame: cfg.max_frame as u64,
         max_connections: cfg.max_connections,
         ping_interval: cfg.ping_interval,
         read_timeout: cfg.read_timeout,
         handshake_timeout: cfg.handshake_timeout,
-        credentials,
-        metrics: metrics.clone(),
-        connections: AtomicUsize::new(0),
-        sockets: AtomicUsize::new(0),
-        socket_budget: socket_budget(),
-        shutdown: shutdown_rx.clone(),
         tls,
-        shutdown_grace: cfg.shutdown_grace,
-        ingest_final_pos: AtomicU64::new(u64::MAX),
         history: cluster.then_some(history_tx),
     });
 
@@ -251,7 +251,12 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     let (up_tx, up_rx) = crossbeam_channel::unbounded::<anyhow::Result<()>>();
 
     let sink = match seq {
-        Some(seq) => Sink::Local(Pipeline::new(producer, seq, metrics.clone(), cfg.max_frame)),
+        Some(seq) => SinkPlan::Local(Box::new(Pipeline::new(
+            producer,
+            seq,
+            metrics.clone(),
+            cfg.max_frame,
+        ))),
         None => {
             let node = crate::cluster::node::Node {
                 nats: cfg.nats.clone(),
@@ -259,7 +264,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
                 data_dir: data_dir.to_path_buf(),
                 producer,
                 metrics: metrics.clone(),
-                credentials: shared.credentials.clone(),
+                credentials: live.credentials.clone(),
                 history: history_rx,
             };
             let notice = EndNotice("the cluster thread".into(), ended_tx.clone());
@@ -274,8 +279,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
                     }
                 },
             )?);
-            Sink::Cluster {
-                checker: crate::ingest::Checker::new(cfg.max_frame),
+            SinkPlan::Cluster {
                 url: cfg.nats.url.clone().unwrap_or_default(),
                 subject: cfg.stream.subject(),
             }
@@ -283,18 +287,38 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     };
     {
         let notice = EndNotice("the ingest thread".into(), ended_tx.clone());
-        let (shared, dir, ring) = (shared.clone(), data_dir.to_path_buf(), ring.clone());
-        let listeners = IngestListeners {
-            tcp: ingest,
-            unix,
-            admin,
-        };
+        let (live, dir, ring, max_line) = (
+            live.clone(),
+            data_dir.to_path_buf(),
+            ring.clone(),
+            cfg.max_frame,
+        );
+        let listeners = ingest::run::Listeners { tcp: ingest, unix };
         threads.push(spawn_runtime_thread(
             "krux-ingest",
             up_tx.clone(),
             notice,
             move |up| async move {
-                if let Err(e) = run_ingest(sink, &ring, listeners, &shared, &up, &dir).await {
+                let res = async {
+                    // The admin port runs on this thread too.
+                    admin.set_nonblocking(true)?;
+                    let admin = tokio::net::TcpListener::from_std(admin)?;
+                    tokio::task::spawn_local(crate::admin::serve(admin, live.metrics.clone()));
+                    let ready = || drop(up.send(Ok(())));
+                    match sink {
+                        SinkPlan::Local(p) => {
+                            let sink = ingest::LocalSink::new(*p, dir);
+                            ingest::run::run(sink, listeners, &ring, &live, ready).await
+                        }
+                        SinkPlan::Cluster { url, subject } => {
+                            let (metrics, stop) = (live.metrics.clone(), live.shutdown.clone());
+                            let sink =
+                                ClusterSink::start(&url, subject, max_line, metrics, stop).await?;
+                            ingest::run::run(sink, listeners, &ring, &live, ready).await
+                        }
+                    }
+                };
+                if let Err(e) = res.await {
                     drop(up.send(Err(e)));
                 }
             },
@@ -302,22 +326,23 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     }
 
     for (i, (listener, cursor)) in ws_listeners.into_iter().zip(cursors).enumerate() {
-        let (up, shared) = (up_tx.clone(), shared.clone());
-        let notice = EndNotice(format!("reactor {i}"), ended_tx.clone());
+        let main = ReactorThread {
+            id: i,
+            settings: settings.clone(),
+            live: live.clone(),
+            cursor,
+            up: up_tx.clone(),
+        };
+        let (up, notice) = (
+            up_tx.clone(),
+            EndNotice(format!("reactor {i}"), ended_tx.clone()),
+        );
         threads.push(
             std::thread::Builder::new()
                 .name(format!("krux-reactor-{i}"))
                 .spawn(move || {
                     let _notice = notice;
-                    let up2 = up.clone();
-                    let res = io::run_reactor(mode, listener, move |lk| async move {
-                        let _ = up2.send(Ok(()));
-                        match lk {
-                            ListenerKind::Uring(l) => reactor::run(i, shared, l, cursor).await,
-                            ListenerKind::Epoll(l) => reactor::run(i, shared, l, cursor).await,
-                        }
-                    });
-                    if let Err(e) = res {
+                    if let Err(e) = io::run_reactor(mode, listener, main) {
                         let _ = up.send(Err(
                             anyhow::Error::new(e).context(format!("starting reactor {i}"))
                         ));
@@ -326,7 +351,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         );
     }
     drop(up_tx);
-    // The ingest thread reports itself up once its listeners are registered (see run_ingest).
+    // The ingest thread reports itself up once its listeners are registered.
     for _ in 0..n + 1 + usize::from(cluster) {
         match up_rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => {}
@@ -335,15 +360,15 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         }
     }
 
-    tracing::info!(ws = %addrs.ws, ingest = %addrs.ingest, admin = %addrs.admin, reactors = n, io = ?mode, socket_budget = shared.socket_budget, nats = %cfg.nats.url.as_deref().map_or("-".into(), crate::cluster::redact), "krux-relay is up");
+    tracing::info!(ws = %addrs.ws, ingest = %addrs.ingest, admin = %addrs.admin, reactors = n, io = ?mode, socket_budget = live.sockets.limit, nats = %cfg.nats.url.as_deref().map_or("-".into(), crate::config::cluster::redact), "krux-relay is up");
     if let Some(path) = &cfg.ready_file {
-        write_ready_file(path, &addrs, mode, shared.tls.is_some())?;
+        write_ready_file(path, &addrs, mode, settings.tls.is_some())?;
     }
     Ok(Running {
         addrs,
         io: mode,
         reactors: n,
-        metrics: shared.metrics.clone(),
+        metrics,
         ended,
         threads,
         shutdown: shutdown_tx,
@@ -395,151 +420,26 @@ fn write_ready_file(path: &Path, addrs: &Addresses, mode: IoMode, tls: bool) -> 
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The ingest thread: TCP and Unix publishers and the admin port, until shutdown; then it
-/// waits (within the grace period) for every publisher to get its summary, and records the
-/// final seq so the reactors know when everything accepted has been dispatched.
-async fn run_ingest(
-    sink: Sink,
-    ring: &FrameRing,
-    listeners: IngestListeners,
-    shared: &Shared,
-    up: &crossbeam_channel::Sender<anyhow::Result<()>>,
-    data_dir: &Path,
-) -> anyhow::Result<()> {
-    let IngestListeners { tcp, unix, admin } = listeners;
-    let sink = sink.start(&shared.metrics, &shared.shutdown).await?;
-    tcp.set_nonblocking(true)?;
-    admin.set_nonblocking(true)?;
-    let tcp = tokio::net::TcpListener::from_std(tcp)?;
-    let admin = tokio::net::TcpListener::from_std(admin)?;
-    let unix = match unix {
-        Some(u) => {
-            u.set_nonblocking(true)?;
-            Some(tokio::net::UnixListener::from_std(u)?)
-        }
-        None => None,
-    };
-    tokio::task::spawn_local(crate::admin::serve(admin, shared.metrics.clone()));
-    let _ = up.send(Ok(()));
-
-    let mut publishers = Vec::new();
-    let mut shutdown = shared.shutdown.clone();
-    loop {
-        let accept_unix = async {
-            match &unix {
-                Some(u) => u.accept().await.map(|(s, _)| s),
-                None => std::future::pending().await,
-            }
-        };
-        let stop = shutdown.clone();
-        tokio::select! {
-            r = tcp.accept() => match r {
-                Ok((s, _)) => {
-                    let _ = s.set_nodelay(true);
-                    publishers.push(sink.serve(s, stop));
-                }
-                Err(e) => accept_backoff("ingest", e).await,
-            },
-            r = accept_unix => match r {
-                Ok(s) => publishers.push(sink.serve(s, stop)),
-                Err(e) => accept_backoff("ingest unix", e).await,
-            },
-            _ = shutdown.wait_for(|s| *s) => break,
-        }
-        publishers.retain(|p| !p.is_finished());
-    }
-    drop((tcp, unix));
-    let _ = tokio::time::timeout(shared.shutdown_grace, async {
-        for p in publishers {
-            let _ = p.await;
-        }
-        // In a cluster, what this node stored reaches its ring through the stream: let
-        // its own subscribers get it too before they are closed.
-        if let StartedSink::Cluster(_, storer) = &sink {
-            storer.consumed_all_stored().await;
-        }
-    })
-    .await;
-    let head = ring.head();
-    shared
-        .ingest_final_pos
-        .store(head, std::sync::atomic::Ordering::SeqCst);
-    match sink {
-        // Nothing after head - 1 was published: the next run's resumes need no gap notice.
-        StartedSink::Local(_) => {
-            crate::ingest::seq::record_clean_stop(data_dir, head.saturating_sub(1))
-        }
-        StartedSink::Cluster(..) => Ok(()),
-    }
+/// Where the ingest will put accepted lines: this node's ring, or (in a cluster) the
+/// stream, through a NATS connection made on the ingest thread.
+enum SinkPlan {
+    Local(Box<Pipeline>),
+    Cluster { url: String, subject: String },
 }
 
-/// The ingest thread's listeners: publishers over TCP and Unix, and the admin port.
-struct IngestListeners {
-    tcp: TcpListener,
-    unix: Option<std::os::unix::net::UnixListener>,
-    admin: TcpListener,
+/// A reactor thread's body, for whichever backend `io::run_reactor` picks.
+struct ReactorThread {
+    id: usize,
+    settings: Arc<reactor::Settings>,
+    live: Arc<Live>,
+    cursor: Cursor,
+    up: crossbeam_channel::Sender<anyhow::Result<()>>,
 }
 
-/// Where the ingest puts accepted lines: this node's ring, or the cluster's stream.
-enum Sink {
-    Local(Pipeline),
-    Cluster {
-        checker: crate::ingest::Checker,
-        url: String,
-        subject: String,
-    },
-}
-
-enum StartedSink {
-    Local(Rc<RefCell<Pipeline>>),
-    Cluster(
-        Rc<RefCell<crate::ingest::Checker>>,
-        Rc<crate::cluster::ingest::Storer>,
-    ),
-}
-
-impl Sink {
-    /// Ready to serve publishers (in a cluster: with its own NATS connection, on this
-    /// thread's runtime; it connects, and reconnects, in the background).
-    async fn start(
-        self,
-        metrics: &Arc<Metrics>,
-        shutdown: &tokio::sync::watch::Receiver<bool>,
-    ) -> anyhow::Result<StartedSink> {
-        Ok(match self {
-            Sink::Local(p) => StartedSink::Local(Rc::new(RefCell::new(p))),
-            Sink::Cluster {
-                checker,
-                url,
-                subject,
-            } => {
-                let client = crate::cluster::connect(&url, "krux-relay ingest").await?;
-                let storer = crate::cluster::ingest::Storer::new(
-                    client,
-                    subject,
-                    metrics.clone(),
-                    shutdown.clone(),
-                )?;
-                StartedSink::Cluster(Rc::new(RefCell::new(checker)), Rc::new(storer))
-            }
-        })
-    }
-}
-
-impl StartedSink {
-    fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>(
-        &self,
-        s: S,
-        stop: tokio::sync::watch::Receiver<bool>,
-    ) -> tokio::task::JoinHandle<()> {
-        match self {
-            StartedSink::Local(p) => {
-                tokio::task::spawn_local(crate::ingest::serve_publisher(s, p.clone(), stop))
-            }
-            StartedSink::Cluster(c, st) => tokio::task::spawn_local(
-                crate::cluster::ingest::serve_publisher(s, c.clone(), st.clone(), stop),
-            ),
-        }
+impl io::ReactorMain for ReactorThread {
+    async fn run<L: io::Listener>(self, listener: L) {
+        let _ = self.up.send(Ok(()));
+        reactor::run(self.id, self.settings, self.live, listener, self.cursor).await
     }
 }
 
@@ -568,37 +468,4 @@ where
             };
             tokio::task::LocalSet::new().block_on(&rt, body(up));
         })
-}
-
-/// Raises the soft open-file limit to the hard one and returns how many sockets port 7701
-/// may hold at once: the limit minus a reserve for publishers, the admin port, data files
-/// and the runtime's own descriptors, so that a flood of connections there (idle ones
-/// waiting out the handshake timeout) cannot leave the ingest unable to accept.
-fn socket_budget() -> usize {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one `rlimit` into `rl`, a valid and exclusive borrow.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
-        return usize::MAX; // unknown: only --max-connections applies
-    }
-    if rl.rlim_cur < rl.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: rl.rlim_max,
-            ..rl
-        };
-        // SAFETY: setrlimit only reads `raised`, a valid `rlimit`.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            rl = raised;
-        }
-    }
-    let limit = usize::try_from(rl.rlim_cur).unwrap_or(usize::MAX);
-    limit.saturating_sub((limit / 32).clamp(64, 512)).max(1)
-}
-
-/// Accept errors (EMFILE, ECONNABORTED) are transient: log, pause, keep listening.
-pub async fn accept_backoff(what: &str, e: std::io::Error) {
-    tracing::warn!("{what}: accept failed: {e}");
-    tokio::time::sleep(Duration::from_millis(50)).await;
 }

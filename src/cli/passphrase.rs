@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 #[derive(Debug, Args)]
 pub struct PassphraseArgs {
     #[command(flatten)]
-    pub nats: crate::cluster::NatsArgs,
+    pub nats: crate::config::cluster::NatsArgs,
     #[command(subcommand)]
     pub cmd: PassphraseCommand,
 }

@@ -5,7 +5,8 @@ use std::path::Path;
 use clap::{Args, Subcommand};
 
 use crate::auth::TokenStore;
-use crate::cluster::{credentials, NatsArgs};
+use crate::cluster::credentials;
+use crate::config::cluster::NatsArgs;
 
 /// `user-token`: its subcommand, and where the tokens live (the data dir, or the cluster).
 #[derive(Debug, Args)]

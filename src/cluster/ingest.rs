@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::batch::{event_seq, Batch, BatchBuilder, TooLarge};
 use crate::event::{now_rfc3339_millis, LineError};
-use crate::ingest::{Checker, Line, LineSplitter, Tally};
+use crate::ingest::{Checker, Line, LineSplitter, Sink, Tally};
 use crate::metrics::Metrics;
 
 /// Batches one connection may have awaiting their acks before it stops reading.
@@ -202,6 +202,47 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+/// A cluster node's ingest sink: lines are checked here and stored in the stream; they
+/// reach this node's ring (and every other node's) through its consumer.
+pub struct ClusterSink {
+    checker: Rc<RefCell<Checker>>,
+    storer: Rc<Storer>,
+}
+
+impl ClusterSink {
+    /// Connects on the calling thread's runtime (and reconnects in the background).
+    pub async fn start(
+        urls: &str,
+        subject: String,
+        max_line: usize,
+        metrics: Arc<Metrics>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<ClusterSink> {
+        let client = super::connect(urls, "krux-relay ingest").await?;
+        Ok(ClusterSink {
+            checker: Rc::new(RefCell::new(Checker::new(max_line))),
+            storer: Rc::new(Storer::new(client, subject, metrics, shutdown)?),
+        })
+    }
+}
+
+impl Sink for ClusterSink {
+    fn serve<S: AsyncRead + AsyncWrite + 'static>(
+        &self,
+        s: S,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (checker, storer) = (self.checker.clone(), self.storer.clone());
+        tokio::task::spawn_local(serve_publisher(s, checker, storer, stop))
+    }
+
+    /// What this node stored reaches its ring through the stream: its own subscribers get
+    /// it too before they are closed.
+    async fn drained(&self) {
+        self.storer.consumed_all_stored().await;
     }
 }
 

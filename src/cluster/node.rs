@@ -28,37 +28,20 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::batch::{event_seq, events, split_seq, Stored, MAX_EVENTS};
-use super::StreamArgs;
 use crate::auth::LiveCredentials;
+use crate::config::cluster::{NatsArgs, StreamArgs};
 use crate::event::{now_rfc3339_millis, Validator};
 use crate::frame::FrameArena;
 use crate::metrics::Metrics;
-pub use crate::reactor::shard::Fetched;
+use crate::reactor::{Fetched, HistoryReply, HistoryRequest};
 use crate::ring::{Entry, Producer};
 
 /// How long the consumer may take no message while the stream holds newer ones.
 const STALLED: Duration = Duration::from_secs(2);
 
-/// A reactor asks for the events after `after` that its ring may no longer hold.
-pub struct HistoryRequest {
-    pub after: u64,
-    /// Events from this seq on are in the ring (`u64::MAX`: the ring holds none yet).
-    pub until: u64,
-    /// Stop once the frames fetched hold this many bytes (the subscriber's queue bound).
-    pub max_bytes: usize,
-    /// The subscriber asking (its slab id and serial), echoed in the reply.
-    pub sub: (usize, u64),
-    pub reply: mpsc::UnboundedSender<HistoryReply>,
-}
-
-pub struct HistoryReply {
-    pub sub: (usize, u64),
-    pub fetched: anyhow::Result<Fetched>,
-}
-
 /// What the cluster thread needs.
 pub struct Node {
-    pub nats: super::NatsArgs,
+    pub nats: NatsArgs,
     pub stream: StreamArgs,
     pub data_dir: PathBuf,
     pub producer: Producer,

@@ -6,9 +6,11 @@
 //! does not read its replies only stalls itself.
 
 mod lines;
+pub mod run;
 pub mod seq;
 
 pub use lines::{Line, LineSplitter};
+pub use run::{LocalSink, Sink};
 pub use seq::SeqAllocator;
 
 use std::cell::RefCell;

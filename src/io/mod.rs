@@ -6,11 +6,11 @@
 //! in flight). Both backends run one single-threaded runtime per reactor thread with
 //! `tokio::task::spawn_local`, so tasks, timers and `Notify` work the same on either.
 
+pub mod accept;
 pub mod epoll;
 pub mod tls;
 pub mod uring;
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
@@ -54,7 +54,8 @@ pub fn resolve(mode: IoMode) -> io::Result<IoMode> {
 pub trait Conn: 'static {
     /// Reads into `buf`'s spare capacity; returns the buffer with the bytes appended.
     async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
-    /// One gathered write of `bufs` (at most `MAX_IOV` of them); may be partial.
+    /// One gathered write of `bufs` (the outbox hands at most `MAX_IOV` of them); may be
+    /// partial.
     async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>);
     fn shutdown(&self, how: std::net::Shutdown);
 }
@@ -64,9 +65,6 @@ pub trait Listener: 'static {
     type Conn: Conn;
     async fn accept(&self) -> io::Result<(Self::Conn, SocketAddr)>;
 }
-
-/// Largest number of buffers handed to one writev (Linux's IOV_MAX).
-pub const MAX_IOV: usize = 1024;
 
 /// Writes all of `buf` (handshake responses and other one-off writes).
 pub async fn write_all<C: Conn>(conn: &C, buf: Bytes) -> io::Result<()> {
@@ -106,39 +104,36 @@ pub fn advance(bufs: &mut Vec<Span>, mut n: usize) -> u64 {
     frames
 }
 
-/// A reactor thread's runtime and listener: the one switch between backends.
-pub fn run_reactor<F, Fut>(mode: IoMode, listener: std::net::TcpListener, body: F) -> io::Result<()>
-where
-    F: FnOnce(ListenerKind) -> Fut,
-    Fut: Future<Output = ()>,
-{
+/// What a reactor thread runs once its runtime is up, on either backend's listener.
+#[allow(async_fn_in_trait)]
+pub trait ReactorMain {
+    async fn run<L: Listener>(self, listener: L);
+}
+
+/// Builds a reactor thread's runtime for `mode` and runs `main` on it with `listener`:
+/// the one place that switches between backends.
+pub fn run_reactor(
+    mode: IoMode,
+    listener: std::net::TcpListener,
+    main: impl ReactorMain,
+) -> io::Result<()> {
     match mode {
         IoMode::Uring => {
             let rt = tokio_uring::Runtime::new(tokio_uring::builder().entries(1024))?;
-            rt.block_on(async move {
-                body(ListenerKind::Uring(uring::UringListener::new(listener))).await
-            });
+            rt.block_on(main.run(uring::UringListener::new(listener)));
             Ok(())
         }
         IoMode::Epoll | IoMode::Auto => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let l = epoll::EpollListener::new(listener)
-                    .expect("registering the listener with epoll");
-                body(ListenerKind::Epoll(l)).await
-            });
-            Ok(())
+            tokio::task::LocalSet::new().block_on(&rt, async move {
+                // Registering with epoll needs the runtime, so it happens inside it.
+                main.run(epoll::EpollListener::new(listener)?).await;
+                Ok(())
+            })
         }
     }
-}
-
-/// The listener of whichever backend runs; the reactor is generic over `Listener`.
-pub enum ListenerKind {
-    Uring(uring::UringListener),
-    Epoll(epoll::EpollListener),
 }
 
 #[cfg(test)]

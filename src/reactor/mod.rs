@@ -11,54 +11,56 @@ mod outbox;
 pub mod shard;
 mod subscriber;
 
-pub use outbox::{OutState, Outbox, Push};
-pub use shard::CLOSE_GRACE;
+pub use outbox::{OutState, Outbox, Push, MAX_IOV};
+pub use shard::{Fetched, CLOSE_GRACE};
 
 use std::cell::RefCell;
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
-use crate::auth::LiveCredentials;
-use crate::cluster::node::{HistoryReply, HistoryRequest};
+use crate::io::accept::{accept_backoff, SocketSlot};
 use crate::io::tls::TlsConn;
 use crate::io::Listener;
-use crate::metrics::Metrics;
+use crate::live::Live;
 use crate::proto::ws::CloseReason;
 use crate::ring::{Cursor, Entry};
 use shard::Shard;
 
-/// Settings and state shared by all reactors (read-mostly, thread-safe).
-pub struct Shared {
+/// A reactor's settings: fixed when the server starts, the same for every reactor.
+pub struct Settings {
     pub client_queue: usize,
     pub max_frame: u64,
     pub max_connections: usize,
     pub ping_interval: Duration,
     pub read_timeout: Duration,
     pub handshake_timeout: Duration,
-    pub credentials: Arc<LiveCredentials>,
-    pub metrics: Arc<Metrics>,
-    /// Open subscriber WebSockets across all reactors (for `--max-connections`).
-    pub connections: AtomicUsize,
-    /// Accepted sockets on the WebSocket port, handshaking or open, across reactors.
-    pub sockets: AtomicUsize,
-    /// Past this many `sockets`, reactors stop accepting (the rest wait in the kernel's
-    /// backlog), keeping open-file headroom for publishers and the admin port.
-    pub socket_budget: usize,
     /// TLS for every subscriber connection, when configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// Becomes true when the server shuts down.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
-    pub shutdown_grace: Duration,
-    /// The ring head (a position) once the ingest has stopped (u64::MAX before): reactors
-    /// deliver up to it, then close their subscribers.
-    pub ingest_final_pos: AtomicU64,
-    /// A cluster node's history fetches: resumes its window no longer reaches.
+    /// Where a cluster node's history fetches go: resumes its window no longer reaches.
     pub history: Option<mpsc::UnboundedSender<HistoryRequest>>,
+}
+
+/// A reactor asks for the events after `after` that its ring may no longer hold (served
+/// by the cluster side from the stream).
+pub struct HistoryRequest {
+    pub after: u64,
+    /// Events from this seq on are in the ring (`u64::MAX`: the ring holds none yet).
+    pub until: u64,
+    /// Stop once the frames fetched hold this many bytes (the subscriber's queue bound).
+    pub max_bytes: usize,
+    /// The subscriber asking (its slab id and serial), echoed in the reply.
+    pub sub: (usize, u64),
+    pub reply: mpsc::UnboundedSender<HistoryReply>,
+}
+
+pub struct HistoryReply {
+    pub sub: (usize, u64),
+    pub fetched: anyhow::Result<Fetched>,
 }
 
 /// The driver's handle on one subscriber: how to wake its writer and end its socket.
@@ -71,7 +73,8 @@ pub struct Handle {
 /// Per-thread reactor state: the shard and what its drivers share.
 pub struct Reactor {
     pub id: usize,
-    pub shared: Arc<Shared>,
+    pub settings: Arc<Settings>,
+    pub live: Arc<Live>,
     pub shard: RefCell<Shard<Rc<Handle>>>,
     /// Where this reactor's history replies arrive.
     history_replies: mpsc::UnboundedSender<HistoryReply>,
@@ -81,32 +84,39 @@ pub struct Reactor {
 const FANOUT_BATCH: u64 = 256;
 
 /// Runs a reactor until the process stops.
-pub async fn run<L: Listener>(id: usize, shared: Arc<Shared>, listener: L, cursor: Cursor) {
+pub async fn run<L: Listener>(
+    id: usize,
+    settings: Arc<Settings>,
+    live: Arc<Live>,
+    listener: L,
+    cursor: Cursor,
+) {
     let (history_replies, replies) = mpsc::unbounded_channel();
-    let settings = shard::Settings {
-        client_queue: shared.client_queue,
-        ping_interval: shared.ping_interval,
-        read_timeout: shared.read_timeout,
-        cluster: shared.history.is_some(),
+    let shard_settings = shard::Settings {
+        client_queue: settings.client_queue,
+        ping_interval: settings.ping_interval,
+        read_timeout: settings.read_timeout,
+        cluster: settings.history.is_some(),
     };
     let shard = Shard::new(
         id,
-        settings,
+        shard_settings,
         cursor.ring().clone(),
         cursor.next,
-        shared.metrics.clone(),
+        live.metrics.clone(),
         Instant::now(),
     );
     let reactor = Rc::new(Reactor {
         id,
-        shared,
+        settings,
+        live,
         shard: RefCell::new(shard),
         history_replies,
     });
     tokio::task::spawn_local(fan_out(reactor.clone(), cursor));
     tokio::task::spawn_local(backlog_replies(reactor.clone(), replies));
     tokio::task::spawn_local(housekeeping(reactor.clone()));
-    let mut shutdown = reactor.shared.shutdown.clone();
+    let mut shutdown = reactor.live.shutdown.clone();
     tokio::select! {
         () = accept_loop(reactor.clone(), listener) => {}
         _ = shutdown.wait_for(|s| *s) => {}
@@ -118,10 +128,10 @@ pub async fn run<L: Listener>(id: usize, shared: Arc<Shared>, listener: L, curso
 /// Shutdown: deliver everything the ingest accepted, then close every subscriber with
 /// 1001 after its queued frames, and wait for them to go — all within the grace period.
 async fn drain(reactor: &Reactor) {
-    let shared = &reactor.shared;
-    let deadline = tokio::time::Instant::now() + shared.shutdown_grace;
+    let live = &reactor.live;
+    let deadline = tokio::time::Instant::now() + live.shutdown_grace;
     while tokio::time::Instant::now() < deadline {
-        let last = shared.ingest_final_pos.load(Ordering::SeqCst);
+        let last = live.ingest_final_pos.load(Ordering::SeqCst);
         if last != u64::MAX && reactor.shard.borrow().next_pos() >= last {
             break;
         }
@@ -133,31 +143,15 @@ async fn drain(reactor: &Reactor) {
     }
 }
 
-/// One accepted socket counted in `Shared::sockets` until its connection task ends.
-struct SocketSlot(Arc<Shared>);
-
-impl SocketSlot {
-    fn take(shared: &Arc<Shared>) -> SocketSlot {
-        shared.sockets.fetch_add(1, Ordering::Relaxed);
-        SocketSlot(shared.clone())
-    }
-}
-
-impl Drop for SocketSlot {
-    fn drop(&mut self) {
-        self.0.sockets.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 async fn accept_loop<L: Listener>(reactor: Rc<Reactor>, listener: L) {
-    let shared = &reactor.shared;
+    let sockets = &reactor.live.sockets;
     let mut paused = false;
     loop {
-        if shared.sockets.load(Ordering::Relaxed) >= shared.socket_budget {
+        if sockets.exhausted() {
             if !paused {
                 tracing::warn!(
                     reactor = reactor.id,
-                    budget = shared.socket_budget,
+                    budget = sockets.limit,
                     "open-file budget of the WebSocket port reached; accepting paused"
                 );
                 paused = true;
@@ -170,15 +164,15 @@ async fn accept_loop<L: Listener>(reactor: Rc<Reactor>, listener: L) {
         }
         match listener.accept().await {
             Ok((conn, peer)) => {
-                let (r, ip, slot) = (reactor.clone(), peer.ip(), SocketSlot::take(shared));
+                let (r, ip, slot) = (reactor.clone(), peer.ip(), sockets.take());
                 // One task type per path, each sized for its own state: an idle plain
                 // subscriber's task does not carry TLS's.
-                drop(match r.shared.tls.clone() {
+                drop(match r.settings.tls.clone() {
                     None => tokio::task::spawn_local(serve_plain(r, conn, ip, slot)),
                     Some(config) => tokio::task::spawn_local(serve_tls(r, conn, ip, config, slot)),
                 });
             }
-            Err(e) => crate::server::accept_backoff("reactor", e).await,
+            Err(e) => accept_backoff("reactor", e).await,
         }
     }
 }
@@ -196,7 +190,7 @@ async fn serve_tls<C: crate::io::Conn>(
 ) {
     // Boxed, like the HTTP handshake: freed once it is done.
     let hs = Box::pin(tokio::time::timeout(
-        r.shared.handshake_timeout,
+        r.settings.handshake_timeout,
         TlsConn::accept(conn, config),
     ));
     match hs.await {
@@ -220,7 +214,7 @@ impl Reactor {
                 sub: (ask.sub, ask.serial),
                 reply: self.history_replies.clone(),
             };
-            let sent = self.shared.history.as_ref().map(|h| h.send(request));
+            let sent = self.settings.history.as_ref().map(|h| h.send(request));
             if !matches!(sent, Some(Ok(()))) {
                 // The cluster thread is gone: nothing can serve this resume.
                 shard.close(ask.sub, CloseReason::HistoryUnavailable, Instant::now());
@@ -269,16 +263,16 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
 
 /// The shard's timer (keepalive, stalls, stuck closes) and token revocation.
 async fn housekeeping(reactor: Rc<Reactor>) {
-    let shared = reactor.shared.clone();
-    let mut seen_generation = shared.credentials.generation();
+    let credentials = reactor.live.credentials.clone();
+    let mut seen_generation = credentials.generation();
     loop {
         let due = reactor.shard.borrow().poll_timeout();
         tokio::time::sleep_until(due.into()).await;
         let now = Instant::now();
-        let generation = shared.credentials.generation();
+        let generation = credentials.generation();
         let kill = reactor.with_shard(|s| {
             if generation != seen_generation {
-                s.revoke(|p| shared.credentials.still_valid(p), now);
+                s.revoke(|p| credentials.still_valid(p), now);
             }
             s.on_timeout(now)
                 .into_iter()

@@ -7,7 +7,9 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::frame::{close_frame, EventFrame, Span};
-use crate::io::MAX_IOV;
+
+/// Largest number of buffers one batch hands to a writev (Linux's IOV_MAX).
+pub const MAX_IOV: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutState {

@@ -11,11 +11,12 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::shard::Transmit;
-use super::{Handle, Reactor, Shared, CLOSE_GRACE};
+use super::{Handle, Reactor, CLOSE_GRACE};
 use crate::auth::Principal;
 use crate::filter::SubId;
 use crate::frame::Span;
 use crate::io::{advance, write_all, Conn};
+use crate::live::Live;
 use crate::proto::handshake::{
     decide, parse_request, query_pairs, redact_query, Auth, Credential, Decision, Gate, Parsed,
     Request, Response, MAX_HEAD,
@@ -45,15 +46,15 @@ async fn handshake<C: Conn>(
     conn: &C,
     peer: IpAddr,
 ) -> Option<(crate::proto::handshake::Upgrade, Vec<u8>)> {
-    let shared = &reactor.shared;
-    let head = tokio::time::timeout(shared.handshake_timeout, read_head(conn)).await;
+    let live = &reactor.live;
+    let head = tokio::time::timeout(reactor.settings.handshake_timeout, read_head(conn)).await;
     let (req, leftover) = match head {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return None, // closed before sending a request
-        Ok(Err(resp)) => return answer_and_close(conn, shared, resp).await,
+        Ok(Err(resp)) => return answer_and_close(conn, live, resp).await,
         Err(_) => {
             let late = Response::text(408, "The request head took too long to arrive.");
-            return answer_and_close(conn, shared, late).await;
+            return answer_and_close(conn, live, late).await;
         }
     };
 
@@ -64,19 +65,19 @@ async fn handshake<C: Conn>(
         .find(|(k, _)| k == "passphrase")
     {
         Some((_, p)) if req.path == "/events" && req.upgrade_websocket && !p.is_empty() => {
-            Some(check_passphrase(shared, p.into_owned(), peer).await)
+            Some(check_passphrase(live, p.into_owned(), peer).await)
         }
         _ => None,
     };
     let authenticate = |c: &Credential| match c {
-        Credential::Token(t) => shared
+        Credential::Token(t) => live
             .credentials
             .authenticate_token(t)
             .map_or(Auth::Invalid, Auth::Valid),
         Credential::Passphrase(_) => passphrase.unwrap_or(Auth::Invalid),
     };
     let gate = Gate {
-        at_capacity: shared.connections.load(Relaxed) >= shared.max_connections,
+        at_capacity: live.connections.load(Relaxed) >= reactor.settings.max_connections,
         authenticate: &authenticate,
     };
     let decision = decide(&req, &gate);
@@ -88,9 +89,9 @@ async fn handshake<C: Conn>(
     );
     let up = match decision {
         Decision::Upgrade(up) => up,
-        Decision::Refuse(resp) => return answer_and_close(conn, shared, resp).await,
+        Decision::Refuse(resp) => return answer_and_close(conn, live, resp).await,
         Decision::Dashboard => {
-            return answer_and_close(conn, shared, Response::html(DASHBOARD)).await
+            return answer_and_close(conn, live, Response::html(DASHBOARD)).await
         }
     };
     Some((up, leftover))
@@ -111,7 +112,7 @@ async fn subscribe<C: Conn>(
     {
         return;
     }
-    reactor.shared.metrics.handshake(101);
+    reactor.live.metrics.handshake(101);
 
     let gone = Rc::new(Cell::new(false));
     spawn_writer(&reactor, registration.id, &handle, &gone, &conn);
@@ -170,7 +171,7 @@ fn register<'r, C: Conn>(
             Instant::now(),
         )
     });
-    reactor.shared.connections.fetch_add(1, Relaxed);
+    reactor.live.connections.fetch_add(1, Relaxed);
     let response = up.response(Some(position).filter(|&s| s > 0));
     (Registration { reactor, id }, handle, response)
 }
@@ -184,15 +185,15 @@ struct Registration<'a> {
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
         self.reactor.shard.borrow_mut().remove(self.id);
-        self.reactor.shared.connections.fetch_sub(1, Relaxed);
+        self.reactor.live.connections.fetch_sub(1, Relaxed);
     }
 }
 
 /// Checks an operator passphrase: refused outright while the address is over its failure
 /// limit; cheap after the first success; otherwise Argon2 on the blocking pool, so the
 /// reactor keeps serving its subscribers meanwhile.
-async fn check_passphrase(shared: &Shared, candidate: String, peer: IpAddr) -> Auth {
-    let creds = &shared.credentials;
+async fn check_passphrase(live: &Live, candidate: String, peer: IpAddr) -> Auth {
+    let creds = &live.credentials;
     let now = Instant::now();
     if let Some(secs) = creds.failures.blocked_for(peer, now) {
         return Auth::RateLimited(secs);
@@ -242,8 +243,8 @@ async fn read_head<C: Conn>(conn: &C) -> Result<Option<(Request, Vec<u8>)>, Resp
 
 /// Writes a complete HTTP response (a refusal, or the dashboard page) and ends the
 /// connection; returns no upgrade.
-async fn answer_and_close<C: Conn, T>(conn: &C, shared: &Shared, resp: Response) -> Option<T> {
-    shared.metrics.handshake(resp.status);
+async fn answer_and_close<C: Conn, T>(conn: &C, live: &Live, resp: Response) -> Option<T> {
+    live.metrics.handshake(resp.status);
     tracing::debug!(status = resp.status, "answered without an upgrade");
     let _ = write_all(conn, Bytes::from(resp.to_bytes())).await;
     conn.shutdown(Shutdown::Write);
@@ -264,7 +265,7 @@ async fn answer_and_close<C: Conn, T>(conn: &C, shared: &Shared, resp: Response)
 }
 
 async fn read_loop<C: Conn>(reactor: &Reactor, id: SubId, conn: &C, leftover: Vec<u8>) {
-    let mut decoder = InboundDecoder::new(reactor.shared.max_frame);
+    let mut decoder = InboundDecoder::new(reactor.settings.max_frame);
     let mut buf = leftover;
     loop {
         if !buf.is_empty() {
@@ -303,7 +304,7 @@ async fn write_loop<C: Conn>(
     gone: Rc<Cell<bool>>,
     conn: Rc<C>,
 ) {
-    let metrics = &reactor.shared.metrics;
+    let metrics = &reactor.live.metrics;
     let mut batch: Vec<Span> = Vec::new();
     // Ingest time of the oldest event frame in `batch` (kept across a partial write).
     let mut oldest_at = None;

@@ -2,6 +2,8 @@
 //! over the environment, which wins over the file), and the value syntaxes of the
 //! contract (`500ms`, `10s`, `2m`; `512`, `64KiB`, `16MiB`).
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -193,9 +195,9 @@ pub struct ServeConfig {
     #[arg(long, env = "KRUX_INSECURE_ADMIN")]
     pub insecure_admin: bool,
     #[command(flatten)]
-    pub nats: crate::cluster::NatsArgs,
+    pub nats: cluster::NatsArgs,
     #[command(flatten)]
-    pub stream: crate::cluster::StreamArgs,
+    pub stream: cluster::StreamArgs,
 }
 
 /// Largest `--replay`: its slots alone are 8 bytes each.
@@ -286,7 +288,7 @@ impl ServeConfig {
             }
         }
         if let Some(url) = &self.nats.url {
-            crate::cluster::parse_urls(url).map_err(|e| format!("{e:#}"))?;
+            cluster::parse_urls(url).map_err(|e| format!("{e:#}"))?;
             self.stream.check()?;
         }
         let tls = self.tls_self_signed || self.tls_cert.is_some();
