@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
+use krux_testkit::{FrameCounter, Seen};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -117,9 +118,8 @@ pub async fn connect(
         };
     }
     let sep = if q.is_empty() { "" } else { "&" };
-    let req = format!(
-        "GET /events?access_token={token}{sep}{q} HTTP/1.1\r\nHost: {ws}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
+    let target = format!("/events?access_token={token}{sep}{q}");
+    let req = krux_testkit::upgrade_request(&target, &ws.to_string(), "");
     s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::with_capacity(1024);
     loop {
@@ -141,185 +141,6 @@ pub async fn connect(
         }
         if buf.len() > 16 * 1024 {
             bail!("handshake response too long");
-        }
-    }
-}
-
-/// Incremental frame counting over a byte stream.
-pub(crate) struct FrameCounter {
-    head: [u8; 10],
-    head_len: usize,
-    /// Payload bytes left in the current frame.
-    remaining: u64,
-    opcode: u8,
-    /// Whether the current frame is sampled, and the start of its payload (up to
-    /// `SAMPLE_BYTES`); the buffer is reused, so sampling never allocates.
-    sampled: bool,
-    sample: Vec<u8>,
-    pub(crate) frames: u64,
-    sample_every: u64,
-    /// Churn runs: read every frame's `seq` (from the payload's tail) to resume from it
-    /// and to count duplicates.
-    track_seq: bool,
-    tail: Vec<u8>,
-    last_seq: u64,
-    duplicates: u64,
-}
-
-const SAMPLE_BYTES: usize = 1024;
-
-pub(crate) enum Seen<'a> {
-    /// A text frame completed; its sampled payload prefix if it was sampled.
-    Text(Option<&'a [u8]>),
-    Close(u16),
-}
-
-impl FrameCounter {
-    pub(crate) fn new(sample_every: u64, track_seq: bool) -> Self {
-        FrameCounter {
-            head: [0; 10],
-            head_len: 0,
-            remaining: 0,
-            opcode: 0,
-            sampled: false,
-            sample: Vec::with_capacity(SAMPLE_BYTES),
-            frames: 0,
-            sample_every: sample_every.max(1),
-            track_seq,
-            tail: Vec::new(),
-            last_seq: 0,
-            duplicates: 0,
-        }
-    }
-
-    /// A new connection starts at a frame boundary.
-    fn new_stream(&mut self) {
-        self.head_len = 0;
-        self.remaining = 0;
-        self.sampled = false;
-        self.tail.clear();
-    }
-
-    fn keep_tail(&mut self, chunk: &[u8]) {
-        if self.track_seq {
-            self.tail
-                .extend_from_slice(&chunk[chunk.len().saturating_sub(32)..]);
-            if self.tail.len() > 64 {
-                self.tail.drain(..self.tail.len() - 32);
-            }
-        }
-    }
-
-    pub(crate) fn feed(&mut self, mut data: &[u8], on: &mut impl FnMut(Seen)) {
-        while !data.is_empty() {
-            if self.remaining > 0 {
-                let k = (self.remaining as usize).min(data.len());
-                if self.sampled {
-                    let room = SAMPLE_BYTES.saturating_sub(self.sample.len());
-                    self.sample.extend_from_slice(&data[..k.min(room)]);
-                }
-                self.keep_tail(&data[..k]);
-                data = &data[k..];
-                self.remaining -= k as u64;
-                if self.remaining == 0 {
-                    self.finish(on);
-                }
-                continue;
-            }
-            // Fast path: whole unsampled short text frames, counted from their headers alone.
-            if self.head_len == 0 && !self.track_seq {
-                while data.len() >= 4 && data[0] == 0x81 && data[1] <= 126 {
-                    let end = match data[1] {
-                        126 => 4 + usize::from(u16::from_be_bytes([data[2], data[3]])),
-                        n => 2 + usize::from(n),
-                    };
-                    if end > data.len() || self.frames.is_multiple_of(self.sample_every) {
-                        break;
-                    }
-                    self.frames += 1;
-                    data = &data[end..];
-                }
-                if data.is_empty() {
-                    return;
-                }
-            }
-            // Collect a header: 2 bytes, then 0, 2 or 8 length bytes (server frames are unmasked).
-            let need = |h: &[u8]| -> usize {
-                if h.len() < 2 {
-                    2
-                } else {
-                    match h[1] & 0x7F {
-                        126 => 4,
-                        127 => 10,
-                        _ => 2,
-                    }
-                }
-            };
-            while self.head_len < need(&self.head[..self.head_len]) && !data.is_empty() {
-                self.head[self.head_len] = data[0];
-                self.head_len += 1;
-                data = &data[1..];
-            }
-            let h = &self.head[..self.head_len];
-            if h.len() < need(h) {
-                return;
-            }
-            let len = match h[1] & 0x7F {
-                126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
-                127 => u64::from_be_bytes(h[2..10].try_into().expect("8 bytes")),
-                n => u64::from(n),
-            };
-            self.head_len = 0;
-            self.start_frame(h[0] & 0x0F, len, on);
-        }
-    }
-
-    fn start_frame(&mut self, opcode: u8, len: u64, on: &mut impl FnMut(Seen)) {
-        self.opcode = opcode;
-        self.remaining = len;
-        self.sampled =
-            opcode == 0x8 || (opcode == 0x1 && self.frames.is_multiple_of(self.sample_every));
-        self.sample.clear();
-        if len == 0 {
-            self.finish(on);
-        }
-    }
-
-    fn finish(&mut self, on: &mut impl FnMut(Seen)) {
-        let sample = self.sampled.then_some(&self.sample[..]);
-        self.sampled = false;
-        let tail = std::mem::take(&mut self.tail);
-        match self.opcode {
-            0x1 => {
-                if self.track_seq {
-                    // The relay appends `"seq":N}` last; the baseline puts `seq` before
-                    // `session_id`/`timestamp`/`type`, so search the tail's last occurrence.
-                    let seq = memchr::memmem::rfind(&tail, b"\"seq\":").and_then(|i| {
-                        let digits: Vec<u8> = tail[i + 6..]
-                            .iter()
-                            .copied()
-                            .take_while(u8::is_ascii_digit)
-                            .collect();
-                        std::str::from_utf8(&digits).ok()?.parse::<u64>().ok()
-                    });
-                    if let Some(seq) = seq {
-                        if seq <= self.last_seq {
-                            self.duplicates += 1;
-                            return;
-                        }
-                        self.last_seq = seq;
-                    }
-                }
-                self.frames += 1;
-                on(Seen::Text(sample));
-            }
-            0x8 => {
-                let code = sample
-                    .filter(|p| p.len() >= 2)
-                    .map_or(1005, |p| u16::from_be_bytes([p[0], p[1]]));
-                on(Seen::Close(code));
-            }
-            _ => {}
         }
     }
 }
@@ -432,7 +253,7 @@ pub async fn subscribe(
                 }
             }
             Seen::Text(_) => {}
-            Seen::Close(code) => {
+            Seen::Close(code, _) => {
                 *shared
                     .closes
                     .lock()
@@ -532,7 +353,7 @@ pub async fn final_close(mut s: Box<dyn Stream>) -> u16 {
             match s.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => counter.feed(&buf[..n], &mut |seen| {
-                    if let Seen::Close(c) = seen {
+                    if let Seen::Close(c, _) = seen {
                         code = c;
                     }
                 }),
@@ -635,51 +456,12 @@ pub async fn publish(
 mod tests {
     use super::*;
 
-    fn frame(payload: &[u8], opcode: u8) -> Vec<u8> {
-        let mut f = vec![0x80 | opcode];
-        match payload.len() {
-            n @ 0..=125 => f.push(n as u8),
-            n @ 126..=0xFFFF => {
-                f.push(126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(payload);
-        f
-    }
-
     #[test]
-    fn counts_frames_and_samples_send_times_in_any_chunking() {
-        let mut stream = Vec::new();
-        for i in 0..20u64 {
-            let pad = "x".repeat([70_000, 200, 50][i as usize % 3]);
-            stream.extend(frame(
-                format!("{{\"lt\":{},\"pad\":\"{pad}\"}}", 1000 + i).as_bytes(),
-                1,
-            ));
-        }
-        stream.extend(frame(&[0x0F, 0xA1, b'b'], 8));
-        for (chunk, track_seq) in [1, 5, 4096, stream.len()]
-            .into_iter()
-            .flat_map(|c| [(c, true), (c, false)])
-        {
-            let mut c = FrameCounter::new(4, track_seq);
-            let mut samples = Vec::new();
-            let mut close = None;
-            for part in stream.chunks(chunk) {
-                c.feed(part, &mut |s| match s {
-                    Seen::Text(Some(p)) => samples.push(sent_at(p).unwrap()),
-                    Seen::Text(None) => {}
-                    Seen::Close(code) => close = Some(code),
-                });
-            }
-            assert_eq!(c.frames, 20, "chunk {chunk}");
-            assert_eq!(samples, vec![1000, 1004, 1008, 1012, 1016], "chunk {chunk}");
-            assert_eq!(close, Some(4001));
-        }
+    fn reads_the_send_time_from_a_sampled_prefix() {
+        assert_eq!(
+            sent_at(br#"{"type":"x","data":{"lt":1234,"pad":"x"}"#),
+            Some(1234)
+        );
+        assert_eq!(sent_at(br#"{"type":"x","data":{"pad":"x"}"#), None);
     }
 }

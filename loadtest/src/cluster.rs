@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::client::FrameCounter;
 use crate::ingest::{block, publish, publish_split};
-use crate::target::{proc_sample, wait_ready_file};
+use crate::target::{proc_sample, READY_WITHIN};
+use krux_testkit::wait_ready_file;
+use krux_testkit::FrameCounter;
 
 #[derive(Debug, Clone, Args)]
 pub struct ClusterArgs {
@@ -178,7 +179,7 @@ fn start_node(
         cmd.args(["--nats", url]);
     }
     let mut proc = Proc(cmd.stdout(Stdio::null()).spawn()?);
-    let info = wait_ready_file(&mut proc.0, &ready, "krux-relay")?;
+    let info = wait_ready_file(&mut proc.0, &ready, "krux-relay", READY_WITHIN)?;
     let addr = |k: &str| -> anyhow::Result<SocketAddr> {
         Ok(info[k].as_str().context("an address")?.parse()?)
     };

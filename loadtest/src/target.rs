@@ -4,10 +4,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use krux_testkit::wait_ready_file;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -181,7 +182,7 @@ impl Target {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
-        let info = wait_ready_file(&mut child, &ready, kind.binary())?;
+        let info = wait_ready_file(&mut child, &ready, kind.binary(), READY_WITHIN)?;
         let ca_pem = match (args.tls, kind) {
             (false, _) => None,
             (true, Kind::Relay) => Some(dir.path().join("tls-self-signed.pem")),
@@ -209,30 +210,8 @@ impl Target {
     }
 }
 
-/// Waits (at most 20 s) for `child` to write its ready file and returns it; an error if
-/// the child exits first.
-pub fn wait_ready_file(
-    child: &mut Child,
-    ready: &std::path::Path,
-    name: &str,
-) -> anyhow::Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = std::fs::read_to_string(ready)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-        {
-            return Ok(v);
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("{name} exited before it was ready: {status}");
-        }
-        if Instant::now() > deadline {
-            bail!("{name} not ready within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// How long a spawned server may take to write its ready file.
+pub const READY_WITHIN: Duration = Duration::from_secs(20);
 
 /// CPU seconds (user + system) and RSS bytes of a process, from /proc.
 #[derive(Debug, Clone, Copy, Default)]

@@ -9,9 +9,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
+use krux_testkit::{assert_success, ready_addr, upgrade_request, wait_ready_file};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -27,16 +28,6 @@ fn relay_bin() -> PathBuf {
         p.display()
     );
     p
-}
-
-fn assert_success(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// One server process (relay, baseline or limit) on port 0.
@@ -90,17 +81,15 @@ impl Server {
             .arg(&ready)
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let info: Value = loop {
-            if let Ok(text) = std::fs::read_to_string(&ready) {
-                if let Ok(v) = serde_json::from_str(&text) {
-                    break v;
-                }
-            }
-            assert!(Instant::now() < deadline, "{kind:?} wrote no ready file");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let addr = |k: &str| info[k].as_str().unwrap().parse().unwrap();
+        let mut child = child;
+        let info = wait_ready_file(
+            &mut child,
+            &ready,
+            &format!("{kind:?}"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let addr = |k: &str| ready_addr(&info, k).unwrap();
         Server {
             child,
             ws: addr("ws"),
@@ -113,11 +102,7 @@ impl Server {
     /// The status code of a WebSocket upgrade request for `path_and_query`.
     async fn upgrade_status(&self, path_and_query: &str) -> u16 {
         let mut s = TcpStream::connect(self.ws).await.unwrap();
-        let req = format!(
-            "GET {path_and_query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            self.ws
-        );
+        let req = upgrade_request(path_and_query, &self.ws.to_string(), "");
         s.write_all(req.as_bytes()).await.unwrap();
         let mut head = [0u8; 12];
         s.read_exact(&mut head).await.unwrap();

@@ -840,26 +840,14 @@ mod tests {
         }
     }
 
-    /// The whole frames in `b`, and how many bytes they took.
-    fn parse(b: &[u8]) -> (Vec<Got>, usize) {
-        let (mut out, mut used, mut b) = (Vec::new(), 0, b);
-        while b.len() >= 2 {
-            let (op, len7) = (b[0] & 0x0F, usize::from(b[1] & 0x7F));
-            let (len, head) = match len7 {
-                126 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
-                127 => (
-                    u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
-                    10,
-                ),
-                n => (n, 2),
-            };
-            if b.len() < head + len {
-                break; // cut by the socket's budget
-            }
-            let p = &b[head..head + len];
-            out.push(match op {
+    /// The whole frames in `b` (the rest may be cut by the socket's budget), and how many
+    /// bytes they took.
+    fn parse(mut b: &[u8]) -> (Vec<Got>, usize) {
+        let (mut out, mut used) = (Vec::new(), 0);
+        while let Some((frame, n)) = krux_testkit::parse_frame(b) {
+            out.push(match frame.opcode {
                 opcode::TEXT => {
-                    let v: serde_json::Value = serde_json::from_slice(p).unwrap();
+                    let v = frame.json().unwrap();
                     if v["type"] == "replay_gap" {
                         Got::Gap {
                             since: v["data"]["since"].as_u64().unwrap(),
@@ -869,16 +857,16 @@ mod tests {
                         Got::Event(v["seq"].as_u64().unwrap())
                     }
                 }
-                opcode::CLOSE => Got::Close(
-                    u16::from_be_bytes([p[0], p[1]]),
-                    String::from_utf8(p[2..].to_vec()).unwrap(),
-                ),
+                opcode::CLOSE => {
+                    let (code, reason) = frame.close().unwrap();
+                    Got::Close(code, reason)
+                }
                 opcode::PING => Got::Ping,
-                opcode::PONG => Got::Pong(p.to_vec()),
+                opcode::PONG => Got::Pong(frame.payload.to_vec()),
                 other => panic!("opcode {other}"),
             });
-            b = &b[head + len..];
-            used += head + len;
+            b = &b[n..];
+            used += n;
         }
         (out, used)
     }

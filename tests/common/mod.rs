@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+pub use krux_testkit::assert_success;
+use krux_testkit::{parse_frame, ready_addr, wait_ready_file};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -335,29 +337,10 @@ async fn spawn_relay(
         })
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let info: Value = loop {
-        if let Ok(text) = std::fs::read_to_string(&ready) {
-            break serde_json::from_str(&text).unwrap();
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("relay exited before it was ready: {status}");
-        }
-        assert!(Instant::now() < deadline, "relay not ready within 20 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let info = wait_ready_file(&mut child, &ready, "relay", Duration::from_secs(20)).unwrap();
     assert_eq!(info["pid"], child.id());
-    let addr = |k: &str| info[k].as_str().unwrap().parse().unwrap();
+    let addr = |k: &str| ready_addr(&info, k).unwrap();
     (child, addr("ws"), addr("ingest"), addr("admin"))
-}
-
-/// A command that must have succeeded; its stderr says why if not.
-pub fn assert_success(out: &Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 pub fn create_token(dir: &Path, name: &str) -> String {
@@ -470,57 +453,52 @@ pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) 
 
 /// A WebSocket upgrade request for `target` with extra header lines.
 pub fn upgrade_request(target: &str, extra_headers: &str) -> String {
-    format!(
-        "GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
-    )
+    krux_testkit::upgrade_request(target, "127.0.0.1", extra_headers)
 }
 
 /// Reads raw WebSocket frames from a plain TCP subscriber (after its 101 head): the seq of
 /// every text frame, and the close frame's code and reason if one came before EOF. Cheap
-/// enough to keep up with a fast relay: buffered reads, and `seq` taken from the end of
-/// the payload, where the relay appends it.
+/// enough to keep up with a fast relay: big reads, and `seq` taken from the end of the
+/// payload, where the relay appends it.
 pub async fn read_raw_frames(
     s: &mut TcpStream,
     max_events: usize,
 ) -> (Vec<u64>, Option<(u16, String)>) {
-    let mut r = tokio::io::BufReader::with_capacity(256 * 1024, s);
-    let mut seqs = Vec::new();
-    let mut payload = Vec::new();
+    let (mut buf, mut at, mut seqs) = (Vec::with_capacity(256 * 1024), 0, Vec::new());
     while seqs.len() < max_events {
-        let mut h = [0u8; 2];
-        if r.read_exact(&mut h).await.is_err() {
-            break;
-        }
-        let len = match h[1] & 0x7F {
-            126 => u64::from(r.read_u16().await.unwrap()),
-            127 => r.read_u64().await.unwrap(),
-            n => u64::from(n),
-        };
-        payload.resize(len as usize, 0);
-        if r.read_exact(&mut payload).await.is_err() {
-            break;
-        }
-        match h[0] & 0x0F {
-            0x1 => {
-                let at = payload
-                    .windows(6)
-                    .rposition(|w| w == b"\"seq\":")
-                    .expect("seq in every event")
-                    + 6;
-                let digits = &payload[at..payload.len() - 1];
-                seqs.push(std::str::from_utf8(digits).unwrap().parse().unwrap());
+        match parse_frame(&buf[at..]) {
+            Some((frame, used)) => {
+                at += used;
+                if let Some(close) = frame.close() {
+                    return (seqs, Some(close));
+                }
+                if frame.opcode == krux_testkit::frames::TEXT {
+                    seqs.push(seq_at_end(frame.payload));
+                }
             }
-            0x8 => {
-                let code = u16::from_be_bytes([payload[0], payload[1]]);
-                return (
-                    seqs,
-                    Some((code, String::from_utf8_lossy(&payload[2..]).into_owned())),
-                );
+            None => {
+                buf.drain(..at);
+                at = 0;
+                if !matches!(s.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                    break;
+                }
             }
-            _ => {}
         }
     }
     (seqs, None)
+}
+
+/// The `seq` of a relay event: `"seq":N}` ends its payload.
+fn seq_at_end(payload: &[u8]) -> u64 {
+    let at = payload
+        .windows(6)
+        .rposition(|w| w == b"\"seq\":")
+        .expect("seq in every event")
+        + 6;
+    std::str::from_utf8(&payload[at..payload.len() - 1])
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// A raw TCP subscriber: upgrade with the relay's token and `query`, return the socket
