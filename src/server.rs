@@ -161,10 +161,10 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     cfg.check().map_err(anyhow::Error::msg)?;
     create_private_dir(data_dir)?;
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::io::tls::config_from_pem(cert, key)?),
+        (Some(cert), Some(key)) => Some(crate::io::certs::config_from_pem(cert, key)?),
         _ if cfg.tls_self_signed => {
             let pem = data_dir.join("tls-self-signed.pem");
-            let (config, fingerprint) = crate::io::tls::self_signed(&pem)?;
+            let (config, fingerprint) = crate::io::certs::self_signed(&pem)?;
             tracing::info!(certificate = %pem.display(), "TLS with a self-signed certificate, SHA-256 fingerprint {fingerprint}");
             Some(config)
         }

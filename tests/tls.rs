@@ -9,7 +9,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 fn client_trusting(pem: &std::path::Path) -> tokio_tungstenite::Connector {
-    tokio_tungstenite::Connector::Rustls(krux_relay::io::tls::client_config_trusting(pem).unwrap())
+    tokio_tungstenite::Connector::Rustls(
+        krux_relay::io::certs::client_config_trusting(pem).unwrap(),
+    )
 }
 
 #[tokio::test]

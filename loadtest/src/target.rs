@@ -66,7 +66,7 @@ pub struct TargetArgs {
 /// A TLS connector trusting exactly the certificates in `pem`.
 pub fn tls_connector(pem: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
     Ok(tokio_rustls::TlsConnector::from(
-        krux_relay::io::tls::client_config_trusting(pem)?,
+        krux_relay::io::certs::client_config_trusting(pem)?,
     ))
 }
 

@@ -48,7 +48,7 @@ pub struct TailArgs {
 /// A connector trusting exactly the certificates in `pem`.
 fn connector(pem: &std::path::Path) -> anyhow::Result<tokio_tungstenite::Connector> {
     Ok(tokio_tungstenite::Connector::Rustls(
-        crate::io::tls::client_config_trusting(pem)?,
+        crate::io::certs::client_config_trusting(pem)?,
     ))
 }
 

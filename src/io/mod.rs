@@ -7,7 +7,10 @@
 //! `tokio::task::spawn_local`, so tasks, timers and `Notify` work the same on either.
 
 pub mod accept;
+pub mod certs;
 pub mod epoll;
+#[cfg(test)]
+pub mod mem;
 pub mod tls;
 pub mod uring;
 

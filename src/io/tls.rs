@@ -1,5 +1,6 @@
 //! TLS for port 7701: rustls as a sans-IO state machine over any `Conn`, so it works the
-//! same on both backends. The reactor owns the socket; rustls owns the TLS state.
+//! same on both backends. The reactor owns the socket; rustls owns the TLS state. The
+//! certificates and configs it runs with come from `io::certs`.
 //!
 //! TLS breaks the shared-frame fast path on purpose: every subscriber's bytes are
 //! encrypted separately (one copy and one AES-GCM pass per subscriber per frame), so a
@@ -13,91 +14,13 @@
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
 use bytes::Bytes;
 use rustls::ServerConnection;
 
 use super::{write_all, Conn};
 use crate::frame::Span;
-
-/// A server config from PEM files.
-pub fn config_from_pem(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let certs = rustls_pemfile::certs(&mut io::BufReader::new(
-        std::fs::File::open(cert).with_context(|| format!("opening {}", cert.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .with_context(|| format!("reading certificates from {}", cert.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", cert.display());
-    let key = rustls_pemfile::private_key(&mut io::BufReader::new(
-        std::fs::File::open(key).with_context(|| format!("opening {}", key.display()))?,
-    ))
-    .with_context(|| format!("reading the private key from {}", key.display()))?
-    .with_context(|| format!("{} holds no private key", key.display()))?;
-    build(certs, key)
-}
-
-/// A self-signed certificate for `localhost` and 127.0.0.1: its PEM is written to
-/// `cert_out` (so clients can trust it) and its SHA-256 fingerprint returned.
-pub fn self_signed(cert_out: &Path) -> anyhow::Result<(Arc<rustls::ServerConfig>, String)> {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-        .context("generating a self-signed certificate")?;
-    std::fs::write(cert_out, ck.cert.pem())
-        .with_context(|| format!("writing {}", cert_out.display()))?;
-    let der = ck.cert.der().clone();
-    let fingerprint = fingerprint(&der);
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
-    Ok((build(vec![der], key)?, fingerprint))
-}
-
-/// A client config trusting exactly the certificates in `pem` (a CA, or the relay's
-/// self-signed certificate): what `tail --ca-cert`, the load client and the tests use.
-pub fn client_config_trusting(pem: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    let file = std::fs::File::open(pem).with_context(|| format!("opening {}", pem.display()))?;
-    for cert in rustls_pemfile::certs(&mut io::BufReader::new(file)) {
-        roots.add(cert.with_context(|| format!("reading {}", pem.display()))?)?;
-    }
-    anyhow::ensure!(
-        !roots.is_empty(),
-        "{} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
-        pem.display()
-    );
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(cfg))
-}
-
-/// `AB:CD:…` SHA-256 of a DER certificate, as browsers show it.
-pub fn fingerprint(der: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn build(
-    certs: Vec<rustls::pki_types::CertificateDer<'static>>,
-    key: rustls::pki_types::PrivateKeyDer<'static>,
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS protocol versions")?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("the certificate and key do not form a usable pair")?;
-    Ok(Arc::new(cfg))
-}
 
 fn tls_err(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
@@ -228,5 +151,150 @@ impl<C: Conn> Conn for TlsConn<C> {
 
     fn shutdown(&self, how: Shutdown) {
         self.inner.shutdown(how);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::mem::{self, MemConn};
+
+    /// The client side, driven by hand over the other end of the pipe (as rustls' own
+    /// tests drive connections).
+    struct Client {
+        conn: MemConn,
+        tls: RefCell<rustls::ClientConnection>,
+    }
+
+    impl Client {
+        async fn flush(&self) {
+            let mut out = Vec::new();
+            while self.tls.borrow().wants_write() {
+                self.tls.borrow_mut().write_tls(&mut out).unwrap();
+            }
+            if !out.is_empty() {
+                write_all(&self.conn, Bytes::from(out)).await.unwrap();
+            }
+        }
+
+        /// Takes in what the server sent; false at EOF.
+        async fn receive(&self) -> bool {
+            let (n, cipher) = self.conn.read(Vec::with_capacity(16 * 1024)).await;
+            if n.unwrap() == 0 {
+                return false;
+            }
+            let mut tls = self.tls.borrow_mut();
+            tls.read_tls(&mut &cipher[..]).unwrap();
+            tls.process_new_packets().unwrap();
+            true
+        }
+
+        async fn handshake(&self) {
+            loop {
+                self.flush().await;
+                if !self.tls.borrow().is_handshaking() {
+                    return;
+                }
+                assert!(self.receive().await, "EOF during the handshake");
+            }
+        }
+
+        /// Plaintext until `n` bytes or EOF.
+        async fn read_plain(&self, n: usize) -> Vec<u8> {
+            let mut got = Vec::new();
+            while got.len() < n {
+                let mut chunk = vec![0; 64 * 1024];
+                match self.tls.borrow_mut().reader().read(&mut chunk) {
+                    Ok(k) => got.extend_from_slice(&chunk[..k]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+                if got.len() < n && !self.receive().await {
+                    break;
+                }
+            }
+            got
+        }
+    }
+
+    fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("cert.pem");
+        let (server, _) = crate::io::certs::self_signed(&pem).unwrap();
+        (
+            server,
+            crate::io::certs::client_config_trusting(&pem).unwrap(),
+        )
+    }
+
+    fn run(test: impl std::future::Future<Output = ()>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, test);
+    }
+
+    #[test]
+    fn frames_written_through_small_partial_writes_arrive_whole_and_in_order() {
+        run(async {
+            let (server_config, client_config) = configs();
+            // 1,000 bytes in flight at most: every record crosses in several writes.
+            let (c, s) = mem::pair(1000);
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let client = Client {
+                conn: c,
+                tls: RefCell::new(rustls::ClientConnection::new(client_config, name).unwrap()),
+            };
+            let accept = tokio::task::spawn_local(TlsConn::accept(s, server_config));
+            client.handshake().await;
+            let server = accept.await.unwrap().unwrap();
+
+            let parts: Vec<Vec<u8>> =
+                vec![b"first".to_vec(), vec![b'x'; 100_000], b"last".to_vec()];
+            let expected = parts.concat();
+            let writer = tokio::task::spawn_local(async move {
+                let mut spans: Vec<Span> = parts
+                    .into_iter()
+                    .map(|p| Span::from(Bytes::from(p)))
+                    .collect();
+                while !spans.is_empty() {
+                    let (n, mut left) = server.writev(spans).await;
+                    super::super::advance(&mut left, n.unwrap());
+                    spans = left;
+                }
+                server
+            });
+            assert_eq!(client.read_plain(expected.len()).await, expected);
+            let server = writer.await.unwrap();
+
+            // And the other way, then the client's close_notify reads as the end.
+            client.tls.borrow_mut().writer().write_all(b"ping").unwrap();
+            client.flush().await;
+            let (n, got) = server.read(Vec::with_capacity(64)).await;
+            assert_eq!((n.unwrap(), &got[..]), (4, &b"ping"[..]));
+            client.tls.borrow_mut().send_close_notify();
+            client.flush().await;
+            let (n, _) = server.read(Vec::with_capacity(64)).await;
+            assert_eq!(n.unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn a_client_that_is_not_speaking_tls_fails_the_handshake_with_an_alert() {
+        run(async {
+            let (server_config, _) = configs();
+            let (c, s) = mem::pair(64 * 1024);
+            let accept = tokio::task::spawn_local(TlsConn::accept(s, server_config));
+            write_all(&c, Bytes::from_static(b"GET /events HTTP/1.1\r\n\r\n"))
+                .await
+                .unwrap();
+            let err = accept.await.unwrap().err().expect("a failed handshake");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+            let (n, alert) = c.read(Vec::with_capacity(64)).await;
+            assert!(
+                n.unwrap() > 0 && alert[0] == 0x15,
+                "a TLS alert record: {alert:?}"
+            );
+        });
     }
 }

@@ -1,0 +1,165 @@
+//! In-memory connections for tests: a `Conn` pair joined by two bounded byte pipes, and a
+//! `Listener` fed through a channel, so TLS and the reactor's drivers run with no socket.
+//! A pipe takes at most its capacity, so writes are partial the way a full socket's are.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::rc::Rc;
+
+use tokio::sync::{mpsc, Mutex, Notify};
+
+use super::{Conn, Listener};
+use crate::frame::Span;
+
+/// One direction: bytes written by one end, read by the other.
+struct Pipe {
+    bytes: RefCell<VecDeque<u8>>,
+    capacity: usize,
+    closed: Cell<bool>,
+    readable: Notify,
+    writable: Notify,
+}
+
+impl Pipe {
+    fn new(capacity: usize) -> Rc<Pipe> {
+        Rc::new(Pipe {
+            bytes: RefCell::new(VecDeque::new()),
+            capacity,
+            closed: Cell::new(false),
+            readable: Notify::new(),
+            writable: Notify::new(),
+        })
+    }
+
+    fn close(&self) {
+        self.closed.set(true);
+        self.readable.notify_one();
+        self.writable.notify_one();
+    }
+}
+
+/// One end of an in-memory connection. Dropping it closes both directions.
+pub struct MemConn {
+    rx: Rc<Pipe>,
+    tx: Rc<Pipe>,
+}
+
+/// Two connected ends; each direction holds at most `capacity` unread bytes.
+pub fn pair(capacity: usize) -> (MemConn, MemConn) {
+    let (a, b) = (Pipe::new(capacity), Pipe::new(capacity));
+    (
+        MemConn {
+            rx: a.clone(),
+            tx: b.clone(),
+        },
+        MemConn { rx: b, tx: a },
+    )
+}
+
+impl Conn for MemConn {
+    async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        if buf.capacity() == buf.len() {
+            buf.reserve(1024);
+        }
+        loop {
+            let n = {
+                let mut q = self.rx.bytes.borrow_mut();
+                let n = q.len().min(buf.capacity() - buf.len());
+                buf.extend(q.drain(..n));
+                n
+            };
+            if n > 0 {
+                self.rx.writable.notify_one();
+                return (Ok(n), buf);
+            }
+            if self.rx.closed.get() {
+                return (Ok(0), buf);
+            }
+            self.rx.readable.notified().await;
+        }
+    }
+
+    async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>) {
+        loop {
+            if self.tx.closed.get() {
+                return (Err(io::ErrorKind::BrokenPipe.into()), bufs);
+            }
+            let written = {
+                let mut q = self.tx.bytes.borrow_mut();
+                let mut room = self.tx.capacity - q.len();
+                let mut n = 0;
+                for b in &bufs {
+                    let k = b.len().min(room);
+                    q.extend(&b[..k]);
+                    (n, room) = (n + k, room - k);
+                }
+                n
+            };
+            if written > 0 || bufs.iter().all(|b| b.is_empty()) {
+                self.tx.readable.notify_one();
+                return (Ok(written), bufs);
+            }
+            self.tx.writable.notified().await;
+        }
+    }
+
+    fn shutdown(&self, _how: Shutdown) {
+        self.rx.close();
+        self.tx.close();
+    }
+}
+
+impl Drop for MemConn {
+    fn drop(&mut self) {
+        self.shutdown(Shutdown::Both);
+    }
+}
+
+/// Accepts the connections sent on its channel.
+pub struct MemListener(Mutex<mpsc::UnboundedReceiver<MemConn>>);
+
+pub fn listener() -> (mpsc::UnboundedSender<MemConn>, MemListener) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (tx, MemListener(Mutex::new(rx)))
+}
+
+impl Listener for MemListener {
+    type Conn = MemConn;
+    async fn accept(&self) -> io::Result<(MemConn, SocketAddr)> {
+        match self.0.lock().await.recv().await {
+            Some(c) => Ok((c, SocketAddr::from(([127, 0, 0, 1], 1)))),
+            None => std::future::pending().await, // no more connections: like a quiet port
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn a_full_pipe_takes_part_of_a_write_and_the_rest_once_read() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let (a, b) = pair(5);
+            let spans = vec![
+                Span::from(Bytes::from_static(b"abc")),
+                Span::from(Bytes::from_static(b"defg")),
+            ];
+            let (n, _) = a.writev(spans).await;
+            assert_eq!(n.unwrap(), 5);
+            let (n, got) = b.read(Vec::with_capacity(64)).await;
+            assert_eq!((n.unwrap(), &got[..]), (5, &b"abcde"[..]));
+            drop(a);
+            let (n, _) = b.read(Vec::with_capacity(64)).await;
+            assert_eq!(n.unwrap(), 0, "the peer's drop reads as EOF");
+            let (res, _) = b.writev(vec![Span::from(Bytes::from_static(b"x"))]).await;
+            assert_eq!(res.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        });
+    }
+}
