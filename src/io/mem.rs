@@ -1,16 +1,20 @@
 //! In-memory connections for tests: a `Conn` pair joined by two bounded byte pipes, and a
 //! `Listener` fed through a channel, so TLS and the reactor's drivers run with no socket.
 //! A pipe takes at most its capacity, so writes are partial the way a full socket's are.
+//! `TlsClient` is the client side of TLS over one of them.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, Mutex, Notify};
 
-use super::{Conn, Listener};
+use bytes::Bytes;
+
+use super::{write_all, Conn, Listener};
 use crate::frame::Span;
 
 /// One direction: bytes written by one end, read by the other.
@@ -135,10 +139,93 @@ impl Listener for MemListener {
     }
 }
 
+/// The client side of TLS, driven by hand over one end of a pair (as rustls' own
+/// tests drive connections).
+pub struct TlsClient {
+    conn: MemConn,
+    tls: RefCell<rustls::ClientConnection>,
+}
+
+impl TlsClient {
+    pub fn new(conn: MemConn, config: Arc<rustls::ClientConfig>) -> TlsClient {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        TlsClient {
+            conn,
+            tls: RefCell::new(rustls::ClientConnection::new(config, name).unwrap()),
+        }
+    }
+
+    pub async fn write(&self, plain: &[u8]) {
+        self.tls.borrow_mut().writer().write_all(plain).unwrap();
+        self.flush().await;
+    }
+
+    pub async fn close_notify(&self) {
+        self.tls.borrow_mut().send_close_notify();
+        self.flush().await;
+    }
+
+    async fn flush(&self) {
+        let mut out = Vec::new();
+        while self.tls.borrow().wants_write() {
+            self.tls.borrow_mut().write_tls(&mut out).unwrap();
+        }
+        if !out.is_empty() {
+            write_all(&self.conn, Bytes::from(out)).await.unwrap();
+        }
+    }
+
+    /// Takes in what the server sent; false at EOF.
+    async fn receive(&self) -> bool {
+        let (n, cipher) = self.conn.read(Vec::with_capacity(16 * 1024)).await;
+        if n.unwrap() == 0 {
+            return false;
+        }
+        let mut tls = self.tls.borrow_mut();
+        tls.read_tls(&mut &cipher[..]).unwrap();
+        tls.process_new_packets().unwrap();
+        true
+    }
+
+    pub async fn handshake(&self) {
+        loop {
+            self.flush().await;
+            if !self.tls.borrow().is_handshaking() {
+                return;
+            }
+            assert!(self.receive().await, "EOF during the handshake");
+        }
+    }
+
+    /// Plaintext until `n` bytes or EOF.
+    pub async fn read_plain(&self, n: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let mut chunk = vec![0; 64 * 1024];
+            match self.tls.borrow_mut().reader().read(&mut chunk) {
+                Ok(k) => got.extend_from_slice(&chunk[..k]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            if got.len() < n && !self.receive().await {
+                break;
+            }
+        }
+        got
+    }
+}
+
+/// A self-signed server config and a client config trusting it.
+pub fn tls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("cert.pem");
+    let (server, _) = super::certs::self_signed(&pem).unwrap();
+    (server, super::certs::client_config_trusting(&pem).unwrap())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     #[test]
     fn a_full_pipe_takes_part_of_a_write_and_the_rest_once_read() {

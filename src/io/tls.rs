@@ -157,75 +157,7 @@ impl<C: Conn> Conn for TlsConn<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::mem::{self, MemConn};
-
-    /// The client side, driven by hand over the other end of the pipe (as rustls' own
-    /// tests drive connections).
-    struct Client {
-        conn: MemConn,
-        tls: RefCell<rustls::ClientConnection>,
-    }
-
-    impl Client {
-        async fn flush(&self) {
-            let mut out = Vec::new();
-            while self.tls.borrow().wants_write() {
-                self.tls.borrow_mut().write_tls(&mut out).unwrap();
-            }
-            if !out.is_empty() {
-                write_all(&self.conn, Bytes::from(out)).await.unwrap();
-            }
-        }
-
-        /// Takes in what the server sent; false at EOF.
-        async fn receive(&self) -> bool {
-            let (n, cipher) = self.conn.read(Vec::with_capacity(16 * 1024)).await;
-            if n.unwrap() == 0 {
-                return false;
-            }
-            let mut tls = self.tls.borrow_mut();
-            tls.read_tls(&mut &cipher[..]).unwrap();
-            tls.process_new_packets().unwrap();
-            true
-        }
-
-        async fn handshake(&self) {
-            loop {
-                self.flush().await;
-                if !self.tls.borrow().is_handshaking() {
-                    return;
-                }
-                assert!(self.receive().await, "EOF during the handshake");
-            }
-        }
-
-        /// Plaintext until `n` bytes or EOF.
-        async fn read_plain(&self, n: usize) -> Vec<u8> {
-            let mut got = Vec::new();
-            while got.len() < n {
-                let mut chunk = vec![0; 64 * 1024];
-                match self.tls.borrow_mut().reader().read(&mut chunk) {
-                    Ok(k) => got.extend_from_slice(&chunk[..k]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => panic!("{e}"),
-                }
-                if got.len() < n && !self.receive().await {
-                    break;
-                }
-            }
-            got
-        }
-    }
-
-    fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
-        let dir = tempfile::tempdir().unwrap();
-        let pem = dir.path().join("cert.pem");
-        let (server, _) = crate::io::certs::self_signed(&pem).unwrap();
-        (
-            server,
-            crate::io::certs::client_config_trusting(&pem).unwrap(),
-        )
-    }
+    use crate::io::mem::{self, TlsClient};
 
     fn run(test: impl std::future::Future<Output = ()>) {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -237,14 +169,10 @@ mod tests {
     #[test]
     fn frames_written_through_small_partial_writes_arrive_whole_and_in_order() {
         run(async {
-            let (server_config, client_config) = configs();
+            let (server_config, client_config) = mem::tls_configs();
             // 1,000 bytes in flight at most: every record crosses in several writes.
             let (c, s) = mem::pair(1000);
-            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let client = Client {
-                conn: c,
-                tls: RefCell::new(rustls::ClientConnection::new(client_config, name).unwrap()),
-            };
+            let client = TlsClient::new(c, client_config);
             let accept = tokio::task::spawn_local(TlsConn::accept(s, server_config));
             client.handshake().await;
             let server = accept.await.unwrap().unwrap();
@@ -268,12 +196,10 @@ mod tests {
             let server = writer.await.unwrap();
 
             // And the other way, then the client's close_notify reads as the end.
-            client.tls.borrow_mut().writer().write_all(b"ping").unwrap();
-            client.flush().await;
+            client.write(b"ping").await;
             let (n, got) = server.read(Vec::with_capacity(64)).await;
             assert_eq!((n.unwrap(), &got[..]), (4, &b"ping"[..]));
-            client.tls.borrow_mut().send_close_notify();
-            client.flush().await;
+            client.close_notify().await;
             let (n, _) = server.read(Vec::with_capacity(64)).await;
             assert_eq!(n.unwrap(), 0);
         });
@@ -282,7 +208,7 @@ mod tests {
     #[test]
     fn a_client_that_is_not_speaking_tls_fails_the_handshake_with_an_alert() {
         run(async {
-            let (server_config, _) = configs();
+            let (server_config, _) = mem::tls_configs();
             let (c, s) = mem::pair(64 * 1024);
             let accept = tokio::task::spawn_local(TlsConn::accept(s, server_config));
             write_all(&c, Bytes::from_static(b"GET /events HTTP/1.1\r\n\r\n"))

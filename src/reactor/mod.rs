@@ -10,6 +10,8 @@
 mod outbox;
 pub mod shard;
 mod subscriber;
+#[cfg(test)]
+mod tests;
 
 pub use outbox::{OutState, Outbox, Push, MAX_IOV};
 pub use shard::{Fetched, CLOSE_GRACE};
@@ -80,6 +82,12 @@ pub struct Reactor {
     history_replies: mpsc::UnboundedSender<HistoryReply>,
 }
 
+/// The drivers' clock, handed to the shard: the runtime's, so that its timers and the
+/// shard agree (the real clock, or a test's paused one).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// How many ring entries one fan-out round dispatches before yielding to the writers.
 const FANOUT_BATCH: u64 = 256;
 
@@ -104,7 +112,7 @@ pub async fn run<L: Listener>(
         cursor.ring().clone(),
         cursor.next,
         live.metrics.clone(),
-        Instant::now(),
+        now(),
     );
     let reactor = Rc::new(Reactor {
         id,
@@ -137,7 +145,7 @@ async fn drain(reactor: &Reactor) {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    reactor.with_shard(|s| s.close_all(CloseReason::Shutdown, Instant::now()));
+    reactor.with_shard(|s| s.close_all(CloseReason::Shutdown, now()));
     while !reactor.shard.borrow().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -217,7 +225,7 @@ impl Reactor {
             let sent = self.settings.history.as_ref().map(|h| h.send(request));
             if !matches!(sent, Some(Ok(()))) {
                 // The cluster thread is gone: nothing can serve this resume.
-                shard.close(ask.sub, CloseReason::HistoryUnavailable, Instant::now());
+                shard.close(ask.sub, CloseReason::HistoryUnavailable, now());
             }
         }
         shard.drain_wakes(|_, h| h.wake.notify_one());
@@ -251,7 +259,7 @@ async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
                     oldest,
                     "reactor fell behind the replay window"
                 );
-                s.on_lapped(oldest, Instant::now());
+                s.on_lapped(oldest, now());
                 cursor.next = oldest;
             }
         });
@@ -268,7 +276,7 @@ async fn housekeeping(reactor: Rc<Reactor>) {
     loop {
         let due = reactor.shard.borrow().poll_timeout();
         tokio::time::sleep_until(due.into()).await;
-        let now = Instant::now();
+        let now = now();
         let generation = credentials.generation();
         let kill = reactor.with_shard(|s| {
             if generation != seen_generation {

@@ -162,15 +162,8 @@ fn register<'r, C: Conn>(
         }),
     });
     let filter = std::mem::take(&mut up.filter);
-    let (id, position) = reactor.with_shard(|s| {
-        s.register(
-            up.principal,
-            filter,
-            up.since,
-            handle.clone(),
-            Instant::now(),
-        )
-    });
+    let (id, position) = reactor
+        .with_shard(|s| s.register(up.principal, filter, up.since, handle.clone(), super::now()));
     reactor.live.connections.fetch_add(1, Relaxed);
     let response = up.response(Some(position).filter(|&s| s > 0));
     (Registration { reactor, id }, handle, response)
@@ -269,7 +262,7 @@ async fn read_loop<C: Conn>(reactor: &Reactor, id: SubId, conn: &C, leftover: Ve
     let mut buf = leftover;
     loop {
         if !buf.is_empty() {
-            let now = Instant::now();
+            let now = super::now();
             let mut got = Vec::new();
             let res = decoder.feed(&buf, &mut |i| got.push(i));
             reactor.with_shard(|s| {
@@ -312,7 +305,7 @@ async fn write_loop<C: Conn>(
         if gone.get() {
             return;
         }
-        match reactor.with_shard(|s| s.poll_transmit(id, &mut batch, Instant::now())) {
+        match reactor.with_shard(|s| s.poll_transmit(id, &mut batch, super::now())) {
             Transmit::Write(taken_at) => oldest_at = oldest_at.or(taken_at),
             Transmit::Finished => break,
             Transmit::Scan => {
