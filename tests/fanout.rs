@@ -44,13 +44,13 @@ async fn thousand_subscribers_on_two_reactors_get_everything() {
         .collect();
 
     // Both reactors took part: SO_REUSEPORT spreads 1,000 connections over both.
-    let (_, _, metrics) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    let per_reactor: Vec<i64> = metrics
+    let m = metrics(&relay).await;
+    let per_reactor: Vec<i64> = m
         .lines()
         .filter(|l| l.starts_with("krux_reactor_subscribers{"))
         .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
         .collect();
-    assert_eq!(per_reactor.len(), 2, "{metrics}");
+    assert_eq!(per_reactor.len(), 2, "{m}");
     assert_eq!(per_reactor.iter().sum::<i64>(), SUBSCRIBERS as i64);
     assert!(per_reactor.iter().all(|&n| n > 100), "{per_reactor:?}");
 
@@ -67,9 +67,9 @@ async fn thousand_subscribers_on_two_reactors_get_everything() {
         "subscribers with all {EVENTS} events (min got {:?})",
         counts.iter().min()
     );
-    let (_, _, metrics) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let m = metrics(&relay).await;
     assert!(
-        metrics.contains(&format!("krux_frames_out_total {}", SUBSCRIBERS * EVENTS)),
-        "{metrics}"
+        m.contains(&format!("krux_frames_out_total {}", SUBSCRIBERS * EVENTS)),
+        "{m}"
     );
 }

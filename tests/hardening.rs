@@ -106,7 +106,7 @@ async fn a_stalled_subscriber_still_gets_4001_and_it_is_counted() {
     relay.publish(&lines.join("\n")).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, _, m) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let m = metrics(&relay).await;
         if m.contains("krux_closes_total{reason=\"slow_consumer\"} 1")
             && m.contains("krux_slow_consumer_closes_total 1")
         {
@@ -330,7 +330,7 @@ async fn a_filtered_tail_that_saw_nothing_resumes_from_krux_seq_after_a_restart(
             "--listen", &same[0], "--ingest", &same[1], "--admin", &same[2],
         ])
         .await;
-    let (_, _, m) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let m = metrics(&relay).await;
     assert!(m.contains("\nkrux_subscribers 0\n"));
     let v = r#"{"type":"policy_violation","agent":"a","session_id":"s","data":{"capability":"c","rule":"r","tier":"blocked","reason":"while away"}}"#;
     relay.publish(v).await;

@@ -62,8 +62,20 @@ fn rust_files(path: &Path) -> Vec<PathBuf> {
     for entry in std::fs::read_dir(path).unwrap() {
         out.extend(rust_files(&entry.unwrap().path()));
     }
-    out.retain(|p| p.extension().is_some_and(|e| e == "rs"));
+    out.retain(|p| p.extension().is_some_and(|e| e == "rs") && !test_only(p));
     out
+}
+
+/// A module its parent declares under `#[cfg(test)]` (in `mod.rs` beside it).
+fn test_only(file: &Path) -> bool {
+    let name = file.file_stem().unwrap().to_str().unwrap();
+    let parent = std::fs::read_to_string(file.with_file_name("mod.rs")).unwrap_or_default();
+    [
+        format!("#[cfg(test)]\nmod {name};"),
+        format!("#[cfg(test)]\npub mod {name};"),
+    ]
+    .iter()
+    .any(|decl| parent.contains(decl.as_str()))
 }
 
 /// A file's code lines: without its unit tests and comments.

@@ -25,7 +25,7 @@ async fn sigterm_flushes_queued_frames_then_closes_with_1001() {
     // The relay has read everything once its metrics count the 3,000 events.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, _, m) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let m = metrics(&relay).await;
         let n: u64 = m
             .lines()
             .filter(|l| l.starts_with("krux_events_in_total{"))

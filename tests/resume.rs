@@ -95,7 +95,7 @@ async fn the_window_is_bounded_in_bytes_and_a_resume_before_it_gets_the_gap() {
     let got = take_events(&mut ws, kept as usize).await;
     let seqs: Vec<u64> = got.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (oldest..=last).collect::<Vec<_>>());
-    let (_, _, m) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let m = metrics(&relay).await;
     let held: u64 = m
         .lines()
         .find_map(|l| l.strip_prefix("krux_replay_retained_bytes "))

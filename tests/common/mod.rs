@@ -540,15 +540,26 @@ pub fn tail(relay: &Relay, extra: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
-/// Waits until the relay counts `n` subscribers (so a published event cannot be missed).
-pub async fn wait_subscribers(relay: &Relay, n: usize) {
+/// The relay's metrics, as the admin port serves them.
+pub async fn metrics(relay: &Relay) -> String {
+    raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .2
+}
+
+/// Waits (at most 10 s) until the relay's metrics hold `line`.
+pub async fn wait_metric(relay: &Relay, line: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, _, m) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        if m.contains(&format!("\nkrux_subscribers {n}\n")) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{n} subscribers never connected");
+    while !metrics(relay).await.contains(line) {
+        assert!(
+            Instant::now() < deadline,
+            "the metrics never showed {line:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until the relay counts `n` subscribers (so a published event cannot be missed).
+pub async fn wait_subscribers(relay: &Relay, n: usize) {
+    wait_metric(relay, &format!("\nkrux_subscribers {n}\n")).await
 }
