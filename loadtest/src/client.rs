@@ -40,47 +40,75 @@ impl Latency {
     }
 }
 
-/// Everything the client's tasks share.
+/// Everything the client's tasks share: what they count, and what steers them.
 pub struct Shared {
+    pub counts: Counters,
+    pub control: Control,
+}
+
+/// What the subscribers and publishers count (summed over worker processes).
+pub struct Counters {
     pub delivered: AtomicU64,
     pub published: AtomicU64,
     /// Sum over published events of the subscribers each should reach.
     pub expected: AtomicU64,
     pub rejected: AtomicU64,
-    pub measuring: AtomicBool,
-    /// Publishers stop at this flag, subscribers at `stop` (after the drain).
-    pub stop_publishing: AtomicBool,
-    pub stop: AtomicBool,
     pub latency: Mutex<Latency>,
+    /// Closes seen, by code (1006: the stream ended without one; 0: a resume failed).
     pub closes: Mutex<BTreeMap<u16, u64>>,
+    /// Notified on every delivery: a windowed publisher waits on it.
     pub progress: Notify,
-    /// Raised per subscriber to make it reconnect (churn, storm).
-    pub churn: Vec<AtomicBool>,
     pub reconnects: AtomicU64,
     pub reconnect_latency: Mutex<Histogram<u64>>,
     pub duplicates: AtomicU64,
 }
 
+/// What the run tells its tasks.
+pub struct Control {
+    /// Latency samples count only while this is set.
+    pub measuring: AtomicBool,
+    /// Publishers stop at this flag, subscribers at `stop` (after the drain).
+    pub stop_publishing: AtomicBool,
+    pub stop: AtomicBool,
+    /// Raised per subscriber to make it reconnect (churn, storm).
+    pub churn: Vec<AtomicBool>,
+}
+
 impl Shared {
     pub fn new(subscribers: usize) -> Arc<Shared> {
         Arc::new(Shared {
-            delivered: AtomicU64::new(0),
-            published: AtomicU64::new(0),
-            expected: AtomicU64::new(0),
-            rejected: AtomicU64::new(0),
-            measuring: AtomicBool::new(false),
-            stop_publishing: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            latency: Mutex::new(Latency::new()),
-            closes: Mutex::new(BTreeMap::new()),
-            progress: Notify::new(),
-            churn: (0..subscribers).map(|_| AtomicBool::new(false)).collect(),
-            reconnects: AtomicU64::new(0),
-            reconnect_latency: Mutex::new(
-                Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
-            ),
-            duplicates: AtomicU64::new(0),
+            counts: Counters {
+                delivered: AtomicU64::new(0),
+                published: AtomicU64::new(0),
+                expected: AtomicU64::new(0),
+                rejected: AtomicU64::new(0),
+                latency: Mutex::new(Latency::new()),
+                closes: Mutex::new(BTreeMap::new()),
+                progress: Notify::new(),
+                reconnects: AtomicU64::new(0),
+                reconnect_latency: Mutex::new(
+                    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+                ),
+                duplicates: AtomicU64::new(0),
+            },
+            control: Control {
+                measuring: AtomicBool::new(false),
+                stop_publishing: AtomicBool::new(false),
+                stop: AtomicBool::new(false),
+                churn: (0..subscribers).map(|_| AtomicBool::new(false)).collect(),
+            },
         })
+    }
+}
+
+impl Counters {
+    pub fn count_close(&self, code: u16) {
+        *self
+            .closes
+            .lock()
+            .expect("closes lock")
+            .entry(code)
+            .or_default() += 1;
     }
 }
 
@@ -229,7 +257,7 @@ pub async fn start_subscribers(
 
 /// Reads one subscriber until it is closed or the run stops; returns the frames received
 /// (duplicates excluded) and whether the server closed the stream. With `reconnect`, it
-/// drops its connection whenever `shared.churn[idx]` is raised and resumes with `since`.
+/// drops its connection whenever `shared.control.churn[idx]` is raised and resumes with `since`.
 pub async fn subscribe(
     mut s: Box<dyn Stream>,
     leftover: Vec<u8>,
@@ -244,32 +272,28 @@ pub async fn subscribe(
     let handle = |data: &[u8], counter: &mut FrameCounter, closed: &mut bool| {
         let before = (counter.frames, counter.duplicates);
         counter.feed(data, &mut |seen| match seen {
-            Seen::Text(Some(p)) if shared.measuring.load(Relaxed) => {
+            Seen::Text(Some(p)) if shared.control.measuring.load(Relaxed) => {
                 if let Some(t) = sent_at(p) {
                     let us = now_ns().saturating_sub(t) / 1000;
-                    let mut l = shared.latency.lock().expect("latency lock");
+                    let mut l = shared.counts.latency.lock().expect("latency lock");
                     let _ = l.total.record(us.max(1));
                     let _ = l.interval.record(us.max(1));
                 }
             }
             Seen::Text(_) => {}
             Seen::Close(code, _) => {
-                *shared
-                    .closes
-                    .lock()
-                    .expect("closes lock")
-                    .entry(code)
-                    .or_default() += 1;
+                shared.counts.count_close(code);
                 *closed = true;
             }
         });
         let n = counter.frames - before.0;
         shared
+            .counts
             .duplicates
             .fetch_add(counter.duplicates - before.1, Relaxed);
         if n > 0 {
-            shared.delivered.fetch_add(n, Relaxed);
-            shared.progress.notify_waiters();
+            shared.counts.delivered.fetch_add(n, Relaxed);
+            shared.counts.progress.notify_waiters();
         }
     };
     handle(&leftover, &mut counter, &mut closed);
@@ -279,8 +303,8 @@ pub async fn subscribe(
     tokio::pin!(tick);
     loop {
         let mut asked = false;
-        while !closed && !shared.stop.load(Relaxed) {
-            if reconnect.is_some() && shared.churn[idx].swap(false, Relaxed) {
+        while !closed && !shared.control.stop.load(Relaxed) {
+            if reconnect.is_some() && shared.control.churn[idx].swap(false, Relaxed) {
                 asked = true;
                 break;
             }
@@ -293,12 +317,7 @@ pub async fn subscribe(
             };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => {
-                    *shared
-                        .closes
-                        .lock()
-                        .expect("closes lock")
-                        .entry(1006)
-                        .or_default() += 1;
+                    shared.counts.count_close(1006);
                     closed = true;
                 }
                 Ok(Ok(n)) => handle(&buf[..n], &mut counter, &mut closed),
@@ -321,8 +340,9 @@ pub async fn subscribe(
             Ok((next, leftover, took)) => {
                 s = next;
                 counter.new_stream();
-                shared.reconnects.fetch_add(1, Relaxed);
+                shared.counts.reconnects.fetch_add(1, Relaxed);
                 let _ = shared
+                    .counts
                     .reconnect_latency
                     .lock()
                     .expect("latency lock")
@@ -330,12 +350,7 @@ pub async fn subscribe(
                 handle(&leftover, &mut counter, &mut closed);
             }
             Err(_) => {
-                *shared
-                    .closes
-                    .lock()
-                    .expect("closes lock")
-                    .entry(0)
-                    .or_default() += 1;
+                shared.counts.count_close(0);
                 return (counter.frames, true);
             }
         }
@@ -364,18 +379,39 @@ pub async fn final_close(mut s: Box<dyn Stream>) -> u16 {
     code
 }
 
-/// Publishes until `stop`: at `rate` events/s, or as fast as the window allows.
-#[allow(clippy::too_many_arguments)]
+/// One publisher connection's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct PublisherConfig {
+    pub ingest: SocketAddr,
+    /// Where in the pool this publisher starts (so publishers send different events).
+    pub offset: usize,
+    /// This publisher's events/s; `None`: as fast as the window allows.
+    pub rate: Option<u64>,
+    /// Events in flight (published, not yet delivered) that all publishers allow.
+    pub window: u64,
+}
+
+/// What is published and who should get it, shared by the publishers.
+pub struct Workload {
+    pub pool: Pool,
+    pub fanout: Fanout,
+    /// Per filter key, how many events went out (the expected deliveries, afterwards).
+    pub published: Mutex<Published>,
+}
+
+/// Publishes until `stop_publishing`: at its rate, or as fast as the window allows.
 pub async fn publish(
-    ingest: SocketAddr,
-    pool: Arc<Pool>,
-    offset: usize,
-    rate: Option<u64>,
-    window: u64,
-    fanout: Arc<Fanout>,
-    published: Arc<Mutex<Published>>,
+    cfg: PublisherConfig,
+    work: Arc<Workload>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<()> {
+    let PublisherConfig {
+        ingest,
+        offset,
+        rate,
+        window,
+    } = cfg;
+    let (pool, fanout) = (&work.pool, &work.fanout);
     let s = TcpStream::connect(ingest)
         .await
         .context("connecting a publisher")?;
@@ -389,13 +425,13 @@ pub async fn publish(
             .split(|&b| b == b'\n')
             .filter(|l| memchr::memmem::find(l, b"\"line\":").is_some())
             .count();
-        sh.rejected.fetch_add(rejected as u64, Relaxed);
+        sh.counts.rejected.fetch_add(rejected as u64, Relaxed);
     });
     let mut i = offset;
     let mut batch = Vec::with_capacity(64 * 1024);
     let started = Instant::now();
     let mut sent = 0u64;
-    while !shared.stop_publishing.load(Relaxed) {
+    while !shared.control.stop_publishing.load(Relaxed) {
         let n = match rate {
             Some(r) => {
                 let due = (started.elapsed().as_secs_f64() * r as f64) as u64;
@@ -406,9 +442,9 @@ pub async fn publish(
                 (due - sent).min(256)
             }
             None => {
-                let expected = shared.expected.load(Relaxed) as f64;
-                let published = shared.published.load(Relaxed) as f64;
-                let delivered = shared.delivered.load(Relaxed) as f64;
+                let expected = shared.counts.expected.load(Relaxed) as f64;
+                let published = shared.counts.published.load(Relaxed) as f64;
+                let delivered = shared.counts.delivered.load(Relaxed) as f64;
                 let avg_fanout = if published > 0.0 {
                     (expected / published).max(1e-9)
                 } else {
@@ -418,9 +454,11 @@ pub async fn publish(
                 let room = window as f64 - in_flight;
                 if room < 1.0 {
                     // Wait for deliveries (or at most 1 ms, so a stalled run still ends).
-                    let _ =
-                        tokio::time::timeout(Duration::from_millis(1), shared.progress.notified())
-                            .await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(1),
+                        shared.counts.progress.notified(),
+                    )
+                    .await;
                     continue;
                 }
                 (room as u64).min(256)
@@ -429,7 +467,7 @@ pub async fn publish(
         batch.clear();
         let mut expected = 0;
         {
-            let mut p = published.lock().expect("published lock");
+            let mut p = work.published.lock().expect("published lock");
             for _ in 0..n {
                 let ev = &pool.events[i % pool.events.len()];
                 i += 1;
@@ -442,8 +480,8 @@ pub async fn publish(
                 p.add(&ev.keys);
             }
         }
-        shared.expected.fetch_add(expected, Relaxed);
-        shared.published.fetch_add(n, Relaxed);
+        shared.counts.expected.fetch_add(expected, Relaxed);
+        shared.counts.published.fetch_add(n, Relaxed);
         sent += n;
         wr.write_all(&batch).await.context("publishing")?;
     }

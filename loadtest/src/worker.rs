@@ -99,7 +99,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .transpose()?;
     let n = cfg.queries.len();
     let shared = Shared::new(n);
-    shared.measuring.store(true, Relaxed); // the parent decides which samples count
+    shared.control.measuring.store(true, Relaxed); // the parent decides which samples count
     let mut out = tokio::io::stdout();
 
     let ep = client::Endpoint {
@@ -129,32 +129,38 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             while let Ok(Some(line)) = lines.next_line().await {
                 match line.split_once(' ') {
                     Some(("c", i)) => {
-                        if let Some(f) = i.parse::<usize>().ok().and_then(|i| shared.churn.get(i)) {
+                        if let Some(f) = i
+                            .parse::<usize>()
+                            .ok()
+                            .and_then(|i| shared.control.churn.get(i))
+                        {
                             f.store(true, Relaxed);
                         }
                     }
-                    _ if line == "storm" => {
-                        shared.churn.iter().for_each(|f| f.store(true, Relaxed))
-                    }
+                    _ if line == "storm" => shared
+                        .control
+                        .churn
+                        .iter()
+                        .for_each(|f| f.store(true, Relaxed)),
                     _ if line == "stop" => break,
                     _ => {}
                 }
             }
             // `stop`, or the parent is gone: either way, finish.
-            shared.stop.store(true, Relaxed);
+            shared.control.stop.store(true, Relaxed);
         })
     };
 
     let mut tick = tokio::time::interval(REPORT);
-    while !shared.stop.load(Relaxed) {
+    while !shared.control.stop.load(Relaxed) {
         tick.tick().await;
         let samples = {
-            let mut l = shared.latency.lock().expect("latency lock");
+            let mut l = shared.counts.latency.lock().expect("latency lock");
             let text = encode(&l.interval);
             l.interval.reset();
             text
         };
-        let line = format!("s {} {samples}\n", shared.delivered.load(Relaxed));
+        let line = format!("s {} {samples}\n", shared.counts.delivered.load(Relaxed));
         out.write_all(line.as_bytes()).await?;
         out.flush().await?;
     }
@@ -164,17 +170,23 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         let (i, res) = r?;
         subscribers[i] = res;
     }
-    let samples = encode(&shared.latency.lock().expect("latency lock").interval);
+    let samples = encode(&shared.counts.latency.lock().expect("latency lock").interval);
     let done = Done {
         subscribers,
-        closes: shared.closes.lock().expect("closes lock").clone(),
-        duplicates: shared.duplicates.load(Relaxed),
-        reconnects: shared.reconnects.load(Relaxed),
-        reconnect_latency: encode(&shared.reconnect_latency.lock().expect("latency lock")),
+        closes: shared.counts.closes.lock().expect("closes lock").clone(),
+        duplicates: shared.counts.duplicates.load(Relaxed),
+        reconnects: shared.counts.reconnects.load(Relaxed),
+        reconnect_latency: encode(
+            &shared
+                .counts
+                .reconnect_latency
+                .lock()
+                .expect("latency lock"),
+        ),
     };
     let line = format!(
         "s {} {samples}\ndone {}\n",
-        shared.delivered.load(Relaxed),
+        shared.counts.delivered.load(Relaxed),
         serde_json::to_string(&done)?
     );
     out.write_all(line.as_bytes()).await?;
@@ -254,25 +266,29 @@ impl Workers {
                         "s" => {
                             let (d, samples) = rest.split_once(' ').context("status line")?;
                             let d: u64 = d.parse()?;
-                            shared.delivered.fetch_add(d - delivered, Relaxed);
+                            shared.counts.delivered.fetch_add(d - delivered, Relaxed);
                             delivered = d;
-                            if shared.measuring.load(Relaxed) {
-                                let mut l = shared.latency.lock().expect("latency lock");
+                            if shared.control.measuring.load(Relaxed) {
+                                let mut l = shared.counts.latency.lock().expect("latency lock");
                                 merge(&mut l.total, samples)?;
                                 merge(&mut l.interval, samples)?;
                             }
-                            shared.progress.notify_waiters();
+                            shared.counts.progress.notify_waiters();
                         }
                         "done" => {
                             let done: Done = serde_json::from_str(rest)?;
-                            let mut closes = shared.closes.lock().expect("closes lock");
+                            let mut closes = shared.counts.closes.lock().expect("closes lock");
                             for (code, k) in &done.closes {
                                 *closes.entry(*code).or_default() += k;
                             }
-                            shared.duplicates.fetch_add(done.duplicates, Relaxed);
-                            shared.reconnects.fetch_add(done.reconnects, Relaxed);
+                            shared.counts.duplicates.fetch_add(done.duplicates, Relaxed);
+                            shared.counts.reconnects.fetch_add(done.reconnects, Relaxed);
                             merge(
-                                &mut shared.reconnect_latency.lock().expect("latency lock"),
+                                &mut shared
+                                    .counts
+                                    .reconnect_latency
+                                    .lock()
+                                    .expect("latency lock"),
                                 &done.reconnect_latency,
                             )?;
                             return Ok(done);

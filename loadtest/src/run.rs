@@ -1,0 +1,420 @@
+//! One measured run against one target, in typed phases, each consuming the one before:
+//!
+//! ```text
+//!  connect ──▶ Connected ──idle──▶ Report (RSS per connection)
+//!                 │
+//!                 └──publish──▶ Publishing ──measure──▶ Measured ──drain──▶ Report
+//! ```
+//!
+//! `Connected` holds the subscribers (tasks here, or worker processes) and the stalled
+//! sockets; `Publishing` adds the publisher tasks; `Measured` the counters and CPU read
+//! at both ends of the measured window; the drain waits for what is in flight, counts
+//! what each subscriber is owed and lacks, and fills in the report.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::task::JoinSet;
+
+use crate::client::{self, PublisherConfig, Shared, Stream, Workload};
+use crate::report::{Point, Report};
+use crate::scenario::{Fanout, Pool, Published, Scenario, SubFilter};
+use crate::target::{proc_sample, ProcSample, Target};
+use crate::worker;
+
+pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
+    crate::runtime(sc.client_threads)?.block_on(async {
+        let connected = Connected::connect(sc, t).await?;
+        if sc.idle {
+            return connected.idle().await;
+        }
+        connected.publish()?.measure().await?.drain().await
+    })
+}
+
+pub fn percentile(h: &Histogram<u64>, q: f64) -> u64 {
+    if h.is_empty() {
+        0
+    } else {
+        h.value_at_quantile(q)
+    }
+}
+
+/// Subscribers connected (and stalled sockets opened); nothing published yet.
+struct Connected<'a> {
+    sc: &'a Scenario,
+    t: &'a Target,
+    label: String,
+    filters: Vec<SubFilter>,
+    work: Arc<Workload>,
+    shared: Arc<Shared>,
+    subs: Subscribers,
+    /// Connected, then never read until the end (to see how the server closed them).
+    stalled: Vec<Box<dyn Stream>>,
+    rss_before: u64,
+    report: Report,
+}
+
+impl<'a> Connected<'a> {
+    async fn connect(sc: &'a Scenario, t: &'a Target) -> anyhow::Result<Connected<'a>> {
+        let label = t
+            .kind
+            .map_or("attached".to_string(), |k| format!("{k:?}").to_lowercase());
+        let pool = Pool::generate(sc, 4096)?;
+        let filters = pool.filters(sc)?;
+        let work = Arc::new(Workload {
+            fanout: Fanout::new(&filters),
+            pool,
+            published: Mutex::new(Published::default()),
+        });
+        let shared = Shared::new(filters.len());
+        let rss_before = proc_sample(t.pid).map_or(0, |p| p.rss);
+
+        let workers = sc.workers.unwrap_or(if filters.len() > worker::PER_WORKER {
+            filters.len().div_ceil(worker::PER_WORKER)
+        } else {
+            0
+        });
+        let reconnect = sc.churn > 0 || sc.storm;
+        let started = Instant::now();
+        let queries: Vec<String> = filters.iter().map(|f| f.query()).collect();
+        let (subs, hs) = if workers > 0 {
+            eprintln!(
+                "{label}: connecting {} subscribers from {workers} worker processes",
+                filters.len()
+            );
+            let cfg = worker::Config {
+                ws: t.ws,
+                token: t.token.clone(),
+                ca_pem: t.ca_pem.clone(),
+                queries,
+                sample_every: sc.sample_every,
+                reconnect,
+                connect_concurrency: sc.connect_concurrency.div_ceil(workers),
+                threads: sc.client_threads,
+            };
+            let (w, hs) = worker::Workers::start(workers, cfg, shared.clone()).await?;
+            (Subscribers::Workers(w), hs)
+        } else {
+            let bar = ProgressBar::new(filters.len() as u64)
+                .with_style(
+                    ProgressStyle::with_template("{prefix} connecting {pos}/{len} {wide_bar}")
+                        .expect("template"),
+                )
+                .with_prefix(label.clone());
+            let ep = client::Endpoint {
+                ws: t.ws,
+                token: t.token.clone(),
+                tls: t.tls.clone(),
+            };
+            let (readers, hs) = client::start_subscribers(
+                &ep,
+                &queries,
+                sc.connect_concurrency,
+                &shared,
+                sc.sample_every,
+                reconnect,
+                || bar.inc(1),
+            )
+            .await?;
+            bar.finish_and_clear();
+            (Subscribers::Local(readers), hs)
+        };
+        let connect_s = started.elapsed().as_secs_f64();
+        let report = Report {
+            target: label.clone(),
+            scenario: serde_json::to_value(sc)?,
+            subscribers_connected: filters.len(),
+            handshakes_per_s: filters.len() as f64 / connect_s.max(1e-9),
+            handshake_p50_us: percentile(&hs, 0.5),
+            handshake_p99_us: percentile(&hs, 0.99),
+            ..Report::default()
+        };
+        let mut stalled = Vec::new();
+        for _ in 0..sc.stalled {
+            let (s, _, _) = client::connect(t.ws, &t.token, "", t.tls.as_ref(), None).await?;
+            stalled.push(s);
+        }
+        Ok(Connected {
+            sc,
+            t,
+            label,
+            filters,
+            work,
+            shared,
+            subs,
+            stalled,
+            rss_before,
+            report,
+        })
+    }
+
+    /// `--idle`: what the connections cost the server in memory, and nothing else.
+    async fn idle(mut self) -> anyhow::Result<Report> {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = proc_sample(self.t.pid).map_or(0, |p| p.rss);
+        self.report.server_rss_bytes = after;
+        self.report.rss_per_connection_bytes = Some(
+            (after as f64 - self.rss_before as f64)
+                / self.report.subscribers_connected.max(1) as f64,
+        );
+        self.subs.finish(&self.shared).await?;
+        Ok(self.report)
+    }
+
+    /// Starts the publishers, the rate split evenly between them.
+    fn publish(self) -> anyhow::Result<Publishing<'a>> {
+        let rate = self.sc.rate()?;
+        let n = self.sc.publishers.max(1);
+        let mut publishers = JoinSet::new();
+        for p in 0..n {
+            let cfg = PublisherConfig {
+                ingest: self.t.ingest,
+                offset: p * 997,
+                rate: rate.map(|r| (r / n as u64).max(1)),
+                window: self.sc.window,
+            };
+            publishers.spawn(client::publish(cfg, self.work.clone(), self.shared.clone()));
+        }
+        Ok(Publishing {
+            connected: self,
+            publishers,
+        })
+    }
+
+    /// CPU seconds of this process and its worker processes.
+    fn client_cpu(&self) -> Option<f64> {
+        let mut cpu = proc_sample(None)?.cpu_s;
+        if let Subscribers::Workers(w) = &self.subs {
+            for pid in w.pids() {
+                cpu += proc_sample(Some(pid))?.cpu_s;
+            }
+        }
+        Some(cpu)
+    }
+}
+
+/// Publishers running.
+struct Publishing<'a> {
+    connected: Connected<'a>,
+    publishers: JoinSet<anyhow::Result<()>>,
+}
+
+/// Counters and CPU at one end of the measured window.
+struct Mark {
+    at: Instant,
+    delivered: u64,
+    published: u64,
+    server: Option<ProcSample>,
+    client_cpu: Option<f64>,
+}
+
+impl Mark {
+    fn take(c: &Connected<'_>) -> Mark {
+        Mark {
+            at: Instant::now(),
+            delivered: c.shared.counts.delivered.load(Relaxed),
+            published: c.shared.counts.published.load(Relaxed),
+            server: proc_sample(c.t.pid),
+            client_cpu: c.client_cpu(),
+        }
+    }
+}
+
+impl<'a> Publishing<'a> {
+    /// Warm-up, then the measured window: one timeline point a second, churn and storm
+    /// as the scenario asks.
+    async fn measure(mut self) -> anyhow::Result<Measured<'a>> {
+        let c = &mut self.connected;
+        let (sc, shared) = (c.sc, c.shared.clone());
+        tokio::time::sleep(sc.warmup).await;
+        {
+            let mut l = shared.counts.latency.lock().expect("latency lock");
+            l.total.reset();
+            l.interval.reset();
+        }
+        shared.control.measuring.store(true, Relaxed);
+        let start = Mark::take(c);
+        let live = ProgressBar::new_spinner().with_prefix(c.label.clone());
+        live.set_style(ProgressStyle::with_template("{prefix} {spinner} {msg}").expect("template"));
+        let mut last = (start.delivered, Instant::now());
+        let mut stormed = false;
+        let mut pick = 0x9e37_79b9_7f4a_7c15_u64;
+        while start.at.elapsed() < sc.duration {
+            let left = sc.duration.saturating_sub(start.at.elapsed());
+            tokio::time::sleep(Duration::from_secs(1).min(left)).await;
+            if sc.storm && !stormed && start.at.elapsed() >= sc.duration / 2 {
+                stormed = true;
+                c.subs.storm(&shared).await?;
+            }
+            for _ in 0..sc.churn {
+                pick = pick
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let i = (pick >> 33) as usize % c.filters.len();
+                c.subs.churn(&shared, i).await?;
+            }
+            let d = shared.counts.delivered.load(Relaxed);
+            let rate_now = (d - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-9);
+            let p99 = {
+                let mut l = shared.counts.latency.lock().expect("latency lock");
+                let p = percentile(&l.interval, 0.99);
+                l.interval.reset();
+                p
+            };
+            last = (d, Instant::now());
+            c.report.timeline.push(Point {
+                t_s: start.at.elapsed().as_secs_f64(),
+                deliveries_per_s: rate_now,
+                p99_us: p99,
+            });
+            live.set_message(format!(
+                "{rate_now:.0} deliveries/s, p99 {p99} µs, {} events published",
+                shared.counts.published.load(Relaxed)
+            ));
+            live.tick();
+        }
+        let end = Mark::take(c);
+        shared.control.measuring.store(false, Relaxed);
+        shared.control.stop_publishing.store(true, Relaxed);
+        live.finish_and_clear();
+        while let Some(r) = self.publishers.join_next().await {
+            r?.context("publisher")?;
+        }
+        Ok(Measured {
+            connected: self.connected,
+            start,
+            end,
+        })
+    }
+}
+
+/// The window measured; publishers stopped.
+struct Measured<'a> {
+    connected: Connected<'a>,
+    start: Mark,
+    end: Mark,
+}
+
+impl Measured<'_> {
+    /// Waits (at most 10 s) for everything published to arrive, stops the subscribers,
+    /// counts what each lacks, reads the stalled sockets' closes, and reports.
+    async fn drain(self) -> anyhow::Result<Report> {
+        let Measured {
+            connected: c,
+            start,
+            end,
+        } = self;
+        let counts = &c.shared.counts;
+        let expected_total = counts.expected.load(Relaxed);
+        let drain_until = Instant::now() + Duration::from_secs(10);
+        while counts.delivered.load(Relaxed) < expected_total && Instant::now() < drain_until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let published = c.work.published.lock().expect("published lock").clone();
+        let mut lost = 0;
+        for (i, (frames, closed)) in c.subs.finish(&c.shared).await?.into_iter().enumerate() {
+            let want = published.expected(&c.filters[i]);
+            if !closed && frames < want {
+                lost += want - frames;
+            }
+        }
+        let mut report = c.report;
+        for s in c.stalled {
+            let code = client::final_close(s).await;
+            *report.stalled_closes.entry(code).or_default() += 1;
+        }
+
+        let measured_s = (end.at - start.at).as_secs_f64();
+        let delivered = end.delivered - start.delivered;
+        report.events_in_per_s = (end.published - start.published) as f64 / measured_s;
+        report.deliveries_per_s = delivered as f64 / measured_s;
+        report.expected_deliveries = expected_total;
+        report.received_deliveries = counts.delivered.load(Relaxed);
+        report.lost = lost;
+        report.rejected_events = counts.rejected.load(Relaxed);
+        let lat = counts.latency.lock().expect("latency lock");
+        let h = &lat.total;
+        report.latency_p50_us = percentile(h, 0.5);
+        report.latency_p99_us = percentile(h, 0.99);
+        report.latency_p999_us = percentile(h, 0.999);
+        report.latency_max_us = h.max();
+        report.latency_samples = h.len();
+        report.cdf = h
+            .iter_quantiles(1)
+            .map(|v| (v.value_iterated_to(), v.quantile_iterated_to()))
+            .collect();
+        report.closes_by_code = counts.closes.lock().expect("closes lock").clone();
+        report.reconnects = counts.reconnects.load(Relaxed);
+        report.duplicates = counts.duplicates.load(Relaxed);
+        report.reconnect_p99_us = percentile(
+            &counts.reconnect_latency.lock().expect("latency lock"),
+            0.99,
+        );
+        if let (Some(a), Some(b)) = (start.server, end.server) {
+            report.server_cpu_s = b.cpu_s - a.cpu_s;
+            report.server_cpu_pct = 100.0 * report.server_cpu_s / measured_s;
+            report.server_rss_bytes = b.rss;
+            report.deliveries_per_server_cpu_s = delivered as f64 / report.server_cpu_s.max(1e-9);
+        }
+        if let (Some(a), Some(b)) = (start.client_cpu, end.client_cpu) {
+            report.client_cpu_pct = 100.0 * (b - a) / measured_s;
+        }
+        report.measured_s = measured_s;
+        Ok(report)
+    }
+}
+
+/// Where the subscriber sockets live: tasks of this process, or worker processes.
+enum Subscribers {
+    Local(client::Readers),
+    Workers(worker::Workers),
+}
+
+impl Subscribers {
+    /// Subscriber `i` drops its connection and resumes with `since`.
+    async fn churn(&mut self, shared: &Shared, i: usize) -> anyhow::Result<()> {
+        match self {
+            Subscribers::Local(_) => {
+                shared.control.churn[i].store(true, Relaxed);
+                Ok(())
+            }
+            Subscribers::Workers(w) => w.churn(i).await,
+        }
+    }
+
+    /// Every subscriber reconnects at once.
+    async fn storm(&mut self, shared: &Shared) -> anyhow::Result<()> {
+        match self {
+            Subscribers::Local(_) => {
+                shared
+                    .control
+                    .churn
+                    .iter()
+                    .for_each(|f| f.store(true, Relaxed));
+                Ok(())
+            }
+            Subscribers::Workers(w) => w.storm().await,
+        }
+    }
+
+    /// Stops every subscriber; per subscriber (in order): frames received, closed by the server.
+    async fn finish(self, shared: &Shared) -> anyhow::Result<Vec<(u64, bool)>> {
+        match self {
+            Subscribers::Local(mut readers) => {
+                shared.control.stop.store(true, Relaxed);
+                let mut out = vec![(0, false); shared.control.churn.len()];
+                while let Some(r) = readers.join_next().await {
+                    let (i, res) = r?;
+                    out[i] = res;
+                }
+                Ok(out)
+            }
+            Subscribers::Workers(w) => w.finish().await,
+        }
+    }
+}
