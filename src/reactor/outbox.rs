@@ -143,7 +143,19 @@ impl Outbox {
 
     /// Moves up to `MAX_IOV - batch.len()` queued runs into `batch` for one writev.
     /// Returns when the oldest event frame taken was accepted by the ingest, if any was.
+    /// `batch` holds what the driver took before and has not written yet (it tops that
+    /// up); bytes a driver dropped instead would stay counted as unsent forever, and the
+    /// subscriber would look busy for good.
     pub fn take_batch(&mut self, batch: &mut Vec<Span>) -> Option<Instant> {
+        debug_assert_eq!(
+            self.unsent,
+            self.frames
+                .iter()
+                .chain(batch.iter())
+                .map(|f| f.len())
+                .sum::<usize>(),
+            "the unwritten rest of a batch was not handed back"
+        );
         let n = self.frames.len().min(MAX_IOV.saturating_sub(batch.len()));
         batch.extend(self.frames.drain(..n));
         if self.frames.is_empty() && self.state == OutState::Closing {
@@ -256,16 +268,18 @@ mod tests {
     }
 
     #[test]
-    fn batches_respect_iov_max() {
+    fn batches_respect_iov_max_and_top_up_an_unwritten_rest() {
         let mut o = Outbox::new(usize::MAX, 0);
         // Control frames never merge, so each is one buffer.
         for _ in 0..MAX_IOV + 5 {
             o.push_control(Bytes::from_static(b"x"));
         }
-        let mut batch = vec![Span::from(Bytes::from_static(b"y"))];
+        let mut batch = Vec::new();
         o.take_batch(&mut batch);
         assert_eq!(batch.len(), MAX_IOV);
-        batch.clear();
+        // The kernel took all but the last buffer: its rest goes back with the next take.
+        o.wrote(MAX_IOV - 1);
+        batch.drain(..MAX_IOV - 1);
         o.take_batch(&mut batch);
         assert_eq!(batch.len(), 6);
     }
