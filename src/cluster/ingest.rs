@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 const MAX_PENDING: usize = 64;
 
 /// Stores batches in the stream (one per node; shared by its publisher connections).
-pub struct Storer {
+struct Storer {
     js: async_nats::jetstream::Context,
     subject: String,
     /// Message ids are `<node>-<n>`: unique across nodes and restarts.
@@ -45,7 +45,7 @@ pub struct Storer {
 }
 
 impl Storer {
-    pub fn new(
+    fn new(
         client: async_nats::Client,
         subject: String,
         metrics: Arc<Metrics>,
@@ -75,7 +75,7 @@ impl Storer {
     }
 
     /// Returns once this node's consumer has taken every message it stored.
-    pub async fn consumed_all_stored(&self) {
+    async fn consumed_all_stored(&self) {
         let consumed = || self.metrics.cluster().consumer_stream_seq.load(Relaxed);
         while consumed() < self.max_stored.get() {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -248,7 +248,7 @@ impl Sink for ClusterSink {
 
 /// Serves one publisher connection of a cluster node (see the module comment); the
 /// publisher gets its summary once every batch is settled.
-pub async fn serve_publisher<S: AsyncRead + AsyncWrite>(
+async fn serve_publisher<S: AsyncRead + AsyncWrite>(
     stream: S,
     checker: Rc<RefCell<Checker>>,
     storer: Rc<Storer>,
