@@ -1,6 +1,7 @@
 //! epoll backend (plain tokio), for where io_uring is not allowed: same owned-buffer
 //! interface, readiness-based underneath.
 
+use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::net::{Shutdown, SocketAddr};
 
@@ -39,6 +40,16 @@ impl Conn for EpollConn {
             match self.0.try_read_buf(&mut buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 res => return (res, buf),
+            }
+        }
+    }
+
+    async fn read_ready(&self, scratch: &RefCell<Vec<u8>>) -> io::Result<usize> {
+        loop {
+            self.0.readable().await?;
+            match self.0.try_read(&mut scratch.borrow_mut()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                res => return res,
             }
         }
     }

@@ -85,6 +85,27 @@ impl Conn for MemConn {
         }
     }
 
+    async fn read_ready(&self, scratch: &RefCell<Vec<u8>>) -> io::Result<usize> {
+        loop {
+            let n = {
+                let (mut q, mut buf) = (self.rx.bytes.borrow_mut(), scratch.borrow_mut());
+                let n = q.len().min(buf.len());
+                for (dst, src) in buf.iter_mut().zip(q.drain(..n)) {
+                    *dst = src;
+                }
+                n
+            };
+            if n > 0 {
+                self.rx.writable.notify_one();
+                return Ok(n);
+            }
+            if self.rx.closed.get() {
+                return Ok(0);
+            }
+            self.rx.readable.notified().await;
+        }
+    }
+
     async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>) {
         loop {
             if self.tx.closed.get() {

@@ -14,6 +14,7 @@ pub mod mem;
 pub mod tls;
 pub mod uring;
 
+use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 
@@ -57,6 +58,11 @@ pub fn resolve(mode: IoMode) -> io::Result<IoMode> {
 pub trait Conn: 'static {
     /// Reads into `buf`'s spare capacity; returns the buffer with the bytes appended.
     async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+    /// Waits until there are bytes to read (or the end), then reads them into `scratch`;
+    /// returns how many (0: the end). `scratch` is shared by many connections: it is
+    /// borrowed only after the wait, never across it, so an idle connection waits holding
+    /// no buffer and, on io_uring, no operation in flight.
+    async fn read_ready(&self, scratch: &RefCell<Vec<u8>>) -> io::Result<usize>;
     /// One gathered write of `bufs` (the outbox hands at most `MAX_IOV` of them); may be
     /// partial.
     async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>);

@@ -116,6 +116,30 @@ impl<C: Conn> Conn for TlsConn<C> {
         }
     }
 
+    async fn read_ready(&self, scratch: &RefCell<Vec<u8>>) -> io::Result<usize> {
+        loop {
+            {
+                let mut buf = scratch.borrow_mut();
+                match self.tls.borrow_mut().reader().read(&mut buf) {
+                    Ok(n) => return Ok(n), // 0: the peer's close_notify
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            // No plaintext yet: ciphertext into the same scratch, then into rustls.
+            let n = self.inner.read_ready(scratch).await?;
+            if n == 0 {
+                return Ok(0);
+            }
+            let (mut tls, buf) = (self.tls.borrow_mut(), scratch.borrow());
+            let mut cipher = &buf[..n];
+            while !cipher.is_empty() {
+                tls.read_tls(&mut cipher)?;
+                tls.process_new_packets().map_err(tls_err)?;
+            }
+        }
+    }
+
     async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>) {
         let (accepted, out) = {
             let mut tls = self.tls.borrow_mut();

@@ -80,7 +80,12 @@ pub struct Reactor {
     pub shard: RefCell<Shard<Rc<Handle>>>,
     /// Where this reactor's history replies arrive.
     history_replies: mpsc::UnboundedSender<HistoryReply>,
+    /// What subscribers' reads land in, one at a time (see `Conn::read_ready`).
+    pub scratch: RefCell<Vec<u8>>,
 }
+
+/// The scratch buffer's size: a whole TLS record fits.
+const SCRATCH: usize = 17 * 1024;
 
 /// The drivers' clock, handed to the shard: the runtime's, so that its timers and the
 /// shard agree (the real clock, or a test's paused one).
@@ -120,6 +125,7 @@ pub async fn run<L: Listener>(
         live,
         shard: RefCell::new(shard),
         history_replies,
+        scratch: RefCell::new(vec![0; SCRATCH]),
     });
     tokio::task::spawn_local(fan_out(reactor.clone(), cursor));
     tokio::task::spawn_local(backlog_replies(reactor.clone(), replies));

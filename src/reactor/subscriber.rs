@@ -23,9 +23,6 @@ use crate::proto::handshake::{
 };
 use crate::proto::ws::InboundDecoder;
 
-/// Read buffer of an upgraded subscriber: it only ever sends small control frames.
-const SUBSCRIBER_READ_BUF: usize = 512;
-
 static DASHBOARD: &str = include_str!("../../assets/dashboard.html");
 
 pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
@@ -259,30 +256,29 @@ async fn answer_and_close<C: Conn, T>(conn: &C, live: &Live, resp: Response) -> 
 
 async fn read_loop<C: Conn>(reactor: &Reactor, id: SubId, conn: &C, leftover: Vec<u8>) {
     let mut decoder = InboundDecoder::new(reactor.settings.max_frame);
-    let mut buf = leftover;
-    loop {
-        if !buf.is_empty() {
-            let now = super::now();
-            let mut got = Vec::new();
-            let res = decoder.feed(&buf, &mut |i| got.push(i));
-            reactor.with_shard(|s| {
-                s.heard(id, now);
-                for inbound in got {
-                    s.on_inbound(id, inbound, now);
-                }
-                if let Err(v) = res {
-                    s.on_violation(id, v, now);
-                }
-            });
-            buf.clear();
-            if buf.capacity() > SUBSCRIBER_READ_BUF {
-                buf = Vec::with_capacity(SUBSCRIBER_READ_BUF);
+    let mut on_bytes = |bytes: &[u8]| {
+        let now = super::now();
+        let mut got = Vec::new();
+        let res = decoder.feed(bytes, &mut |i| got.push(i));
+        reactor.with_shard(|s| {
+            s.heard(id, now);
+            for inbound in got {
+                s.on_inbound(id, inbound, now);
             }
-        }
-        let (res, b) = conn.read(buf).await;
-        buf = b;
-        if !matches!(res, Ok(n) if n > 0) {
-            return;
+            if let Err(v) = res {
+                s.on_violation(id, v, now);
+            }
+        });
+    };
+    if !leftover.is_empty() {
+        on_bytes(&leftover);
+    }
+    drop(leftover);
+    // The reactor's scratch buffer: an idle subscriber holds none of its own.
+    loop {
+        match conn.read_ready(&reactor.scratch).await {
+            Ok(n) if n > 0 => on_bytes(&reactor.scratch.borrow()[..n]),
+            _ => return,
         }
     }
 }
