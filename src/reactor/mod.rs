@@ -182,7 +182,7 @@ async fn accept_loop<L: Listener>(reactor: Rc<Reactor>, listener: L) {
                 // One task type per path, each sized for its own state: an idle plain
                 // subscriber's task does not carry TLS's.
                 drop(match r.settings.tls.clone() {
-                    None => tokio::task::spawn_local(serve_plain(r, conn, ip, slot)),
+                    None => tokio::task::spawn_local(serve_plain(r, Rc::new(conn), ip, slot)),
                     Some(config) => tokio::task::spawn_local(serve_tls(r, conn, ip, config, slot)),
                 });
             }
@@ -191,7 +191,12 @@ async fn accept_loop<L: Listener>(reactor: Rc<Reactor>, listener: L) {
     }
 }
 
-async fn serve_plain<C: crate::io::Conn>(r: Rc<Reactor>, conn: C, ip: IpAddr, _slot: SocketSlot) {
+async fn serve_plain<C: crate::io::Conn>(
+    r: Rc<Reactor>,
+    conn: Rc<C>,
+    ip: IpAddr,
+    _slot: SocketSlot,
+) {
     subscriber::serve(r, conn, ip).await
 }
 
@@ -208,7 +213,7 @@ async fn serve_tls<C: crate::io::Conn>(
         TlsConn::accept(conn, config),
     ));
     match hs.await {
-        Ok(Ok(tls)) => subscriber::serve(r, tls, ip).await,
+        Ok(Ok(tls)) => subscriber::serve(r, Rc::new(tls), ip).await,
         Ok(Err(e)) => tracing::debug!(%ip, "TLS handshake failed: {e}"),
         Err(_) => tracing::debug!(%ip, "TLS handshake timed out"),
     }

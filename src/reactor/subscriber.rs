@@ -25,15 +25,32 @@ use crate::proto::ws::InboundDecoder;
 
 static DASHBOARD: &str = include_str!("../../assets/dashboard.html");
 
-pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: C, peer: IpAddr) {
-    let conn = Rc::new(conn);
+pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: Rc<C>, peer: IpAddr) {
     // The handshake's state (timers, request, passphrase check, refusals) lives in its own
     // allocation, freed once the subscriber is upgraded: the task that stays for the
     // connection's life holds only what a subscriber needs (a few hundred bytes, not 4 KiB).
     let Some((up, leftover)) = Box::pin(handshake(&reactor, &*conn, peer)).await else {
         return;
     };
-    subscribe(reactor, conn, up, leftover).await;
+    // Synchronous, so that the upgrade is not part of this task's state.
+    let (registration, handle, response) = register(&reactor, &conn, up);
+    if Box::pin(write_all(&*conn, Bytes::from(response)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    reactor.live.metrics.handshake(101);
+
+    let gone = Rc::new(Cell::new(false));
+    spawn_writer(&reactor, registration.id, &handle, &gone, &conn);
+    read_loop(&reactor, registration.id, &*conn, leftover).await;
+
+    // The peer is gone (or finished closing): stop the writer and forget the subscriber.
+    gone.set(true);
+    handle.wake.notify_one();
+    conn.shutdown(Shutdown::Both);
+    drop(registration);
 }
 
 /// Reads and answers the request head; returns the upgrade to perform, or `None` once a
@@ -92,34 +109,6 @@ async fn handshake<C: Conn>(
         }
     };
     Some((up, leftover))
-}
-
-/// Answers `101` to a registered subscriber and serves it until it is gone.
-async fn subscribe<C: Conn>(
-    reactor: Rc<Reactor>,
-    conn: Rc<C>,
-    up: crate::proto::handshake::Upgrade,
-    leftover: Vec<u8>,
-) {
-    // Synchronous, so that building the subscriber leaves nothing in this task's state.
-    let (registration, handle, response) = register(&reactor, &conn, up);
-    if Box::pin(write_all(&*conn, Bytes::from(response)))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    reactor.live.metrics.handshake(101);
-
-    let gone = Rc::new(Cell::new(false));
-    spawn_writer(&reactor, registration.id, &handle, &gone, &conn);
-    read_loop(&reactor, registration.id, &*conn, leftover).await;
-
-    // The peer is gone (or finished closing): stop the writer and forget the subscriber.
-    gone.set(true);
-    handle.wake.notify_one();
-    conn.shutdown(Shutdown::Both);
-    drop(registration);
 }
 
 /// Starts the subscriber's writer task (from a plain function, so that the writer's
