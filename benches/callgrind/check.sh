@@ -20,8 +20,9 @@ trap 'rm -rf "$tmp"' EXIT
 
 # Total instructions of one run.
 count() {
-  valgrind --tool=callgrind --callgrind-out-file="$tmp/out" "$bin" "$1" "$2" >/dev/null 2>&1
-  awk '/^(summary|totals):/ { print $2; exit }' "$tmp/out"
+  local out="$tmp/$1-$2.out"
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" "$1" "$2" >/dev/null 2>&1
+  awk '/^(summary|totals):/ { print $2; exit }' "$out"
 }
 
 # The CPU features simd-json chooses its code by: counts are only comparable between
@@ -34,6 +35,10 @@ for spec in ingest_batch:40 validate_frame:2000 index_match:2000 enqueue_1k:640;
   step=${spec%%:*} n=${spec##*:}
   one=$(count "$step" "$n")
   two=$(count "$step" $((2 * n)))
+  if [ -z "$one" ] || [ -z "$two" ]; then
+    echo "callgrind gave no count for $step (valgrind failed?)" >&2
+    exit 1
+  fi
   per[$step]=$(((two - one) / n))
 done
 
