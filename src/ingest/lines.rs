@@ -31,7 +31,7 @@ impl LineSplitter {
     /// Splits `data`; `on(line_no, line)` is called for each complete non-blank line.
     pub fn feed(&mut self, data: &[u8], on: &mut impl FnMut(u64, Line<'_>)) {
         let mut rest = data;
-        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
+        while let Some(pos) = memchr::memchr(b'\n', rest) {
             let chunk = &rest[..pos];
             rest = &rest[pos + 1..];
             self.line_no += 1;
