@@ -50,6 +50,24 @@ pub struct MemConn {
     tx: Rc<Pipe>,
 }
 
+impl MemConn {
+    /// Waits until the peer has written something (or closed), then lets `take` move
+    /// bytes out of the pipe; returns how many it took (0: the end).
+    async fn receive(&self, mut take: impl FnMut(&mut VecDeque<u8>) -> usize) -> usize {
+        loop {
+            let n = take(&mut self.rx.bytes.borrow_mut());
+            if n > 0 {
+                self.rx.writable.notify_one();
+                return n;
+            }
+            if self.rx.closed.get() {
+                return 0;
+            }
+            self.rx.readable.notified().await;
+        }
+    }
+}
+
 /// Two connected ends; each direction holds at most `capacity` unread bytes.
 pub fn pair(capacity: usize) -> (MemConn, MemConn) {
     let (a, b) = (Pipe::new(capacity), Pipe::new(capacity));
@@ -67,43 +85,27 @@ impl Conn for MemConn {
         if buf.capacity() == buf.len() {
             buf.reserve(1024);
         }
-        loop {
-            let n = {
-                let mut q = self.rx.bytes.borrow_mut();
+        let n = self
+            .receive(|q| {
                 let n = q.len().min(buf.capacity() - buf.len());
                 buf.extend(q.drain(..n));
                 n
-            };
-            if n > 0 {
-                self.rx.writable.notify_one();
-                return (Ok(n), buf);
-            }
-            if self.rx.closed.get() {
-                return (Ok(0), buf);
-            }
-            self.rx.readable.notified().await;
-        }
+            })
+            .await;
+        (Ok(n), buf)
     }
 
     async fn read_ready(&self, scratch: &RefCell<Vec<u8>>) -> io::Result<usize> {
-        loop {
-            let n = {
-                let (mut q, mut buf) = (self.rx.bytes.borrow_mut(), scratch.borrow_mut());
+        Ok(self
+            .receive(|q| {
+                let mut buf = scratch.borrow_mut();
                 let n = q.len().min(buf.len());
                 for (dst, src) in buf.iter_mut().zip(q.drain(..n)) {
                     *dst = src;
                 }
                 n
-            };
-            if n > 0 {
-                self.rx.writable.notify_one();
-                return Ok(n);
-            }
-            if self.rx.closed.get() {
-                return Ok(0);
-            }
-            self.rx.readable.notified().await;
-        }
+            })
+            .await)
     }
 
     async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>) {

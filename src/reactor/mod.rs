@@ -13,7 +13,7 @@ mod subscriber;
 #[cfg(test)]
 mod tests;
 
-pub use outbox::{OutState, Outbox, Push, MAX_IOV};
+pub use outbox::{OutState, Outbox, Push};
 pub use shard::{Fetched, CLOSE_GRACE};
 
 use std::cell::RefCell;
