@@ -2,22 +2,25 @@
 //! frames from the ingest thread to the reactors.
 //!
 //! Every reactor reads every entry through its own cursor (broadcast, not work sharing).
-//! Entries have consecutive positions (`pos`), and slot `pos % capacity` holds the entry
-//! at that position, so the ring's contents are also the replay window: the last
+//! Entries have consecutive positions (`pos`) and are stored in chunks of `CHUNK`
+//! consecutive positions, so the ring's contents are also the replay window: the last
 //! `capacity` events. Standalone, `pos` is the event's `seq`; in a cluster `seq` comes
 //! from the stream and has holes, and a resume finds its position by `seq` (`find_after`).
-//! Slots are `ArcSwapOption`s, so readers never lock and never see a torn entry; a reader
-//! that finds a newer `pos` in its slot knows it was lapped.
+//! Chunk slots are `ArcSwapOption`s and an entry is set once before `head` passes it, so
+//! readers never lock and never see a torn entry; a reader that finds its chunk gone or
+//! replaced knows it was lapped.
 //!
 //! The window is bounded in bytes as well (`--replay-memory`): the producer counts what
-//! the retained entries hold and, past the bound, empties the oldest slots first, so the
-//! window is the newest events within both bounds (never fewer than the newest one).
+//! the retained entries hold and, past the bound, evicts the oldest first, so the window
+//! is the newest events within both bounds (never fewer than the newest one). Memory is
+//! released a chunk at a time: at most `CHUNK - 1` evicted entries stay resident.
 //!
 //! Wake-ups: a reactor with nothing to read marks itself parked and waits on its `Notify`;
 //! the producer notifies only parked reactors, so a busy reactor costs it one atomic load.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
@@ -41,11 +44,65 @@ pub struct Entry {
 /// What a reader finds at a given `seq`.
 #[derive(Debug)]
 pub enum Slot {
-    Ready(Arc<Entry>),
+    Ready(EntryRef),
     /// Not published yet.
     Pending,
     /// Overwritten: the window no longer reaches this `seq`.
     Lapped,
+}
+
+/// Positions per chunk: the producer allocates and swaps in one chunk per `CHUNK`
+/// entries, and a reader loads one per `CHUNK` entries it reads, instead of one
+/// `ArcSwap` store and load per entry (those were a tenth of the ingest's time).
+const CHUNK: u64 = 32;
+
+/// `CHUNK` consecutive positions from `base` (a multiple of `CHUNK`). Each entry is set
+/// once, before `head` passes it, and never changes; the chunk lives as long as the ring
+/// retains one of its entries or a reader still holds one.
+struct Chunk {
+    base: u64,
+    entries: [OnceLock<Entry>; CHUNK as usize],
+}
+
+impl Chunk {
+    fn new(base: u64) -> Arc<Chunk> {
+        Arc::new(Chunk {
+            base,
+            entries: [const { OnceLock::new() }; CHUNK as usize],
+        })
+    }
+
+    /// The entry at `pos`, when this chunk holds it and it is published.
+    fn ready(self: &Arc<Chunk>, pos: u64) -> Option<EntryRef> {
+        let idx = pos.checked_sub(self.base).filter(|&i| i < CHUNK)? as u32;
+        self.entries[idx as usize].get()?;
+        Some(EntryRef {
+            chunk: self.clone(),
+            idx,
+        })
+    }
+}
+
+/// A published entry, shared with the ring: holding it keeps its chunk alive.
+#[derive(Clone)]
+pub struct EntryRef {
+    chunk: Arc<Chunk>,
+    idx: u32,
+}
+
+impl std::ops::Deref for EntryRef {
+    type Target = Entry;
+    fn deref(&self) -> &Entry {
+        self.chunk.entries[self.idx as usize]
+            .get()
+            .expect("an EntryRef points at a published entry")
+    }
+}
+
+impl std::fmt::Debug for EntryRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
 }
 
 #[derive(Default)]
@@ -55,7 +112,10 @@ pub struct ReaderWake {
 }
 
 pub struct FrameRing {
-    slots: Box<[ArcSwapOption<Entry>]>,
+    /// Chunk `n` (positions `n * CHUNK..`) is in slot `n % slots.len()`. One more slot
+    /// than the window needs, so a chunk is out of the window before its slot is reused.
+    chunks: Box<[ArcSwapOption<Chunk>]>,
+    capacity: u64,
     /// The `seq` the next published entry will have.
     head: AtomicU64,
     /// The first `seq` published by this process (older ones are gone with a restart).
@@ -63,7 +123,7 @@ pub struct FrameRing {
     /// No event with a seq in `quiet_from..first` was ever published (the previous run
     /// stopped cleanly before them), so a resume from there has lost nothing.
     quiet_from: AtomicU64,
-    /// Entries below this were evicted by the byte bound (their slots are empty).
+    /// Entries below this were evicted by the byte bound.
     evicted_below: AtomicU64,
     /// Every event with a `seq` from this one on that reached the ring is still in it
     /// (the seq after the newest entry lapped or evicted, or where the ring started).
@@ -74,22 +134,31 @@ pub struct FrameRing {
 /// The ring's only writer. Not `Clone`: single-producer is enforced by ownership.
 pub struct Producer {
     ring: Arc<FrameRing>,
+    /// The chunks holding retained entries, oldest first; the last one is being filled.
+    chunks: VecDeque<Arc<Chunk>>,
+    /// The seq and `retained_bytes` of each retained entry, oldest first: evicting reads
+    /// this (sequential) rather than each old entry (cold, a cache miss per event).
+    retained: VecDeque<(u64, usize)>,
     /// What the retained entries hold (`Entry::retained_bytes`), and its bound.
     bytes: usize,
     max_bytes: usize,
-    /// The oldest position still counted in `bytes`.
+    /// The oldest position still retained (counted in `bytes`).
     oldest_counted: u64,
 }
 
 impl Entry {
-    /// What keeping this entry in the window costs: its frame, its keys and the entry.
+    /// What keeping this entry in the window costs: its frame, its keys, its place in a
+    /// chunk and its line in the producer's ledger.
     pub fn retained_bytes(&self) -> usize {
         let keys = &self.keys;
         let strings = [&keys.agent, &keys.session, &keys.data_session]
             .iter()
             .map(|k| k.as_ref().map_or(0, |s| s.len()))
             .sum::<usize>();
-        self.frame.len() + strings + std::mem::size_of::<Entry>() + 16 // Arc counts
+        self.frame.len()
+            + strings
+            + std::mem::size_of::<OnceLock<Entry>>()
+            + std::mem::size_of::<(u64, usize)>()
     }
 }
 
@@ -119,8 +188,10 @@ impl FrameRing {
         readers: usize,
     ) -> (Producer, Vec<Cursor>) {
         assert!(capacity > 0, "ring capacity must be positive");
+        let slots = (capacity as u64).div_ceil(CHUNK) + 1;
         let ring = Arc::new(FrameRing {
-            slots: (0..capacity).map(|_| ArcSwapOption::empty()).collect(),
+            chunks: (0..slots).map(|_| ArcSwapOption::empty()).collect(),
+            capacity: capacity as u64,
             head: AtomicU64::new(first_pos),
             first: first_pos,
             quiet_from: AtomicU64::new(first_pos),
@@ -139,6 +210,8 @@ impl FrameRing {
             .collect();
         let producer = Producer {
             ring,
+            chunks: VecDeque::new(),
+            retained: VecDeque::new(),
             bytes: 0,
             max_bytes,
             oldest_counted: first_pos,
@@ -147,7 +220,11 @@ impl FrameRing {
     }
 
     pub fn capacity(&self) -> u64 {
-        self.slots.len() as u64
+        self.capacity
+    }
+
+    fn slot(&self, pos: u64) -> &ArcSwapOption<Chunk> {
+        &self.chunks[((pos / CHUNK) % self.chunks.len() as u64) as usize]
     }
 
     /// The position the next published entry will get.
@@ -205,7 +282,7 @@ impl FrameRing {
 
     /// The oldest position still retained (equal to `head()` when nothing is).
     pub fn oldest(&self) -> u64 {
-        let by_count = self.head().saturating_sub(self.capacity()).max(self.first);
+        let by_count = self.head().saturating_sub(self.capacity).max(self.first);
         by_count.max(self.evicted_below.load(SeqCst))
     }
 
@@ -213,16 +290,15 @@ impl FrameRing {
         if pos >= self.head() {
             return Slot::Pending;
         }
-        if pos < self.first {
+        if pos < self.oldest() {
             return Slot::Lapped;
         }
-        match self.slots[(pos % self.capacity()) as usize].load_full() {
-            Some(e) if e.pos == pos => Slot::Ready(e),
-            Some(e) if e.pos > pos => Slot::Lapped,
-            // Below `head` every slot was stored, so an empty one was evicted.
+        // The chunk may have left the window since: then its slot is empty or holds a
+        // newer chunk.
+        match self.slot(pos).load_full().and_then(|c| c.ready(pos)) {
+            Some(e) => Slot::Ready(e),
+            // Emptied or reused since the check above: it left the window.
             None => Slot::Lapped,
-            // Unreachable while `pos < head`: the producer stores the slot before `head`.
-            Some(_) => Slot::Pending,
         }
     }
 }
@@ -235,48 +311,72 @@ impl Producer {
     /// Publishes the entry whose `pos` must be `ring.head()`, and whose `seq` is above every
     /// earlier one. Readers are not woken here: call `wake_parked` once per batch.
     pub fn publish(&mut self, entry: Entry) {
-        let ring = &*self.ring;
         let pos = entry.pos;
-        assert_eq!(pos, ring.head(), "entries are published in position order");
-        self.bytes += entry.retained_bytes();
-        let slot = &ring.slots[(pos % ring.capacity()) as usize];
-        if let Some(old) = slot.swap(Some(Arc::new(entry))) {
-            // Lapped by count: no longer retained.
-            if old.pos >= self.oldest_counted {
-                self.bytes -= old.retained_bytes();
-                self.oldest_counted = old.pos + 1;
-            }
-            ring.complete_from.fetch_max(old.seq + 1, SeqCst);
+        assert_eq!(
+            pos,
+            self.ring.head(),
+            "entries are published in position order"
+        );
+        let size = entry.retained_bytes();
+        self.bytes += size;
+        self.retained.push_back((entry.seq, size));
+        if pos.is_multiple_of(CHUNK) || self.chunks.is_empty() {
+            let chunk = Chunk::new(pos - pos % CHUNK);
+            // The slot's previous chunk, if any, left the window (see `chunks`).
+            self.ring.slot(pos).store(Some(chunk.clone()));
+            self.chunks.push_back(chunk);
         }
-        ring.head.store(pos + 1, SeqCst);
+        let chunk = self.chunks.back().expect("a chunk is being filled");
+        if chunk.entries[(pos % CHUNK) as usize].set(entry).is_err() {
+            unreachable!("each position is published once");
+        }
+        // Lapped by count: the entry `capacity` back leaves the window (unless the byte
+        // bound evicted it already).
+        if self.retained.len() as u64 > self.ring.capacity {
+            let seq = self.forget_oldest();
+            self.ring.complete_from.fetch_max(seq + 1, SeqCst);
+        }
+        self.ring.head.store(pos + 1, SeqCst);
         if self.bytes > self.max_bytes {
             self.evict_to_bound(pos);
         }
+        self.release_chunks();
     }
 
-    /// Empties the oldest slots until the window fits its byte bound, keeping `newest`.
-    /// Readers learn of it through `evicted_below` first, then find the slots empty.
-    fn evict_to_bound(&mut self, newest: u64) {
-        let ring = &*self.ring;
-        let mut below = self.oldest_counted;
-        let mut freed = Vec::new();
-        let mut bytes = self.bytes;
-        let mut complete_from = 0;
-        while bytes > self.max_bytes && below < newest {
-            let slot = &ring.slots[(below % ring.capacity()) as usize];
-            if let Some(e) = slot.load_full().filter(|e| e.pos == below) {
-                bytes -= e.retained_bytes();
-                complete_from = e.seq + 1;
-                freed.push(below);
+    /// Uncounts the oldest retained entry; returns its seq.
+    fn forget_oldest(&mut self) -> u64 {
+        let (seq, size) = self.retained.pop_front().expect("an entry is retained");
+        self.bytes -= size;
+        self.oldest_counted += 1;
+        seq
+    }
+
+    /// Drops the chunks none of whose entries is retained any more (readers that still
+    /// hold one of their entries keep them alive until they let go).
+    fn release_chunks(&mut self) {
+        while let Some(front) = self.chunks.front() {
+            if front.base + CHUNK > self.oldest_counted {
+                break;
             }
-            below += 1;
+            let slot = self.ring.slot(front.base);
+            if slot.load().as_ref().is_some_and(|c| Arc::ptr_eq(c, front)) {
+                slot.store(None);
+            }
+            self.chunks.pop_front();
         }
+    }
+
+    /// Evicts the oldest entries until the window fits its byte bound, keeping `newest`.
+    /// Readers learn of it through `evicted_below`; the memory goes with the entries'
+    /// chunk, once none of its `CHUNK` entries is retained.
+    fn evict_to_bound(&mut self, newest: u64) {
+        let mut complete_from = 0;
+        while self.bytes > self.max_bytes && self.oldest_counted < newest {
+            complete_from = self.forget_oldest() + 1;
+        }
+        let ring = &*self.ring;
         ring.complete_from.fetch_max(complete_from, SeqCst);
-        ring.evicted_below.store(below, SeqCst);
-        for pos in freed {
-            ring.slots[(pos % ring.capacity()) as usize].store(None);
-        }
-        (self.bytes, self.oldest_counted) = (bytes, below);
+        ring.evicted_below.store(self.oldest_counted, SeqCst);
     }
 
     /// Bytes the window holds (`Entry::retained_bytes` of every retained entry).
@@ -303,16 +403,25 @@ impl Cursor {
     /// advancing `self.next` past them. Returns true if the reader was lapped at
     /// `self.next`: the caller must close those owed what is gone and resume from
     /// `ring().oldest()`.
-    pub fn read_round(&mut self, max: u64, round: &mut Vec<Arc<Entry>>) -> bool {
-        let end = self.ring.head().min(self.next.saturating_add(max));
+    pub fn read_round(&mut self, max: u64, round: &mut Vec<EntryRef>) -> bool {
+        let ring = &*self.ring;
+        let end = ring.head().min(self.next.saturating_add(max));
         while self.next < end {
-            match self.ring.get(self.next) {
-                Slot::Ready(e) => {
-                    round.push(e);
-                    self.next += 1;
+            if self.next < ring.oldest() {
+                return true;
+            }
+            // One chunk load for up to `CHUNK` entries; entries lapped while they are
+            // read are still whole (the chunk is held), and the next round sees the lap.
+            let Some(chunk) = ring.slot(self.next).load_full() else {
+                return true;
+            };
+            let stop = end.min(chunk.base + CHUNK);
+            while self.next < stop {
+                match chunk.ready(self.next) {
+                    Some(e) => round.push(e),
+                    None => return true, // a newer chunk: lapped
                 }
-                Slot::Lapped => return true,
-                Slot::Pending => break,
+                self.next += 1;
             }
         }
         false
@@ -438,6 +547,52 @@ mod tests {
         assert_eq!(ring.complete_from(), 4097);
         assert_eq!(ring.find_after(4095), None, "4096 is gone");
         assert_eq!(ring.find_after(4096), Some(2));
+    }
+
+    /// Rounds run across chunk boundaries in order; a reader lapped by more than the
+    /// window is told so, and goes on from the oldest entry.
+    #[test]
+    fn rounds_cross_chunks_and_report_laps() {
+        let (mut p, mut cursors) = FrameRing::with_readers(50, 1, 1);
+        let mut c = cursors.pop().unwrap();
+        let mut round = Vec::new();
+        for s in 1..=30 {
+            p.publish(entry(s));
+        }
+        assert!(!c.read_round(1000, &mut round));
+        assert_eq!(c.next, 31);
+        for s in 31..=100 {
+            p.publish(entry(s));
+        }
+        assert!(c.read_round(1000, &mut round), "31..=50 are gone");
+        assert_eq!(c.ring().oldest(), 51);
+        c.next = c.ring().oldest();
+        assert!(!c.read_round(1000, &mut round));
+        let seqs: Vec<u64> = round.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=30).chain(51..=100).collect::<Vec<_>>());
+    }
+
+    /// Entries leave memory with their chunk, whichever bound retires them; a reader
+    /// still holding an entry keeps it whole.
+    #[test]
+    fn memory_goes_a_chunk_at_a_time() {
+        let (mut p, _c) = FrameRing::with_readers(40, 1, 1);
+        let ring = p.ring().clone();
+        p.publish(entry(1));
+        let Slot::Ready(held) = ring.get(1) else {
+            panic!("1 is published")
+        };
+        for s in 2..=1000 {
+            p.publish(entry(s));
+            assert!(p.chunks.len() <= 40 / CHUNK as usize + 2, "at {s}");
+        }
+        assert_eq!(held.seq, 1, "still readable after it left the window");
+        let size = entry(100).retained_bytes();
+        let (mut p, _c) = FrameRing::bounded(1000, 3 * size, 100, 1);
+        for s in 100..=999 {
+            p.publish(entry(s));
+            assert!(p.chunks.len() <= 2, "three entries span at most two chunks");
+        }
     }
 
     #[test]

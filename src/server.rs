@@ -360,7 +360,25 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         }
     }
 
-    tracing::info!(ws = %addrs.ws, ingest = %addrs.ingest, admin = %addrs.admin, reactors = n, io = ?mode, socket_budget = live.sockets.limit, nats = %cfg.nats.url.as_deref().map_or("-".into(), crate::config::cluster::redact), "krux-relay is up");
+    // One line with everything an operator checks first; no secret (the NATS URL is
+    // redacted).
+    tracing::info!(
+        ws = %addrs.ws,
+        tls = settings.tls.is_some(),
+        ingest = %addrs.ingest,
+        ingest_unix = %cfg.ingest_unix.as_deref().map_or("-".into(), |p| p.display().to_string()),
+        admin = %addrs.admin,
+        io = ?mode,
+        reactors = n,
+        max_connections = cfg.max_connections,
+        socket_budget = live.sockets.limit,
+        client_queue = cfg.client_queue,
+        max_frame = cfg.max_frame,
+        replay = cfg.replay,
+        replay_memory = cfg.replay_memory,
+        nats = %cfg.nats.url.as_deref().map_or("-".into(), crate::config::cluster::redact),
+        "krux-relay is up"
+    );
     if let Some(path) = &cfg.ready_file {
         write_ready_file(path, &addrs, mode, settings.tls.is_some())?;
     }

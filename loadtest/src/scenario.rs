@@ -232,7 +232,7 @@ impl Published {
         self.total += 1;
         self.by_type[k.etype.index()] += 1;
         if let Some(a) = &k.agent {
-            *self.by_agent.entry(a.clone()).or_default() += 1;
+            *self.by_agent.entry(a.as_str().into()).or_default() += 1;
         }
         for s in k.sessions() {
             *self.by_session.entry(s.into()).or_default() += 1;

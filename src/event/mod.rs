@@ -4,6 +4,8 @@
 mod timestamp;
 mod validate;
 
+use compact_str::CompactString;
+
 pub use timestamp::{is_rfc3339, now_rfc3339_millis};
 pub use validate::{LineError, ValidEvent, Validator};
 
@@ -178,11 +180,11 @@ impl EventType {
 pub struct FilterKeys {
     pub etype: EventType,
     /// `None` for a `health_alert` with `"agent": null`.
-    pub agent: Option<Box<str>>,
+    pub agent: Option<CompactString>,
     /// The envelope `session_id`.
-    pub session: Option<Box<str>>,
+    pub session: Option<CompactString>,
     /// `data.session_id`, kept only when it differs from the envelope's.
-    pub data_session: Option<Box<str>>,
+    pub data_session: Option<CompactString>,
 }
 
 impl FilterKeys {

@@ -4,6 +4,7 @@
 //! publisher left it out), so validation only needs to *read* it: it parses a scratch copy
 //! into a reused simd-json tape and computes the event's filter keys.
 
+use compact_str::CompactString;
 use simd_json::prelude::*;
 use simd_json::tape::{Tape, Value};
 use simd_json::{Buffers, ValueType};
@@ -290,7 +291,7 @@ fn check_envelope(root: Value<'_, '_>) -> Result<ValidEvent, LineError> {
         }
         None
     } else {
-        Some(Box::<str>::from(
+        Some(CompactString::from(
             agent_v
                 .as_str()
                 .ok_or_else(|| wrong("agent", FieldKind::Str))?,
@@ -298,7 +299,7 @@ fn check_envelope(root: Value<'_, '_>) -> Result<ValidEvent, LineError> {
     };
 
     let session = match env.session_id {
-        Some(v) => Some(Box::<str>::from(
+        Some(v) => Some(CompactString::from(
             v.as_str()
                 .ok_or_else(|| wrong("session_id", FieldKind::Str))?,
         )),
@@ -314,7 +315,7 @@ fn check_envelope(root: Value<'_, '_>) -> Result<ValidEvent, LineError> {
     // `data.session_id` whatever the type, since the session filter matches it too.
     let schema = etype.data_fields();
     let mut seen = 0u32;
-    let mut data_session: Option<Box<str>> = None;
+    let mut data_session: Option<CompactString> = None;
     for (key, v) in data.iter() {
         if let Some(i) = schema.iter().position(|(f, _)| *f == key) {
             let (field, kind) = schema[i];

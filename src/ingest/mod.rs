@@ -66,6 +66,11 @@ pub struct Pipeline {
     producer: Producer,
     seq: SeqAllocator,
     metrics: Arc<Metrics>,
+    /// The clock, read once per batch (see `flush`): the lines of one read arrived
+    /// together, and a clock read plus an RFC 3339 stamp per event were a tenth of the
+    /// ingest's instructions.
+    batch_at: Option<std::time::Instant>,
+    batch_stamp: Option<String>,
 }
 
 impl Pipeline {
@@ -81,6 +86,8 @@ impl Pipeline {
             producer,
             seq,
             metrics,
+            batch_at: None,
+            batch_stamp: None,
         }
     }
 
@@ -95,25 +102,31 @@ impl Pipeline {
     /// Accepts one line into the ring, returning its `seq`.
     pub fn accept(&mut self, line: Line<'_>) -> Result<u64, LineError> {
         let (text, valid) = self.checker.check(line)?;
-        let stamp = valid.needs_stamp.then(now_rfc3339_millis);
         let seq = self.seq.allocate().map_err(|e| {
             tracing::error!("cannot persist sequence numbers: {e:#}");
             LineError::Unavailable("the relay cannot persist sequence numbers".into())
         })?;
-        let frame = self.arena.event_frame(text, stamp.as_deref(), seq);
+        let stamp = valid.needs_stamp.then(|| {
+            self.batch_stamp
+                .get_or_insert_with(now_rfc3339_millis)
+                .as_str()
+        });
+        let frame = self.arena.event_frame(text, stamp, seq);
         self.metrics.event_in(valid.keys.etype);
         self.producer.publish(Entry {
             pos: seq,
             seq,
-            accepted_at: std::time::Instant::now(),
+            accepted_at: *self.batch_at.get_or_insert_with(std::time::Instant::now),
             frame,
             keys: valid.keys,
         });
         Ok(seq)
     }
 
-    /// Wakes reactors that parked; called once per batch of lines.
-    pub fn flush(&self) {
+    /// Ends a batch of lines: wakes reactors that parked, and the next batch reads the
+    /// clock afresh.
+    pub fn flush(&mut self) {
+        (self.batch_at, self.batch_stamp) = (None, None);
         self.producer.wake_parked();
         self.metrics.replay_bytes.store(
             self.producer.retained_bytes() as i64,

@@ -30,7 +30,7 @@ use crate::io::tls::TlsConn;
 use crate::io::Listener;
 use crate::live::Live;
 use crate::proto::ws::CloseReason;
-use crate::ring::{Cursor, Entry};
+use crate::ring::{Cursor, EntryRef};
 use shard::Shard;
 
 /// A reactor's settings: fixed when the server starts, the same for every reactor.
@@ -256,7 +256,7 @@ async fn backlog_replies(reactor: Rc<Reactor>, mut replies: mpsc::UnboundedRecei
 /// Ring → shard (which queues each event to the subscribers it matches), then let the
 /// writers run.
 async fn fan_out(reactor: Rc<Reactor>, mut cursor: Cursor) {
-    let mut round: Vec<Arc<Entry>> = Vec::with_capacity(FANOUT_BATCH as usize);
+    let mut round: Vec<EntryRef> = Vec::with_capacity(FANOUT_BATCH as usize);
     loop {
         cursor.wait().await;
         let lapped = cursor.read_round(FANOUT_BATCH, &mut round);

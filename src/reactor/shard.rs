@@ -22,7 +22,7 @@ use crate::filter::{Filter, SubId, SubscriberIndex};
 use crate::frame::{self, Span};
 use crate::metrics::Metrics;
 use crate::proto::ws::{CloseReason, Inbound, Violation};
-use crate::ring::{Entry, FrameRing, Slot};
+use crate::ring::{Entry, EntryRef, FrameRing, Slot};
 
 /// How long a closing subscriber may take — to get its close frame out, then to answer
 /// it — before its socket is shut.
@@ -414,7 +414,7 @@ impl<H> Shard<H> {
     /// consecutive frames merge into one run); filtered ones are found event by event
     /// through the index. Each subscriber is in exactly one of the two groups, so it still
     /// gets its frames in seq order.
-    pub fn on_entries(&mut self, round: &[Arc<Entry>], next_pos: u64) {
+    pub fn on_entries(&mut self, round: &[EntryRef], next_pos: u64) {
         self.next_pos = next_pos;
         let Some(last) = round.last() else {
             return;
@@ -423,7 +423,7 @@ impl<H> Shard<H> {
         // Subscribers with no room for an event of this round, and that event's position.
         let mut behind: Vec<(SubId, u64)> = Vec::new();
         let (subs, wakes) = (&mut self.subs, &mut self.wakes);
-        let mut push = |id: SubId, entries: &mut dyn Iterator<Item = &Arc<Entry>>| {
+        let mut push = |id: SubId, entries: &mut dyn Iterator<Item = &Entry>| {
             let s = &mut subs[id];
             let mut wake = false;
             for e in entries {
@@ -442,11 +442,11 @@ impl<H> Shard<H> {
             }
         };
         for &id in self.index.unfiltered() {
-            push(id, &mut round.iter());
+            push(id, &mut round.iter().map(|e| &**e));
         }
         for e in round {
             self.index
-                .for_each_filtered_match(&e.keys, |id| push(id, &mut std::iter::once(e)));
+                .for_each_filtered_match(&e.keys, |id| push(id, &mut std::iter::once(&**e)));
         }
         // Those that had no room leave the index and catch up from the window as their
         // socket drains (the path of a resume): nothing is lost while they are behind and
