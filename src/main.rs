@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use krux_relay::cli;
 use krux_relay::config::{DataDirArg, ServeConfig};
 
@@ -22,14 +22,43 @@ struct Cli {
     // Read by `load_config` before parsing; declared here for --help and validation.
     #[arg(long = "config", env = "KRUX_CONFIG", global = true)]
     _config: Option<std::path::PathBuf>,
+    /// Log lines on stderr: `text` (coloured only on a terminal) or `json` (one object
+    /// per line, for log collectors).
+    #[arg(long, global = true, env = "KRUX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stderr (stdout is for `tail`'s events and `demo`'s banner); `KRUX_LOG`
+/// filters them (`info` by default).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KRUX_LOG")
+        .unwrap_or_else(|_| "info,async_nats=warn".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_ansi(false).init(),
+    }
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay.
     Serve(ServeConfig),
+    /// Print the effective configuration of `serve` (takes the same flags): each setting,
+    /// its value (secrets elided) and where it came from (flag > KRUX_* > file > default).
+    Config(ServeConfig),
     /// Zero-setup demo: the relay, a token and a synthetic fleet of agents.
     Demo(cli::demo::DemoArgs),
     /// Manage user tokens (krx_user_…).
@@ -42,8 +71,9 @@ enum Command {
     Tail(cli::tail::TailArgs),
 }
 
-/// Finds `--config FILE` (or `KRUX_CONFIG`) ahead of parsing, and loads it.
-fn load_config() -> anyhow::Result<()> {
+/// Finds `--config FILE` (or `KRUX_CONFIG`) ahead of parsing and loads it; returns the
+/// file, if any, and the variables it set.
+fn load_config() -> anyhow::Result<Option<(std::path::PathBuf, Vec<String>)>> {
     let args: Vec<String> = std::env::args().collect();
     let from_flag = args
         .iter()
@@ -54,7 +84,7 @@ fn load_config() -> anyhow::Result<()> {
             None => None,
         });
     let Some(path) = from_flag.or_else(|| std::env::var("KRUX_CONFIG").ok()) else {
-        return Ok(());
+        return Ok(None);
     };
     let mut cmd = <Cli as clap::CommandFactory>::command();
     cmd.build();
@@ -95,26 +125,50 @@ fn load_config() -> anyhow::Result<()> {
                 }),
         )
     };
-    krux_relay::config::load_config_file(std::path::Path::new(&path), &check)
+    let from_file = krux_relay::config::load_config_file(std::path::Path::new(&path), &check)?;
+    Ok(Some((path.into(), from_file)))
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KRUX_LOG")
-                .unwrap_or_else(|_| "info,async_nats=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     // The config file feeds the environment before clap reads it (flag > env > file).
-    if let Err(e) = load_config() {
-        eprintln!("krux-relay: {e:#}");
-        return ExitCode::FAILURE;
-    }
-    let args = Cli::parse();
+    let file = match load_config() {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!("krux-relay: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let matches = Cli::command().get_matches();
+    let args = match Cli::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
+    init_logging(args.log_format);
     let data_dir = args.data_dir.resolve();
     let result = match args.command {
+        Command::Config(_) => {
+            let mut cmd = Cli::command();
+            cmd.build(); // propagates the global flags (--data-dir, --config, --log-format)
+            let (sub_cmd, sub) = (
+                cmd.find_subcommand("config").expect("the config command"),
+                matches
+                    .subcommand_matches("config")
+                    .expect("config was parsed"),
+            );
+            let (path, from_file) = file.map_or((None, vec![]), |(p, f)| (Some(p), f));
+            let mut settings =
+                krux_relay::config::effective(sub_cmd, sub, path.as_deref(), &from_file);
+            for s in settings.iter_mut().filter(|s| s.name == "data-dir") {
+                if s.origin == krux_relay::config::Origin::Unset {
+                    (s.value, s.origin) = (
+                        data_dir.display().to_string(),
+                        krux_relay::config::Origin::Default,
+                    );
+                }
+            }
+            print!("{}", krux_relay::config::render_settings(&settings));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve(cfg) => krux_relay::server::start(&cfg, &data_dir)
             .and_then(|r| r.wait())
             .map(|()| ExitCode::SUCCESS),

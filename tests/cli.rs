@@ -3,6 +3,7 @@
 mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -69,6 +70,45 @@ async fn tail_prints_readable_lines_and_json_with_filters() {
         text.lines().all(|l| l.contains("deploy-agent")) && text.lines().count() == 2,
         "{text}"
     );
+}
+
+/// For scripts: `--since 0 --until-idle` prints what the relay retains and exits 0 once
+/// nothing more comes; `--color always` marks what needs a supervisor, and piped output
+/// (the default `auto`) carries no escape codes.
+#[tokio::test]
+async fn tail_until_idle_prints_the_window_and_exits_with_colour_on_request() {
+    let relay = Relay::start().await;
+    relay.publish(SEED).await;
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--since", "0", "--until-idle", "700ms"];
+        args.extend_from_slice(extra);
+        let out = finish_within(
+            tail(&relay, &args),
+            Duration::from_secs(15),
+            "tail --until-idle",
+        );
+        assert_success(&out);
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let plain = run(&[]);
+    assert_eq!(plain.lines().count(), 11, "{plain}");
+    assert!(!plain.contains('\x1b'), "no colour when piped: {plain:?}");
+    let coloured = run(&["--color", "always"]);
+    let line = |part: &str| {
+        coloured
+            .lines()
+            .find(|l| l.contains(part))
+            .unwrap_or_else(|| panic!("no {part} line in {coloured:?}"))
+            .to_string()
+    };
+    assert!(line("policy_violation").starts_with("\x1b[31m"));
+    assert!(line("approval_requested").starts_with("\x1b[33m"));
+    assert!(line("approval_resolved").starts_with("\x1b[32m"));
+    assert!(!line("capability_invoked").contains('\x1b'));
+    let json = run(&["--json", "--color", "always"]);
+    for l in json.lines() {
+        serde_json::from_str::<serde_json::Value>(l).expect("--json lines are JSON");
+    }
 }
 
 #[tokio::test]

@@ -43,3 +43,57 @@ fn unknown_config_keys_are_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown setting `listen-harder`"), "{err}");
 }
+
+/// `krux-relay config`: every setting with its effective value and where it came from, in
+/// the order of precedence flag > KRUX_* > file > default, with credentials redacted.
+#[test]
+fn config_prints_each_setting_with_its_origin_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.toml");
+    std::fs::write(
+        &file,
+        "ping-interval = \"5s\"\nreplay = 500\nclient-queue = \"1MiB\"\nmax-frame = \"1KiB\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["--config", file.to_str().unwrap(), "config"])
+        .args([
+            "--max-frame",
+            "4KiB",
+            "--nats",
+            "nats://ops:hunter2@127.0.0.1:4222",
+        ])
+        .env("KRUX_DATA_DIR", dir.path())
+        .env("KRUX_CLIENT_QUEUE", "2MiB")
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let setting = |name: &str| -> (String, String) {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        let mut words = line.split_whitespace().skip(1);
+        let value = words.next().unwrap().to_string();
+        (value, words.collect::<Vec<_>>().join(" "))
+    };
+    let file_origin = format!("file {}", file.display());
+    assert_eq!(setting("max-frame"), ("4KiB".into(), "flag".into()));
+    assert_eq!(
+        setting("client-queue"),
+        ("2MiB".into(), "env KRUX_CLIENT_QUEUE".into())
+    );
+    assert_eq!(setting("ping-interval"), ("5s".into(), file_origin.clone()));
+    assert_eq!(setting("replay"), ("500".into(), file_origin));
+    assert_eq!(setting("read-timeout"), ("10s".into(), "default".into()));
+    assert_eq!(
+        setting("data-dir"),
+        (dir.path().display().to_string(), "env KRUX_DATA_DIR".into())
+    );
+    assert_eq!(setting("nats").1, "flag");
+    assert!(
+        !text.contains("hunter2"),
+        "the NATS password is redacted:\n{text}"
+    );
+}

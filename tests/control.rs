@@ -128,3 +128,52 @@ async fn admin_port_and_dashboard() {
     assert!(head.contains("text/html"));
     assert!(body.contains("new WebSocket") && body.contains("access_token"));
 }
+
+/// `/metrics` read by a Prometheus text-format parser: every series it documents is
+/// parsed with its type, each sample belongs to a documented `krux_` family, and the
+/// figures are the relay's (the seed's 11 events in, one per type).
+#[tokio::test]
+async fn metrics_parse_as_prometheus_exposition() {
+    let relay = Relay::start().await;
+    relay.publish(SEED).await;
+    let body = metrics(&relay).await;
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("the exposition parses");
+    assert!(scrape.samples.len() > 30, "{body}");
+    let family = |name: &str| {
+        ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|base| scrape.docs.contains_key(*base))
+            .unwrap_or(name)
+            .to_string()
+    };
+    for s in &scrape.samples {
+        assert!(s.metric.starts_with("krux_"), "{}", s.metric);
+        assert!(
+            scrape.docs.contains_key(&family(&s.metric)),
+            "{} has no HELP line",
+            s.metric
+        );
+    }
+    let events_in: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "krux_events_in_total")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("krux_events_in_total is a counter, not {other:?}"),
+        })
+        .sum();
+    assert_eq!(events_in, 11.0);
+    let histogram = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "krux_ingest_to_write_seconds")
+        .expect("the latency histogram");
+    assert!(
+        matches!(histogram.value, prometheus_parse::Value::Histogram(ref b) if !b.is_empty()),
+        "{:?}",
+        histogram.value
+    );
+}

@@ -5,16 +5,21 @@
 mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 
-#[tokio::test]
-async fn python_websockets_client_subscribes_pings_and_closes() {
-    if !have_tool(
+fn have_python_websockets() -> bool {
+    have_tool(
         "python3",
         &["-c", "import websockets"],
         "pip install websockets",
-    ) {
+    )
+}
+
+#[tokio::test]
+async fn python_websockets_client_subscribes_pings_and_closes() {
+    if !have_python_websockets() {
         return;
     }
     let relay = Relay::start().await;
@@ -65,5 +70,67 @@ async fn python_websockets_client_subscribes_pings_and_closes() {
     assert_eq!(
         v["close_code"], 1000,
         "the relay echoes the client's close code"
+    );
+}
+
+/// `examples/clients/krux_tail.py`, the Python client of docs/protocol.md: it resumes
+/// after `since`, stops on a refusal, and stops (exit 1) when its token is revoked (1008)
+/// instead of reconnecting.
+#[tokio::test]
+async fn the_python_example_client_resumes_and_honours_close_codes() {
+    if !have_python_websockets() {
+        return;
+    }
+    let relay = Relay::start().await;
+    relay.publish(SEED).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/clients/krux_tail.py");
+    let client = |token: &str, extra: &[&str]| {
+        Command::new("python3")
+            .args([
+                script,
+                "--url",
+                &format!("ws://{}", relay.ws),
+                "--token",
+                token,
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 runs")
+    };
+    let finish = |child| finish_within(child, Duration::from_secs(20), "the Python client");
+    let out = finish(client(&relay.token, &["--since", "5", "--count", "6"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seqs: Vec<u64> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (6..=11).collect::<Vec<_>>());
+
+    let out = finish(client("krx_user_wrong", &[]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401"), "{err}");
+
+    let live = client(&relay.token, &[]);
+    wait_metric(&relay, "krux_subscribers 1").await;
+    let revoked = relay.cli(&["user-token", "revoke", "test"]);
+    assert!(revoked.status.success());
+    let out = finish(live);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("1008") && !err.contains("reconnecting"),
+        "{err}"
     );
 }

@@ -159,6 +159,48 @@ async fn secrets_stay_out_of_logs_and_metrics() {
     }
 }
 
+/// `--log-format json`: every log line is one JSON object; the start-up line names every
+/// address, the backend, the reactors and the limits, and no line holds a credential.
+#[tokio::test]
+async fn json_logs_are_objects_with_a_complete_start_up_line_and_no_secret() {
+    let relay = Relay::start_logged(&["--log-format", "json", "--client-queue", "2MiB"]).await;
+    let token = relay.token.clone();
+    let _ = status_of(&relay, &format!("/events?access_token={token}")).await;
+    let _ = status_of(
+        &relay,
+        "/events?access_token=krx_user_notvalidbutsecret0123456789",
+    )
+    .await;
+    let log = std::fs::read_to_string(relay.data_dir().join("relay.log")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let up = lines
+        .iter()
+        .find(|l| l["message"] == "krux-relay is up")
+        .unwrap_or_else(|| panic!("no start-up line in {log}"));
+    assert_eq!(up["level"], "INFO");
+    assert_eq!(up["ws"], relay.ws.to_string());
+    assert_eq!(up["ingest"], relay.ingest.to_string());
+    assert_eq!(up["admin"], relay.admin.to_string());
+    assert_eq!(up["client_queue"], 2 * 1024 * 1024);
+    for field in [
+        "io",
+        "reactors",
+        "tls",
+        "max_connections",
+        "max_frame",
+        "replay",
+        "replay_memory",
+    ] {
+        assert!(!up[field].is_null(), "start-up line lacks {field}: {up}");
+    }
+    for secret in [token.as_str(), "notvalidbutsecret"] {
+        assert!(!log.contains(secret), "log leaks {secret}");
+    }
+}
+
 #[tokio::test]
 async fn slow_and_oversized_request_heads_are_cut_off() {
     let relay = Relay::start_with(&["--handshake-timeout", "500ms"]).await;

@@ -36,6 +36,14 @@ pub struct TailArgs {
     /// Exit after this many events.
     #[arg(long)]
     pub count: Option<u64>,
+    /// Exit (successfully) once no event has arrived for this long, e.g. `2s`: with
+    /// `--since 0`, prints what the relay retains and stops.
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub until_idle: Option<Duration>,
+    /// Colour lines by severity: `auto` (only when stdout is a terminal), `always`, `never`.
+    /// Never with `--json`.
+    #[arg(long, value_enum, default_value_t = Color::Auto)]
+    pub color: Color,
     /// Exit when the connection ends instead of reconnecting and resuming.
     #[arg(long)]
     pub no_reconnect: bool,
@@ -43,6 +51,13 @@ pub struct TailArgs {
     /// <data-dir>/tls-self-signed.pem).
     #[arg(long)]
     pub ca_cert: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Color {
+    Auto,
+    Always,
+    Never,
 }
 
 /// A connector trusting exactly the certificates in `pem`.
@@ -129,6 +144,8 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     let mut backoff = Duration::from_millis(250);
     // Closes in a row at the same seq, with no event in between.
     let mut fruitless = 0u32;
+    // With `--until-idle`, the quiet time counts across reconnections too.
+    let mut last_event = tokio::time::Instant::now();
     loop {
         let before = seen;
         match stream_once(&args, &token, tls.clone(), &mut since, &mut seen).await? {
@@ -143,6 +160,16 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
             }
             Ended::Lost(why) => {
                 let resume = since.map_or("live".to_string(), |s| format!("after seq {s}"));
+                if seen > before {
+                    last_event = tokio::time::Instant::now();
+                }
+                if args
+                    .until_idle
+                    .is_some_and(|idle| last_event.elapsed() >= idle)
+                {
+                    eprintln!("{why}; no event for --until-idle, not reconnecting");
+                    return Ok(ExitCode::FAILURE);
+                }
                 if seen > before {
                     (backoff, fruitless) = (Duration::from_millis(250), 0);
                 } else if why.starts_with(CLOSED) {
@@ -245,7 +272,21 @@ async fn stream_once(
         *since = Some(position.and_then(|v| v.parse().ok()).unwrap_or(0));
     }
     let mut out = std::io::stdout().lock();
-    while let Some(msg) = ws.next().await {
+    let colour = !args.json
+        && match args.color {
+            Color::Auto => std::io::IsTerminal::is_terminal(&out),
+            Color::Always => true,
+            Color::Never => false,
+        };
+    loop {
+        let next = match args.until_idle {
+            Some(idle) => match tokio::time::timeout(idle, ws.next()).await {
+                Ok(next) => next,
+                Err(_) => return Ok(Ended::Done),
+            },
+            None => ws.next().await,
+        };
+        let Some(msg) = next else { break };
         let msg = match msg {
             Ok(m) => m,
             Err(e) => return Ok(Ended::Lost(format!("connection lost: {e}"))),
@@ -269,7 +310,11 @@ async fn stream_once(
                 if args.json {
                     writeln!(out, "{t}")?;
                 } else {
-                    writeln!(out, "{}", escape_controls(&readable(&v)))?;
+                    let line = escape_controls(&readable(&v));
+                    match severity_colour(&v).filter(|_| colour) {
+                        Some(c) => writeln!(out, "\x1b[{c}m{line}\x1b[0m")?,
+                        None => writeln!(out, "{line}")?,
+                    }
                 }
                 out.flush()?;
                 // A replay_gap notice has no seq: the position stays where it was.
@@ -328,6 +373,30 @@ pub fn escape_controls(line: &str) -> String {
         }
     }
     out
+}
+
+/// The ANSI colour of an event that needs a supervisor: red for violations, errors and
+/// critical alerts, yellow for what waits on someone (approvals, rate limits, warnings),
+/// green for a granted approval, and none for the rest.
+fn severity_colour(v: &Value) -> Option<&'static str> {
+    const RED: &str = "31";
+    const YELLOW: &str = "33";
+    const GREEN: &str = "32";
+    let data = &v["data"];
+    match v["type"].as_str()? {
+        "policy_violation" | "capability_error" | "replay_gap" => Some(RED),
+        "capability_result" if data["success"] == Value::Bool(false) => Some(RED),
+        "approval_requested" | "rate_limit_hit" => Some(YELLOW),
+        "approval_resolved" => match data["decision"].as_str() {
+            Some("approved") => Some(GREEN),
+            _ => Some(YELLOW),
+        },
+        "health_alert" => match data["severity"].as_str().map(str::to_ascii_lowercase) {
+            Some(s) if matches!(s.as_str(), "critical" | "error" | "high") => Some(RED),
+            _ => Some(YELLOW),
+        },
+        _ => None,
+    }
 }
 
 /// One readable line: time, type, agent, session, a short summary of `data`, and `#seq`.
@@ -435,6 +504,8 @@ mod tests {
             since: Some(4),
             json: false,
             count: None,
+            until_idle: None,
+            color: Color::Never,
             no_reconnect: false,
             ca_cert: None,
         };
@@ -475,5 +546,34 @@ mod tests {
         ] {
             assert!(line.contains(part), "{line}");
         }
+    }
+
+    #[test]
+    fn colours_follow_what_needs_a_supervisor() {
+        let colour = |t: &str, data: &str| {
+            let v: Value =
+                serde_json::from_str(&format!(r#"{{"type":"{t}","data":{data}}}"#)).unwrap();
+            severity_colour(&v)
+        };
+        assert_eq!(colour("policy_violation", "{}"), Some("31"));
+        assert_eq!(
+            colour("health_alert", r#"{"severity":"CRITICAL"}"#),
+            Some("31")
+        );
+        assert_eq!(
+            colour("health_alert", r#"{"severity":"warning"}"#),
+            Some("33")
+        );
+        assert_eq!(colour("approval_requested", "{}"), Some("33"));
+        assert_eq!(
+            colour("approval_resolved", r#"{"decision":"approved"}"#),
+            Some("32")
+        );
+        assert_eq!(
+            colour("capability_result", r#"{"success":false}"#),
+            Some("31")
+        );
+        assert_eq!(colour("capability_result", r#"{"success":true}"#), None);
+        assert_eq!(colour("capability_invoked", "{}"), None);
     }
 }

@@ -70,14 +70,19 @@ pub type SettingCheck<'a> = dyn Fn(&str, &str) -> Option<Result<(), String>> + '
 /// parses; either error names the file and the key.
 ///
 /// Keys are the flag names (`listen`, `ping-interval` or `ping_interval`, …); values are
-/// strings, numbers or booleans.
-pub fn load_config_file(path: &std::path::Path, check: &SettingCheck<'_>) -> anyhow::Result<()> {
+/// strings, numbers or booleans. Returns the names of the variables it set, so `config`
+/// can tell a value from the file from one in the environment.
+pub fn load_config_file(
+    path: &std::path::Path,
+    check: &SettingCheck<'_>,
+) -> anyhow::Result<Vec<String>> {
     use anyhow::Context;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
     let table: toml::Table = text
         .parse()
         .with_context(|| format!("parsing config file {}", path.display()))?;
+    let mut from_file = Vec::new();
     for (key, value) in table {
         let env = format!("KRUX_{}", key.to_ascii_uppercase().replace('-', "_"));
         let text = match value {
@@ -100,9 +105,118 @@ pub fn load_config_file(path: &std::path::Path, check: &SettingCheck<'_>) -> any
         }
         if std::env::var_os(&env).is_none() {
             std::env::set_var(&env, text);
+            from_file.push(env);
         }
     }
-    Ok(())
+    Ok(from_file)
+}
+
+/// Where a setting's effective value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Flag,
+    Env(String),
+    File(PathBuf),
+    Default,
+    Unset,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Flag => write!(f, "flag"),
+            Origin::Env(var) => write!(f, "env {var}"),
+            Origin::File(path) => write!(f, "file {}", path.display()),
+            Origin::Default => write!(f, "default"),
+            Origin::Unset => write!(f, "unset"),
+        }
+    }
+}
+
+/// One line of `krux-relay config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    pub name: String,
+    pub value: String,
+    pub origin: Origin,
+}
+
+/// Settings whose values are never printed: credentials, and URLs that may hold them.
+fn secret(name: &str) -> bool {
+    ["token", "password", "passphrase", "secret"]
+        .iter()
+        .any(|w| name.contains(w))
+}
+
+/// The effective settings of `matches` (a parsed `serve`/`config` command), with where
+/// each came from: a flag, a `KRUX_*` variable, the config file (`file`, which set the
+/// variables in `from_file`), or the default. Secrets are elided, and credentials in URLs
+/// redacted.
+pub fn effective(
+    cmd: &clap::Command,
+    matches: &clap::ArgMatches,
+    file: Option<&std::path::Path>,
+    from_file: &[String],
+) -> Vec<Setting> {
+    use clap::parser::ValueSource;
+    let mut out = Vec::new();
+    for arg in cmd.get_arguments() {
+        let id = arg.get_id().as_str();
+        let Some(long) = arg.get_long() else { continue };
+        if matches!(id, "help" | "version") || arg.is_hide_set() {
+            continue;
+        }
+        let raw: Vec<String> = matches
+            .get_raw(id)
+            .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let origin = match matches.value_source(id) {
+            Some(ValueSource::CommandLine) => Origin::Flag,
+            Some(ValueSource::EnvVariable) => {
+                let var = arg
+                    .get_env()
+                    .map(|e| e.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                match file {
+                    Some(path) if from_file.contains(&var) => Origin::File(path.to_path_buf()),
+                    _ => Origin::Env(var),
+                }
+            }
+            Some(ValueSource::DefaultValue) => Origin::Default,
+            _ => Origin::Unset,
+        };
+        let value = raw.join(",");
+        let value = if raw.is_empty() {
+            "-".to_string()
+        } else if secret(long) {
+            "<elided>".to_string()
+        } else if value.contains("://") {
+            cluster::redact(&value) // a URL may carry a user and password
+        } else {
+            value
+        };
+        out.push(Setting {
+            name: long.to_string(),
+            value,
+            origin,
+        });
+    }
+    out
+}
+
+/// `effective` as aligned text, one setting per line.
+pub fn render_settings(settings: &[Setting]) -> String {
+    let w = settings.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let v = settings
+        .iter()
+        .map(|s| s.value.chars().count())
+        .max()
+        .unwrap_or(0)
+        .min(40);
+    settings
+        .iter()
+        .map(|s| format!("{:<w$}  {:<v$}  {}\n", s.name, s.value, s.origin))
+        .collect()
 }
 
 #[derive(Debug, Clone, Args)]

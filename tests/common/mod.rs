@@ -540,6 +540,24 @@ pub fn tail(relay: &Relay, extra: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
+/// Waits for `child` to exit by itself within `within` (killing it and failing the test
+/// otherwise: `what` says what should have stopped), and returns its output.
+pub fn finish_within(
+    mut child: std::process::Child,
+    within: Duration,
+    what: &str,
+) -> std::process::Output {
+    let deadline = Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not stop within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// The relay's metrics, as the admin port serves them.
 pub async fn metrics(relay: &Relay) -> String {
     raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
