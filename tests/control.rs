@@ -126,6 +126,12 @@ async fn admin_port_and_dashboard() {
     let (status, head, body) = raw_http(relay.ws, &get("/")).await;
     assert_eq!(status, 200);
     assert!(head.contains("text/html"));
+    assert!(body.contains(r#"<script src="/krux-client.js">"#));
+    assert!(body.contains(r#"id="pending-approvals""#));
+    // The client script the page runs on, from the binary too.
+    let (status, head, body) = raw_http(relay.ws, &get("/krux-client.js")).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("text/javascript"), "{head}");
     assert!(body.contains("new WebSocket") && body.contains("access_token"));
 }
 

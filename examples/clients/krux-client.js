@@ -3,7 +3,7 @@
 // what cannot, and reports `replay_gap` notices instead of hiding them.
 //
 //   const c = new KruxClient({
-//     url: "ws://127.0.0.1:7701", token: "krx_user_...",
+//     url: "ws://127.0.0.1:7701", token: "krx_user_...", // or passphrase: "..."
 //     filters: { type: "policy_violation,approval_requested" }, since: 0,
 //     onEvent: (e) => console.log(e.seq, e.type),
 //     onNotice: (n) => console.warn("gap", n.data),
@@ -36,7 +36,9 @@
 
     url() {
       const base = this.opts.url.replace(/\/+$/, "").replace(/\/events$/, "");
-      const q = new URLSearchParams({ access_token: this.opts.token });
+      const q = new URLSearchParams();
+      if (this.opts.token) q.set("access_token", this.opts.token);
+      else if (this.opts.passphrase) q.set("passphrase", this.opts.passphrase);
       for (const [k, v] of Object.entries(this.opts.filters || {})) if (v) q.set(k, v);
       if (this.since !== null) q.set("since", String(this.since));
       return `${base}/events?${q.toString().replace(/%2C/gi, ",")}`;

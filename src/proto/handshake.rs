@@ -118,8 +118,17 @@ pub fn is_agent_token(s: &str) -> bool {
 #[derive(Debug)]
 pub enum Decision {
     Upgrade(Upgrade),
-    Dashboard,
+    /// A static page of the dashboard, answered without credentials (the page asks for them).
+    Page(Page),
     Refuse(Response),
+}
+
+/// The files of the dashboard (`GET /`), embedded in the binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    Dashboard,
+    /// The browser client the dashboard runs on (`examples/clients/krux-client.js`).
+    ClientScript,
 }
 
 #[derive(Debug)]
@@ -138,8 +147,12 @@ pub struct Gate<'a> {
 }
 
 pub fn decide(req: &Request, gate: &Gate<'_>) -> Decision {
-    if req.path == "/" && req.method == "GET" {
-        return Decision::Dashboard;
+    if req.method == "GET" {
+        match req.path.as_str() {
+            "/" => return Decision::Page(Page::Dashboard),
+            "/krux-client.js" => return Decision::Page(Page::ClientScript),
+            _ => {}
+        }
     }
     if req.path != "/events" {
         return Decision::Refuse(Response::text(
@@ -373,10 +386,10 @@ impl Response {
         }
     }
 
-    pub fn html(body: &'static str) -> Response {
+    pub fn asset(content_type: &'static str, body: &'static str) -> Response {
         Response {
             status: 200,
-            content_type: "text/html; charset=utf-8",
+            content_type,
             body: Cow::Borrowed(body),
             headers: Vec::new(),
         }
@@ -468,7 +481,7 @@ mod tests {
     fn status(d: &Decision) -> u16 {
         match d {
             Decision::Upgrade(_) => 101,
-            Decision::Dashboard => 200,
+            Decision::Page(_) => 200,
             Decision::Refuse(r) => r.status,
         }
     }

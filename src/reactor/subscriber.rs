@@ -18,12 +18,13 @@ use crate::frame::Span;
 use crate::io::{advance, write_all, Conn};
 use crate::live::Live;
 use crate::proto::handshake::{
-    decide, parse_request, query_pairs, redact_query, Auth, Credential, Decision, Gate, Parsed,
-    Request, Response, MAX_HEAD,
+    decide, parse_request, query_pairs, redact_query, Auth, Credential, Decision, Gate, Page,
+    Parsed, Request, Response, MAX_HEAD,
 };
 use crate::proto::ws::InboundDecoder;
 
 static DASHBOARD: &str = include_str!("../../assets/dashboard.html");
+static CLIENT_SCRIPT: &str = include_str!("../../examples/clients/krux-client.js");
 
 pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: Rc<C>, peer: IpAddr) {
     // The handshake's state (timers, request, passphrase check, refusals) lives in its own
@@ -104,8 +105,14 @@ async fn handshake<C: Conn>(
     let up = match decision {
         Decision::Upgrade(up) => up,
         Decision::Refuse(resp) => return answer_and_close(conn, live, resp).await,
-        Decision::Dashboard => {
-            return answer_and_close(conn, live, Response::html(DASHBOARD)).await
+        Decision::Page(page) => {
+            let resp = match page {
+                Page::Dashboard => Response::asset("text/html; charset=utf-8", DASHBOARD),
+                Page::ClientScript => {
+                    Response::asset("text/javascript; charset=utf-8", CLIENT_SCRIPT)
+                }
+            };
+            return answer_and_close(conn, live, resp).await;
         }
     };
     Some((up, leftover))

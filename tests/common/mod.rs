@@ -16,6 +16,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod browser;
+
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub const SEED: &str = include_str!("../data/seed_events.ndjson");
