@@ -256,6 +256,44 @@ async fn an_agent_click_filters_the_stream_and_pause_resume_loses_nothing() {
     page.screenshot("dashboard-json").await;
 }
 
+/// A resume point the relay no longer retains shows as a notice, never silently; the page
+/// reconnects by itself with `since` after the relay restarts, and counts it on screen.
+#[tokio::test]
+async fn it_resumes_after_a_restart_and_shows_a_replay_gap() {
+    if !chromium() {
+        return;
+    }
+    let mut relay = Relay::start_with(&["--replay", "10"]).await;
+    relay.publish(SEED).await;
+    let mut page = dashboard(&relay, "&since=0").await;
+    // Seq 1 is gone from a 10-event window: the page says so.
+    page.wait_for(
+        "!document.getElementById('gap-notice').hidden",
+        SECS,
+        "document.body.innerText",
+    )
+    .await;
+    let notice = page.eval("document.getElementById('gap-text').textContent").await;
+    assert!(notice.as_str().unwrap().contains("after #0 and before #2"), "{notice}");
+    page.wait_for("kruxStats.received === 10", SECS, "kruxStats").await;
+    page.screenshot("dashboard-gap").await;
+
+    let same = [relay.ws, relay.ingest, relay.admin].map(|a| a.to_string());
+    let ports = ["--listen", &same[0], "--ingest", &same[1], "--admin", &same[2]];
+    relay.crash_and_restart(&ports).await;
+    page.wait_for(
+        "document.getElementById('status').textContent === 'live' && document.getElementById('reconnects').textContent !== '0'",
+        Duration::from_secs(20),
+        "document.getElementById('conn').innerText",
+    )
+    .await;
+    assert_eq!(relay.publish(SEED).await[0]["accepted"], 11);
+    page.wait_for("kruxStats.received === 21", SECS, "kruxStats").await;
+    // The restarted relay's window starts empty, so the resume point is behind it: that is
+    // said too, and everything published after the reconnection arrived.
+    assert_eq!(page.eval("kruxStats.gaps").await, 2, "{}", page.eval("kruxStats").await);
+}
+
 /// 50,000 events/s for 10 s from a fleet of agents: the page's own counter ends equal to
 /// what the relay accepted, and the page keeps drawing frames meanwhile.
 #[tokio::test]

@@ -150,6 +150,9 @@ impl Browser {
 
     /// Saves a PNG of the page as it is now; returns where.
     pub async fn screenshot(&mut self, name: &str) -> PathBuf {
+        // A page that redraws on a timer (the dashboard, 4 times a second) shows what it
+        // last received only after its next redraw.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let r = self
             .call("Page.captureScreenshot", json!({ "format": "png" }))
             .await;
