@@ -355,6 +355,21 @@ async fn a_subscriber_of_a_killed_node_resumes_on_another_with_no_hole_and_no_du
     assert_silent(&mut on_c, Duration::from_millis(300)).await;
 }
 
+/// Every series docs/monitoring's alert rules and Grafana dashboard query, the cluster
+/// ones included, is one a cluster node exposes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_exposes_every_series_the_monitoring_files_use() {
+    let Some(nats) = Nats::start() else { return };
+    let relay = node(&nats, None, &[]).await;
+    assert_eq!(summary(&relay.publish(&events(0, 5)).await)["accepted"], 5);
+    let exposed = exposed_families(&metrics(&relay).await);
+    let missing: Vec<_> = monitored_families()
+        .into_iter()
+        .filter(|f| !exposed.contains(f))
+        .collect();
+    assert!(missing.is_empty(), "queried but not exposed: {missing:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_window_serves_old_resumes_from_the_stream() {
     let Some(nats) = Nats::start() else { return };

@@ -273,13 +273,21 @@ async fn it_resumes_after_a_restart_and_shows_a_replay_gap() {
         "document.body.innerText",
     )
     .await;
-    let notice = page.eval("document.getElementById('gap-text').textContent").await;
-    assert!(notice.as_str().unwrap().contains("after #0 and before #2"), "{notice}");
-    page.wait_for("kruxStats.received === 10", SECS, "kruxStats").await;
+    let notice = page
+        .eval("document.getElementById('gap-text').textContent")
+        .await;
+    assert!(
+        notice.as_str().unwrap().contains("after #0 and before #2"),
+        "{notice}"
+    );
+    page.wait_for("kruxStats.received === 10", SECS, "kruxStats")
+        .await;
     page.screenshot("dashboard-gap").await;
 
     let same = [relay.ws, relay.ingest, relay.admin].map(|a| a.to_string());
-    let ports = ["--listen", &same[0], "--ingest", &same[1], "--admin", &same[2]];
+    let ports = [
+        "--listen", &same[0], "--ingest", &same[1], "--admin", &same[2],
+    ];
     relay.crash_and_restart(&ports).await;
     page.wait_for(
         "document.getElementById('status').textContent === 'live' && document.getElementById('reconnects').textContent !== '0'",
@@ -288,10 +296,16 @@ async fn it_resumes_after_a_restart_and_shows_a_replay_gap() {
     )
     .await;
     assert_eq!(relay.publish(SEED).await[0]["accepted"], 11);
-    page.wait_for("kruxStats.received === 21", SECS, "kruxStats").await;
+    page.wait_for("kruxStats.received === 21", SECS, "kruxStats")
+        .await;
     // The restarted relay's window starts empty, so the resume point is behind it: that is
     // said too, and everything published after the reconnection arrived.
-    assert_eq!(page.eval("kruxStats.gaps").await, 2, "{}", page.eval("kruxStats").await);
+    assert_eq!(
+        page.eval("kruxStats.gaps").await,
+        2,
+        "{}",
+        page.eval("kruxStats").await
+    );
 }
 
 /// 50,000 events/s for 10 s from a fleet of agents: the page's own counter ends equal to

@@ -583,3 +583,35 @@ pub async fn wait_metric(relay: &Relay, line: &str) {
 pub async fn wait_subscribers(relay: &Relay, n: usize) {
     wait_metric(relay, &format!("\nkrux_subscribers {n}\n")).await
 }
+
+/// Every `krux_` family the monitoring files (docs/monitoring: alert rules, Grafana
+/// dashboard) query, histogram suffixes folded into their family.
+pub fn monitored_families() -> std::collections::BTreeSet<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/monitoring");
+    let mut names = std::collections::BTreeSet::new();
+    for file in ["krux-relay.rules.yml", "grafana-dashboard.json"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        for (i, _) in text.match_indices("krux_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            let family = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            names.insert(family.to_string());
+        }
+    }
+    names
+}
+
+/// The families a `/metrics` answer declares (`# TYPE name kind`).
+pub fn exposed_families(scrape: &str) -> std::collections::BTreeSet<String> {
+    scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
