@@ -8,7 +8,8 @@
 #
 # Each step runs N and 2N times (after the same warm-up); the difference over N is the
 # cost of one steady-state iteration, without set-up. Counts depend on the CPU features
-# simd-json finds; refresh the baseline with --update when the machine type changes.
+# simd-json finds, so the baseline holds one section per feature set (`cpu …` then its
+# steps); --update rewrites this machine's section and keeps the others.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 baseline=benches/callgrind/baseline.txt
@@ -42,18 +43,23 @@ for spec in ingest_batch:40 validate_frame:2000 index_match:2000 enqueue_1k:640;
   per[$step]=$(((two - one) / n))
 done
 
+# This machine type's section of the baseline.
+section() { awk -v cpu="$cpu" '$1 == "cpu" { mine = ($2 == cpu); next } mine' "$baseline"; }
+
 if [ "${1:-}" = --update ]; then
-  echo "cpu $cpu" >"$baseline"
-  for step in ingest_batch validate_frame index_match enqueue_1k; do
-    echo "$step ${per[$step]}" >>"$baseline"
-  done
+  others=$(awk -v cpu="$cpu" '$1 == "cpu" { skip = ($2 == cpu) } !skip' "$baseline" 2>/dev/null || true)
+  {
+    [ -n "$others" ] && echo "$others"
+    echo "cpu $cpu"
+    for step in ingest_batch validate_frame index_match enqueue_1k; do echo "$step ${per[$step]}"; done
+  } >"$tmp/baseline"
+  mv "$tmp/baseline" "$baseline"
   echo "baseline written:"; cat "$baseline"
   exit 0
 fi
 
-base_cpu=$(awk '$1 == "cpu" { print $2 }' "$baseline")
-if [ "$base_cpu" != "$cpu" ]; then
-  echo "the baseline was taken on a CPU with features [$base_cpu], this one has [$cpu]:"
+if [ -z "$(section)" ]; then
+  echo "the baseline has no section for this CPU's features [$cpu]:"
   echo "counts are not comparable, so not compared; run $0 --update on this machine type."
   for step in "${!per[@]}"; do echo "$step ${per[$step]}"; done
   exit 0
@@ -70,5 +76,5 @@ while read -r step base; do
     status=1
   fi
   printf '%-16s %14s %14s %7s%%  %s\n' "$step" "$base" "$now" "$change" "$verdict"
-done < <(grep -v '^cpu ' "$baseline")
+done < <(section)
 exit $status
