@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!(r.body.ends_with('\n') && r.body.lines().count() == 1, "one sentence");
             }
             Decision::Upgrade(u) => assert!(u.response(Some(1)).starts_with(b"HTTP/1.1 101 ")),
-            Decision::Dashboard => {}
+            Decision::Page(_) => {}
         }
     }
 });
