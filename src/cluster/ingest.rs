@@ -256,7 +256,7 @@ async fn serve_publisher<S: AsyncRead + AsyncWrite>(
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut splitter = LineSplitter::new(checker.borrow().max_line());
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; crate::ingest::PUBLISHER_READ];
     let mut conn = Conn {
         tally: Tally::default(),
         replies: String::new(),

@@ -172,6 +172,13 @@ pub fn rejection_line(n: u64, err: &LineError) -> String {
 /// down; the publisher then gets its summary. At shutdown, lines already received are
 /// accepted or rejected as usual, and an unfinished last line is dropped (never half
 /// accepted).
+/// The most one read from a publisher takes. Each read ends a batch, and each batch wakes
+/// the parked reactors (an eventfd write and a context switch each, several µs on this VM)
+/// or, in cluster mode, becomes one JetStream message: a fast publisher's 256 KiB reads
+/// made ingest 20-25% cheaper per event than 64 KiB ones (docs/benchmarks.md). A slow
+/// publisher's reads are as small as before, so its latency is unchanged.
+pub const PUBLISHER_READ: usize = 256 * 1024;
+
 pub async fn serve_publisher<S: AsyncRead + AsyncWrite>(
     stream: S,
     pipeline: Rc<RefCell<Pipeline>>,
@@ -179,11 +186,7 @@ pub async fn serve_publisher<S: AsyncRead + AsyncWrite>(
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut splitter = LineSplitter::new(pipeline.borrow().max_line());
-    // Each read ends a batch, and each batch wakes the parked reactors (an eventfd write
-    // and a context switch each, several µs on this VM): a fast publisher's 256 KiB reads
-    // made ingest 20-25% cheaper per event than 64 KiB ones (docs/benchmarks.md). A slow
-    // publisher's reads are as small as before, so its latency is unchanged.
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; PUBLISHER_READ];
     let mut replies = String::new();
     let mut tally = Tally::default();
     let mut handle =
