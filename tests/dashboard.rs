@@ -67,13 +67,20 @@ async fn attention_panels_rebuild_from_since_and_follow_approvals() {
     input += &approval("appr-new", "research-agent", "2026-03-15T10:41:00.000Z");
     input += &health("warning", "disk");
     input += &health("critical", "ingest");
+    // Event text is shown as text: markup in it must not become elements or run.
+    input += &line(
+        json!({"type": "policy_violation", "timestamp": "2026-03-15T10:44:00.000Z",
+        "agent": "research-agent", "session_id": "sess-1", "data": {"capability": "process.run",
+        "rule": "<b id=bold>rule</b>", "tier": "blocked",
+        "reason": "<img id=pwn src=x onerror=\"window.pwned=1\">"}}),
+    );
     let summary = relay.publish(&input).await;
-    assert_eq!(summary.last().unwrap()["accepted"], 15, "{summary:?}");
+    assert_eq!(summary.last().unwrap()["accepted"], 16, "{summary:?}");
 
     // `since=0`: every panel is rebuilt from what the relay retains, so approvals that were
     // already waiting when the page opened are there.
     let mut page = dashboard(&relay, "&since=0").await;
-    page.wait_for("kruxStats.received === 15", SECS, "kruxStats")
+    page.wait_for("kruxStats.received === 16", SECS, "kruxStats")
         .await;
     let pending = format!("({ROWS})('pending-approvals').map((r) => r[4])");
     page.wait_for(
@@ -91,6 +98,11 @@ async fn attention_panels_rebuild_from_since_and_follow_approvals() {
     assert!(text.contains("appr-old needs a human"), "{text}");
     assert!(text.contains("system.deny_dangerous_commands"), "{text}");
     assert!(text.contains("PolicyDenied"), "{text}");
+    assert!(text.contains("<b id=bold>rule</b>: <img id=pwn"), "{text}");
+    let injected = page
+        .eval("!!document.getElementById('pwn') || !!document.getElementById('bold') || !!window.pwned")
+        .await;
+    assert_eq!(injected, false, "event text became markup");
     let health_rows = page.eval(&format!("({ROWS})('health')")).await;
     assert_eq!(
         health_rows[0][0], "critical",
