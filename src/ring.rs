@@ -232,6 +232,11 @@ impl FrameRing {
         self.head.load(SeqCst)
     }
 
+    /// Whether this process has published anything into the ring yet.
+    pub fn has_published(&self) -> bool {
+        self.head() > self.first
+    }
+
     /// Every event with a `seq` from this one on that reached the ring is still in it.
     pub fn complete_from(&self) -> u64 {
         self.complete_from.load(SeqCst)

@@ -34,11 +34,21 @@ fn output_within(
     let pid = child.id().to_string();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let Ok(out) = rx.recv_timeout(within) else {
         let _ = Command::new("kill").args(["-KILL", &pid]).status();
-        panic!("{what}: still running after {within:?}");
+        // What it printed until then says why it is still waiting.
+        let said = rx
+            .recv_timeout(Duration::from_secs(5))
+            .map_or(String::new(), |o| {
+                format!(
+                    "\nstdout:\n{}\nstderr:\n{}",
+                    text(&o.stdout),
+                    text(&o.stderr)
+                )
+            });
+        panic!("{what}: still running after {within:?}{said}");
     };
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 
@@ -311,8 +321,26 @@ async fn a_filtered_tail_that_saw_nothing_resumes_from_krux_seq_after_a_restart(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // The tail's 101 is written (so its Krux-Seq is the tail's, even if the tail is
+    // stopped before it reads it): counted once the write is done, unlike the subscriber,
+    // which is counted before. Stopped before that, the tail would begin after the restart,
+    // and the violation below would rightly not be owed to it.
+    let handshakes = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("krux_handshakes_total{status=\"101\"} "))
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    let before = handshakes(&metrics(&relay).await);
     let child = tail(&relay, &["--type", "policy_violation", "--count", "1"]);
     wait_subscribers(&relay, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handshakes(&metrics(&relay).await) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the tail's 101 was never written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     relay.publish(&alert(1)).await; // not for it: it has still received nothing
                                     // Stopped, tail cannot reconnect before the violation below is published: it must
                                     // resume to get it, however fast it would have retried.

@@ -219,17 +219,21 @@ impl<H> Shard<H> {
     }
 
     /// The `seq` a subscriber registered now starts after (its `Krux-Seq`): the last event
-    /// dispatched, or where the ring starts (0: unknown yet).
-    pub fn position_seq(&self) -> u64 {
-        match (self.last_seq, self.ring.complete_from()) {
-            (0, u64::MAX) => 0,
+    /// this reactor dispatched, or where the ring starts. `None` when there is nothing
+    /// before it (or, in a cluster, when that is not known yet). `Some(0)` when events were
+    /// published but this reactor has dispatched none yet: they are still owed to the new
+    /// subscriber, and `since=0` is where a resume misses none of them.
+    pub fn position_seq(&self) -> Option<u64> {
+        let seq = match (self.last_seq, self.ring.complete_from()) {
+            (0, u64::MAX) => return None,
             (0, from) => from.saturating_sub(1),
             (s, _) => s,
-        }
+        };
+        (seq > 0 || self.ring.has_published()).then_some(seq)
     }
 
     /// Registers a subscriber between two fan-out rounds: live from the fan-out position,
-    /// or resuming after `since`. Returns its id and its `Krux-Seq` (0: none).
+    /// or resuming after `since`. Returns its id and its `Krux-Seq`.
     pub fn register(
         &mut self,
         principal: Principal,
@@ -237,9 +241,9 @@ impl<H> Shard<H> {
         since: Option<u64>,
         handle: H,
         now: Instant,
-    ) -> (SubId, u64) {
+    ) -> (SubId, Option<u64>) {
         let position = self.position_seq();
-        let mut out = Outbox::new(self.settings.client_queue, since.unwrap_or(position));
+        let mut out = Outbox::new(self.settings.client_queue, since.or(position).unwrap_or(0));
         let id = self.subs.vacant_key();
         let phase = match since {
             None => {
@@ -890,7 +894,26 @@ mod tests {
         w.publish(2, 10);
         w.fan_out(w.at(3));
         assert_eq!(w.write(resumed, usize::MAX, w.at(4)), events(16..=17));
-        assert_eq!(w.shard.position_seq(), 17, "the next Krux-Seq");
+        assert_eq!(w.shard.position_seq(), Some(17), "the next Krux-Seq");
+    }
+
+    /// A subscriber that registers before its reactor dispatched the first events is told
+    /// `Krux-Seq: 0`, not nothing: a filtered one that receives none of them still has a
+    /// resume point that misses nothing (`since=0`).
+    #[test]
+    fn krux_seq_is_0_not_absent_when_events_are_published_but_not_dispatched() {
+        let mut w = World::new(1000, settings(1 << 20));
+        assert_eq!(
+            w.shard.position_seq(),
+            None,
+            "nothing published: no Krux-Seq"
+        );
+        w.publish(3, 10);
+        assert_eq!(w.shard.position_seq(), Some(0), "published, not dispatched");
+        let owed = w.register(ALICE, None, None);
+        w.fan_out(w.at(0));
+        assert_eq!(w.write(owed, usize::MAX, w.at(1)), events(1..=3));
+        assert_eq!(w.shard.position_seq(), Some(3));
     }
 
     #[test]

@@ -158,7 +158,7 @@ fn register<'r, C: Conn>(
     let (id, position) = reactor
         .with_shard(|s| s.register(up.principal, filter, up.since, handle.clone(), super::now()));
     reactor.live.connections.fetch_add(1, Relaxed);
-    let response = up.response(Some(position).filter(|&s| s > 0));
+    let response = up.response(position);
     (Registration { reactor, id }, handle, response)
 }
 
