@@ -168,10 +168,6 @@ pub fn rejection_line(n: u64, err: &LineError) -> String {
     format!("{{\"line\":{n},\"error\":{msg}}}\n")
 }
 
-/// Serves one publisher connection until it half-closes or goes away, or the server shuts
-/// down; the publisher then gets its summary. At shutdown, lines already received are
-/// accepted or rejected as usual, and an unfinished last line is dropped (never half
-/// accepted).
 /// The most one read from a publisher takes. Each read ends a batch, and each batch wakes
 /// the parked reactors (an eventfd write and a context switch each, several µs on this VM)
 /// or, in cluster mode, becomes one JetStream message: a fast publisher's 256 KiB reads
@@ -179,6 +175,10 @@ pub fn rejection_line(n: u64, err: &LineError) -> String {
 /// publisher's reads are as small as before, so its latency is unchanged.
 pub const PUBLISHER_READ: usize = 256 * 1024;
 
+/// Serves one publisher connection until it half-closes or goes away, or the server shuts
+/// down; the publisher then gets its summary. At shutdown, lines already received are
+/// accepted or rejected as usual, and an unfinished last line is dropped (never half
+/// accepted).
 pub async fn serve_publisher<S: AsyncRead + AsyncWrite>(
     stream: S,
     pipeline: Rc<RefCell<Pipeline>>,
