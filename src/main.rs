@@ -138,7 +138,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let matches = Cli::command().get_matches();
+    // Made only now: clap reads each flag's variable when the command is made, and the
+    // file has just set some.
+    let mut cmd = Cli::command();
+    let matches = cmd.get_matches_mut();
     let args = match Cli::from_arg_matches(&matches) {
         Ok(args) => args,
         Err(e) => e.exit(),
@@ -147,8 +150,7 @@ fn main() -> ExitCode {
     let data_dir = args.data_dir.resolve();
     let result = match args.command {
         Command::Config(_) => {
-            let mut cmd = Cli::command();
-            cmd.build(); // propagates the global flags (--data-dir, --config, --log-format)
+            // Built by the parse, so the subcommand has the global flags (--data-dir, …).
             let (sub_cmd, sub) = (
                 cmd.find_subcommand("config").expect("the config command"),
                 matches
