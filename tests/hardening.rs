@@ -31,24 +31,8 @@ fn output_within(
     within: Duration,
     what: &str,
 ) -> (bool, String, String) {
-    let pid = child.id().to_string();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    let out = finish_within(child, within, what);
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    let Ok(out) = rx.recv_timeout(within) else {
-        let _ = Command::new("kill").args(["-KILL", &pid]).status();
-        // What it printed until then says why it is still waiting.
-        let said = rx
-            .recv_timeout(Duration::from_secs(5))
-            .map_or(String::new(), |o| {
-                format!(
-                    "\nstdout:\n{}\nstderr:\n{}",
-                    text(&o.stdout),
-                    text(&o.stderr)
-                )
-            });
-        panic!("{what}: still running after {within:?}{said}");
-    };
     (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 

@@ -543,21 +543,31 @@ pub fn tail(relay: &Relay, extra: &[&str]) -> std::process::Child {
 }
 
 /// Waits for `child` to exit by itself within `within` (killing it and failing the test
-/// otherwise: `what` says what should have stopped), and returns its output.
+/// otherwise: `what` says what should have stopped), and returns its output. Its pipes
+/// are read meanwhile, so a child that prints a lot cannot block on a full one.
 pub fn finish_within(
-    mut child: std::process::Child,
+    child: std::process::Child,
     within: Duration,
     what: &str,
 ) -> std::process::Output {
-    let deadline = Instant::now() + within;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} did not stop within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    rx.recv_timeout(within).unwrap_or_else(|_| {
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        // What it printed until then says why it is still waiting.
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let said = rx
+            .recv_timeout(Duration::from_secs(5))
+            .map_or(String::new(), |o| {
+                format!(
+                    "\nstdout:\n{}\nstderr:\n{}",
+                    text(&o.stdout),
+                    text(&o.stderr)
+                )
+            });
+        panic!("{what} did not stop within {within:?}{said}");
+    })
 }
 
 /// The relay's metrics, as the admin port serves them.
