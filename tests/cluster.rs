@@ -404,12 +404,8 @@ async fn a_small_window_serves_old_resumes_from_the_stream() {
         "served from the stream"
     );
     // The stream carried the batches compressed: fewer bytes than the lines themselves.
-    let carried: usize = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("krux_cluster_consumed_bytes_total "))
-        .and_then(|v| v.parse().ok())
-        .expect("the series");
-    let published = events(0, 503).len();
+    let carried = metric_value(&metrics, "krux_cluster_consumed_bytes_total").expect("the series");
+    let published = events(0, 503).len() as u64;
     assert!(
         carried * 2 < published,
         "{carried} B carried for {published} B of lines"

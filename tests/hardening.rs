@@ -309,11 +309,8 @@ async fn a_filtered_tail_that_saw_nothing_resumes_from_krux_seq_after_a_restart(
     // stopped before it reads it): counted once the write is done, unlike the subscriber,
     // which is counted before. Stopped before that, the tail would begin after the restart,
     // and the violation below would rightly not be owed to it.
-    let handshakes = |m: &str| {
-        m.lines()
-            .find_map(|l| l.strip_prefix("krux_handshakes_total{status=\"101\"} "))
-            .map_or(0, |n| n.parse::<u64>().unwrap())
-    };
+    let handshakes =
+        |m: &str| metric_value(m, "krux_handshakes_total{status=\"101\"}").unwrap_or(0);
     let before = handshakes(&metrics(&relay).await);
     let child = tail(&relay, &["--type", "policy_violation", "--count", "1"]);
     wait_subscribers(&relay, 1).await;

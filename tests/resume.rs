@@ -96,11 +96,6 @@ async fn the_window_is_bounded_in_bytes_and_a_resume_before_it_gets_the_gap() {
     let seqs: Vec<u64> = got.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (oldest..=last).collect::<Vec<_>>());
     let m = metrics(&relay).await;
-    let held: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("krux_replay_retained_bytes "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let held = metric_value(&m, "krux_replay_retained_bytes").unwrap();
     assert!(held <= 2 << 20 && held > 1 << 20, "{held}");
 }

@@ -577,6 +577,14 @@ pub async fn metrics(relay: &Relay) -> String {
         .2
 }
 
+/// The value of one series (`name{labels}` as exposed) in a `/metrics` answer.
+pub fn metric_value(scrape: &str, series: &str) -> Option<u64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap_or_else(|e| panic!("{series} {v}: {e}")))
+}
+
 /// Waits (at most 10 s) until the relay's metrics hold `line`.
 pub async fn wait_metric(relay: &Relay, line: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
