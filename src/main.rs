@@ -40,7 +40,7 @@ enum LogFormat {
 /// filters them (`info` by default).
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KRUX_LOG")
-        .unwrap_or_else(|_| "info,async_nats=warn".into());
+        .unwrap_or_else(|_| "info,async_nats=off".into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

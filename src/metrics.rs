@@ -108,6 +108,11 @@ pub struct ClusterMetrics {
     pub history_fetches: AtomicU64,
     /// Payload bytes of the stream messages the consumer took, as stored (compressed).
     pub consumed_bytes: AtomicU64,
+    /// Messages in the node format whose MAC did not verify: dropped whole.
+    pub forged_messages: AtomicU64,
+    /// Events of the stream not delivered: lines of foreign messages that are not valid
+    /// events, and records of damaged messages.
+    pub rejected_events: AtomicU64,
 }
 
 impl Metrics {
@@ -263,7 +268,7 @@ impl Metrics {
 
 impl ClusterMetrics {
     fn render(&self, out: &mut String) {
-        let series: [Scalar; 7] = [
+        let series: [Scalar; 9] = [
             (
                 "krux_cluster_ready",
                 "gauge",
@@ -305,6 +310,18 @@ impl ClusterMetrics {
                 "counter",
                 "Payload bytes of the stream messages this node consumed, as stored (batches are LZ4-compressed).",
                 self.consumed_bytes.load(Relaxed) as i64,
+            ),
+            (
+                "krux_cluster_forged_messages_total",
+                "counter",
+                "Stream messages in the node format whose MAC did not verify (not written by a node with the cluster's key): dropped.",
+                self.forged_messages.load(Relaxed) as i64,
+            ),
+            (
+                "krux_cluster_rejected_events_total",
+                "counter",
+                "Events of the stream not delivered: invalid lines of foreign messages, records of damaged ones.",
+                self.rejected_events.load(Relaxed) as i64,
             ),
         ];
         write_scalars(out, &series);

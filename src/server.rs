@@ -171,7 +171,13 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         _ => None,
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let cluster = cfg.nats.url.is_some();
+    // In a cluster: the credentials read and checked, and one connection tried, so that
+    // wrong ones fail the start with their cause.
+    let nats = cfg.nats.settings()?;
+    if let Some(nats) = &nats {
+        crate::cluster::check_at_start(nats)?;
+    }
+    let cluster = nats.is_some();
     // Standalone, credentials and seqs live in the data dir; in a cluster, in NATS.
     let (credentials, seq) = if cluster {
         (Arc::new(LiveCredentials::empty(data_dir)), None)
@@ -258,9 +264,12 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
             cfg.max_frame,
         ))),
         None => {
+            let nats = nats.expect("cluster mode has --nats");
+            let keys = Arc::new(crate::cluster::credentials::StreamKeys::default());
             let node = crate::cluster::node::Node {
-                nats: cfg.nats.clone(),
+                nats: nats.clone(),
                 stream: cfg.stream.clone(),
+                keys: keys.clone(),
                 data_dir: data_dir.to_path_buf(),
                 producer,
                 metrics: metrics.clone(),
@@ -280,7 +289,8 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
                 },
             )?);
             SinkPlan::Cluster {
-                url: cfg.nats.url.clone().unwrap_or_default(),
+                nats,
+                keys,
                 subject: cfg.stream.subject(),
             }
         }
@@ -310,10 +320,15 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
                             let sink = ingest::LocalSink::new(*p, dir);
                             ingest::run::run(sink, listeners, &ring, &live, ready).await
                         }
-                        SinkPlan::Cluster { url, subject } => {
+                        SinkPlan::Cluster {
+                            nats,
+                            keys,
+                            subject,
+                        } => {
                             let (metrics, stop) = (live.metrics.clone(), live.shutdown.clone());
                             let sink =
-                                ClusterSink::start(&url, subject, max_line, metrics, stop).await?;
+                                ClusterSink::start(&nats, subject, keys, max_line, metrics, stop)
+                                    .await?;
                             ingest::run::run(sink, listeners, &ring, &live, ready).await
                         }
                     }
@@ -442,7 +457,11 @@ fn write_ready_file(path: &Path, addrs: &Addresses, mode: IoMode, tls: bool) -> 
 /// stream, through a NATS connection made on the ingest thread.
 enum SinkPlan {
     Local(Box<Pipeline>),
-    Cluster { url: String, subject: String },
+    Cluster {
+        nats: crate::config::cluster::NatsSettings,
+        keys: Arc<crate::cluster::credentials::StreamKeys>,
+        subject: String,
+    },
 }
 
 /// A reactor thread's body, for whichever backend `io::run_reactor` picks.

@@ -40,12 +40,13 @@ pub fn run(args: PassphraseArgs, data_dir: &Path) -> anyhow::Result<()> {
                     .context("reading the passphrase from stdin")?;
                 line.trim_end_matches(['\r', '\n']).to_string()
             };
-            match &args.nats.url {
-                Some(url) => {
+            match args.nats.settings()? {
+                Some(nats) => {
                     let phc = crate::auth::passphrase::hash(&pass)?;
-                    let bucket = &args.nats.bucket;
-                    crate::cluster::block_on(url, |js| async move {
-                        let store = crate::cluster::credentials::open(&js, bucket).await?;
+                    let (bucket, replicas) = (&nats.bucket, nats.replicas);
+                    crate::cluster::block_on(&nats, |js| async move {
+                        let store =
+                            crate::cluster::credentials::open(&js, bucket, replicas).await?;
                         crate::cluster::credentials::set_passphrase(&store, &phc).await
                     })?;
                     eprintln!(

@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 
 use crate::auth::TokenStore;
 use crate::cluster::credentials;
-use crate::config::cluster::NatsArgs;
+use crate::config::cluster::{NatsArgs, NatsSettings};
 
 /// `user-token`: its subcommand, and where the tokens live (the data dir, or the cluster).
 #[derive(Debug, Args)]
@@ -36,8 +36,8 @@ pub enum TokenCommand {
 
 pub fn run(args: TokenArgs, data_dir: &Path) -> anyhow::Result<()> {
     let cmd = args.cmd;
-    if let Some(url) = &args.nats.url {
-        return in_cluster(cmd, url, &args.nats.bucket);
+    if let Some(nats) = args.nats.settings()? {
+        return in_cluster(cmd, &nats);
     }
     let store = TokenStore::new(data_dir);
     match cmd {
@@ -60,9 +60,10 @@ pub fn run(args: TokenArgs, data_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The same commands on the cluster's credentials bucket (every node applies them).
-fn in_cluster(cmd: TokenCommand, url: &str, bucket: &str) -> anyhow::Result<()> {
-    crate::cluster::block_on(url, |js| async move {
-        let store = credentials::open(&js, bucket).await?;
+fn in_cluster(cmd: TokenCommand, nats: &NatsSettings) -> anyhow::Result<()> {
+    let bucket = &nats.bucket;
+    crate::cluster::block_on(nats, |js| async move {
+        let store = credentials::open(&js, bucket, nats.replicas).await?;
         match cmd {
             TokenCommand::Create { name } => {
                 println!("{}", credentials::create_token(&store, &name).await?)

@@ -13,11 +13,19 @@
 //! it (so every node frames the same text). A batch is stored LZ4-compressed when that is
 //! smaller, `0x03 len:u32le lz4(record*)`: JSON events compress 4–20×, and the stream's
 //! cost (nats-server's copies into its file and out to every node, the kernel's on each
-//! socket) is mostly per byte. A payload starting with neither 0x02 nor 0x03 (no JSON
-//! line starts with a control character) is a message not written by a node: one JSON
-//! event per line, which nodes validate in full. Event `i` of the message with stream
-//! sequence `m` gets `seq = m × 2^SEQ_BITS + i`: the same on every node, strictly
-//! increasing, with holes after each message.
+//! socket) is mostly per byte.
+//!
+//! A node signs each message it stores: header `Krux-Mac` is the HMAC-SHA-256 of the
+//! payload under the cluster's stream key (kept in the credentials bucket), so a message
+//! in the node format that anyone else published is dropped, never trusted for its keys.
+//! A payload starting with neither 0x02 nor 0x03 (no JSON line starts with a control
+//! character) is a message not written by a node: one JSON event per line (the last may
+//! lack its newline), which nodes validate in full.
+//!
+//! The `i`-th event delivered from the message with stream sequence `m` gets
+//! `seq = m × 2^SEQ_BITS + i`: the same on every node, strictly increasing, with holes
+//! after each message. Only valid events are counted in `i`, so a message of up to
+//! 1 MiB (NATS' default `max_payload`) never holds more events than `i` can number.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -34,10 +42,14 @@ const HAS_AGENT: u8 = 2;
 const HAS_SESSION: u8 = 4;
 const HAS_DATA_SESSION: u8 = 8;
 
-/// Bits of `seq` that number an event within its message.
-pub const SEQ_BITS: u32 = 12;
+/// Bits of `seq` that number an event within its message: 16,384 events, more than a
+/// 1 MiB message can hold (a valid event is longer than 64 bytes), while `seq` stays
+/// below 2^53 (exact in JavaScript) until the stream's 2^39th message.
+pub const SEQ_BITS: u32 = 14;
 /// Events one message may carry.
 pub const MAX_EVENTS: usize = 1 << SEQ_BITS;
+/// The header holding a node's MAC of the payload.
+pub const MAC_HEADER: &str = "Krux-Mac";
 /// Room kept in a message for its headers (the message id and the server's own).
 const HEADER_ROOM: usize = 512;
 
@@ -227,10 +239,40 @@ pub fn events<'a>(
     }
 }
 
+/// Whether `payload` is in the node format (and must then carry a node's MAC).
+pub fn node_written(payload: &[u8]) -> bool {
+    matches!(payload.first(), Some(&FORMAT | &FORMAT_LZ4))
+}
+
+/// The MAC a node puts in `MAC_HEADER` (hex).
+pub fn mac(key: &ring::hmac::Key, payload: &[u8]) -> String {
+    let tag = ring::hmac::sign(key, payload);
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `header` is the MAC of `payload` under `key` (compared in constant time).
+pub fn verify(key: &ring::hmac::Key, payload: &[u8], header: &str) -> bool {
+    let h = header.trim().as_bytes();
+    if h.len() != 64 {
+        return false;
+    }
+    let mut tag = [0u8; 32];
+    for (i, pair) in h.chunks(2).enumerate() {
+        let digit = |c: u8| (c as char).to_digit(16);
+        match (digit(pair[0]), digit(pair[1])) {
+            (Some(a), Some(b)) => tag[i] = (a * 16 + b) as u8,
+            _ => return false,
+        }
+    }
+    ring::hmac::verify(key, payload, &tag).is_ok()
+}
+
 fn unpack<'a>(packed: &[u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8], Malformed> {
     let (len, compressed) = packed.split_first_chunk::<4>().ok_or(Malformed)?;
     let len = u32::from_le_bytes(*len) as usize;
-    if len > MAX_UNPACKED {
+    // LZ4 expands at most ~255 times: a larger claim is a lie, refused before any
+    // buffer is sized by it.
+    if len > MAX_UNPACKED || len > compressed.len().saturating_mul(255).saturating_add(64) {
         return Err(Malformed);
     }
     scratch.resize(len, 0);
@@ -265,12 +307,17 @@ impl<'a> Iterator for Events<'a> {
                 Some(Err(Malformed))
             }
             // Lines end at each `\n` (found with SIMD: a byte-by-byte split was a tenth
-            // of a consuming node's time).
+            // of a consuming node's time), the last one at the payload's end.
             Events::Lines(ends, payload, start) => loop {
-                let end = ends.next()?;
+                let end = match ends.next() {
+                    Some(end) => end,
+                    None if *start < payload.len() => payload.len(),
+                    None => return None,
+                };
                 let line = &payload[*start..end];
                 *start = end + 1;
-                if !line.is_empty() {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if !line.iter().all(u8::is_ascii_whitespace) {
                     return Some(Ok(Stored {
                         stamp: None,
                         text: line,
@@ -344,10 +391,10 @@ mod tests {
 
     #[test]
     fn seqs_are_per_message_and_increase() {
-        assert_eq!(event_seq(1, 0), 4096);
-        assert_eq!(event_seq(1, 4095), 8191);
-        assert_eq!(event_seq(2, 0), 8192);
-        assert_eq!(split_seq(8193), (2, 1));
+        assert_eq!(event_seq(1, 0), 16_384);
+        assert_eq!(event_seq(1, 16_383), 32_767);
+        assert_eq!(event_seq(2, 0), 32_768);
+        assert_eq!(split_seq(32_769), (2, 1));
         assert_eq!(split_seq(event_seq(77, 12)), (77, 12));
     }
 

@@ -2,21 +2,78 @@
 //! `passphrase set --nats` write and every node watches.
 //!
 //! Keys: `token.<hex of the name>` → the token's record (JSON, its SHA-256 only, as in
-//! `tokens.json`); `passphrase` → the Argon2id PHC string. Names are hex-encoded because a
-//! token name may hold characters (`@`) a key may not.
+//! `tokens.json`); `passphrase` → the Argon2id PHC string; `stream-key` → the cluster's
+//! stream key (32 random bytes, hex), created by the first node, with which nodes sign
+//! the messages they store. Names are hex-encoded because a token name may hold
+//! characters (`@`) a key may not.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use arc_swap::ArcSwapOption;
 use async_nats::jetstream::kv::{self, Operation, Store};
 use futures_util::StreamExt;
+use ring::hmac;
 
 use crate::auth::{LiveCredentials, TokenRecord};
 
 const TOKEN_KEY: &str = "token.";
 const PASSPHRASE_KEY: &str = "passphrase";
+const STREAM_KEY: &str = "stream-key";
+
+/// The stream key nodes sign and check stored messages with: the bucket's current one,
+/// and the one before it (messages signed just before a change still verify).
+#[derive(Default)]
+pub struct StreamKeys {
+    keys: ArcSwapOption<(Vec<u8>, Vec<hmac::Key>)>,
+}
+
+impl StreamKeys {
+    /// The key to sign with, once the bucket has been read.
+    pub fn signing(&self) -> Option<hmac::Key> {
+        self.keys.load().as_ref().and_then(|k| k.1.first().cloned())
+    }
+
+    pub fn loaded(&self) -> bool {
+        self.keys.load().is_some()
+    }
+
+    /// Whether `mac` is a node's MAC of `payload` under the current or previous key.
+    pub fn verify(&self, payload: &[u8], mac: &str) -> bool {
+        self.keys.load().as_ref().is_some_and(|k| {
+            k.1.iter()
+                .any(|key| super::batch::verify(key, payload, mac))
+        })
+    }
+
+    /// Takes the bucket's value (hex); false if it is not a key.
+    fn set(&self, hex: &[u8]) -> bool {
+        let raw: Option<Vec<u8>> = std::str::from_utf8(hex).ok().and_then(|h| {
+            let h = h.trim();
+            (h.len() == 64)
+                .then(|| {
+                    (0..32)
+                        .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok())
+                        .collect()
+                })
+                .flatten()
+        });
+        let Some(raw) = raw else { return false };
+        let old = self.keys.load_full();
+        if old.as_ref().is_some_and(|o| o.0 == raw) {
+            return true;
+        }
+        let mut keys = vec![hmac::Key::new(hmac::HMAC_SHA256, &raw)];
+        if let Some(o) = &old {
+            tracing::warn!("the cluster's stream key changed; messages signed with the previous one still verify until the next change");
+            keys.push(hmac::Key::new(hmac::HMAC_SHA256, &o.0));
+        }
+        self.keys.store(Some(Arc::new((raw, keys))));
+        true
+    }
+}
 
 fn token_key(name: &str) -> String {
     let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
@@ -24,7 +81,11 @@ fn token_key(name: &str) -> String {
 }
 
 /// The bucket, created (file storage, one value per key) if missing.
-pub async fn open(js: &async_nats::jetstream::Context, bucket: &str) -> anyhow::Result<Store> {
+pub async fn open(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> anyhow::Result<Store> {
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }
@@ -33,6 +94,7 @@ pub async fn open(js: &async_nats::jetstream::Context, bucket: &str) -> anyhow::
         description: "krux-relay credentials (token hashes, passphrase hash)".into(),
         history: 1,
         storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     };
     match js.create_key_value(config).await {
@@ -122,52 +184,119 @@ fn decode(all: &BTreeMap<String, bytes::Bytes>) -> (Vec<TokenRecord>, Option<Str
     (tokens, phc)
 }
 
-/// Keeps `live` equal to the bucket: a snapshot, then every change as it happens (so a
-/// revocation reaches every node in well under a second). Starts again from a snapshot
-/// whenever the watch breaks (a NATS restart). `loaded` is set once the first snapshot
-/// is applied.
-pub async fn watch(
-    js: async_nats::jetstream::Context,
-    bucket: String,
-    live: Arc<LiveCredentials>,
-    loaded: Arc<std::sync::atomic::AtomicBool>,
-) {
+/// What the watch keeps up to date, and with what.
+pub struct Watched {
+    pub bucket: String,
+    pub replicas: usize,
+    pub live: Arc<LiveCredentials>,
+    pub keys: Arc<StreamKeys>,
+    /// Set once the first snapshot (and the stream key) is applied.
+    pub loaded: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Keeps `live` and `keys` equal to the bucket: a snapshot, then every change as it
+/// happens (so a revocation reaches every node in well under a second). Starts again
+/// from a snapshot whenever the watch breaks, and after every reconnection to NATS (a
+/// watch through a server that died can stay silent), so a change made while this node
+/// was cut off applies once it is back.
+pub async fn watch(js: async_nats::jetstream::Context, nats: super::Nats, w: Watched) {
     let mut delay = Duration::from_millis(50);
+    let mut warned = false;
     loop {
-        match watch_once(&js, &bucket, &live, &loaded).await {
+        match watch_once(&js, &nats, &w, &mut warned).await {
             Ok(()) => delay = Duration::from_millis(50),
-            Err(e) => tracing::warn!("credentials bucket {bucket}: {e:#}; watching again"),
+            Err(e) => tracing::warn!("credentials bucket {}: {e:#}; watching again", w.bucket),
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
+        delay = (delay * 2).min(Duration::from_millis(500));
     }
 }
 
 async fn watch_once(
     js: &async_nats::jetstream::Context,
-    bucket: &str,
-    live: &LiveCredentials,
-    loaded: &std::sync::atomic::AtomicBool,
+    nats: &super::Nats,
+    w: &Watched,
+    warned: &mut bool,
 ) -> anyhow::Result<()> {
-    let store = open(js, bucket).await?;
+    let connects = nats.connects.load(std::sync::atomic::Ordering::SeqCst);
+    let mut store = open(js, &w.bucket, w.replicas).await?;
+    if !*warned {
+        *warned = true;
+        let status = store
+            .status()
+            .await
+            .context("reading the bucket's settings")?;
+        let has = status.info.config.num_replicas;
+        if has != w.replicas {
+            tracing::warn!(
+                bucket = %w.bucket,
+                "the credentials bucket has {has} replica(s), --nats-replicas says {}; a node only sets replicas when it creates the bucket (change it with `nats kv edit` or `nats stream edit KV_{}`)",
+                w.replicas,
+                w.bucket
+            );
+        }
+    }
     // Watch first, then read the snapshot: a change in between is in one or the other,
     // and applying one twice is harmless.
     let mut changes = store.watch_all().await.context("watching the bucket")?;
     let mut all = snapshot(&store).await?;
-    apply(live, &all)?;
-    loaded.store(true, std::sync::atomic::Ordering::SeqCst);
-    while let Some(change) = changes.next().await {
+    if !all.contains_key(STREAM_KEY) {
+        all.insert(STREAM_KEY.into(), create_stream_key(&mut store).await?);
+    }
+    apply(&w.live, &w.keys, &all)?;
+    w.loaded.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let change = tokio::select! {
+            c = changes.next() => c,
+            _ = tick.tick() => {
+                if nats.connects.load(std::sync::atomic::Ordering::SeqCst) != connects {
+                    return Ok(()); // reconnected: start again from a snapshot
+                }
+                continue;
+            }
+        };
+        let Some(change) = change else { return Ok(()) };
         let change = change.context("watching the bucket")?;
         match change.operation {
             Operation::Put => all.insert(change.key, change.value),
+            // The stream key stays: messages already stored were signed with it.
+            Operation::Delete | Operation::Purge if change.key == STREAM_KEY => continue,
             Operation::Delete | Operation::Purge => all.remove(&change.key),
         };
-        apply(live, &all)?;
+        apply(&w.live, &w.keys, &all)?;
     }
-    Ok(())
 }
 
-fn apply(live: &LiveCredentials, all: &BTreeMap<String, bytes::Bytes>) -> anyhow::Result<()> {
+/// A new random stream key, unless another node created one first (then that one).
+async fn create_stream_key(store: &mut Store) -> anyhow::Result<bytes::Bytes> {
+    let mut raw = [0u8; 32];
+    getrandom::getrandom(&mut raw)?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    match store.create(STREAM_KEY, hex.clone().into()).await {
+        Ok(_) => {
+            tracing::info!("created the cluster's stream key");
+            Ok(hex.into())
+        }
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => store
+            .get(STREAM_KEY)
+            .await
+            .context("reading the stream key")?
+            .context("the stream key vanished while it was read"),
+        Err(e) => Err(e).context("creating the stream key"),
+    }
+}
+
+fn apply(
+    live: &LiveCredentials,
+    keys: &StreamKeys,
+    all: &BTreeMap<String, bytes::Bytes>,
+) -> anyhow::Result<()> {
+    if let Some(k) = all.get(STREAM_KEY) {
+        if !keys.set(k) {
+            tracing::error!("the credentials bucket's stream-key is not 64 hex digits: ignored; stored messages cannot be signed or checked until it is");
+        }
+    }
     let (tokens, phc) = decode(all);
     if live.replace(&tokens, phc)? {
         tracing::info!(

@@ -20,7 +20,9 @@ use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::batch::{event_seq, Batch, BatchBuilder, TooLarge};
+use super::batch::{event_seq, Batch, BatchBuilder, TooLarge, MAC_HEADER};
+use super::credentials::StreamKeys;
+use crate::config::cluster::NatsSettings;
 use crate::event::{now_rfc3339_millis, LineError};
 use crate::ingest::{Checker, Line, LineSplitter, Sink, Tally};
 use crate::metrics::Metrics;
@@ -40,6 +42,8 @@ struct Storer {
     /// When a retry was last logged (one line a second, however many batches wait).
     warned_at: Cell<Option<Instant>>,
     client: async_nats::Client,
+    /// Every message is signed with the cluster's stream key.
+    keys: Arc<StreamKeys>,
     metrics: Arc<Metrics>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -48,6 +52,7 @@ impl Storer {
     fn new(
         client: async_nats::Client,
         subject: String,
+        keys: Arc<StreamKeys>,
         metrics: Arc<Metrics>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<Storer> {
@@ -61,6 +66,7 @@ impl Storer {
             max_stored: Cell::new(0),
             warned_at: Cell::new(None),
             client,
+            keys,
             metrics,
             shutdown,
         })
@@ -95,10 +101,25 @@ impl Storer {
         });
         let started = Instant::now();
         let mut delay = Duration::from_millis(20);
+        // The key arrives with the credentials bucket, just after the node connects.
+        let key = loop {
+            if let Some(key) = self.keys.signing() {
+                break key;
+            }
+            if *self.shutdown.borrow() {
+                return Err(
+                    "not stored: the cluster's stream key was not known before the relay shut down"
+                        .into(),
+                );
+            }
+            tokio::time::sleep(delay).await;
+        };
+        let mac = super::batch::mac(&key, &payload);
         loop {
             let publish = PublishMessage::build()
                 .payload(payload.clone())
-                .message_id(&id);
+                .message_id(&id)
+                .header(MAC_HEADER, mac.as_str());
             let attempt = async {
                 let ack = self
                     .js
@@ -215,16 +236,17 @@ pub struct ClusterSink {
 impl ClusterSink {
     /// Connects on the calling thread's runtime (and reconnects in the background).
     pub async fn start(
-        urls: &str,
+        nats: &NatsSettings,
         subject: String,
+        keys: Arc<StreamKeys>,
         max_line: usize,
         metrics: Arc<Metrics>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<ClusterSink> {
-        let client = super::connect(urls, "krux-relay ingest").await?;
+        let client = super::connect(nats, "krux-relay ingest").await?.client;
         Ok(ClusterSink {
             checker: Rc::new(RefCell::new(Checker::new(max_line))),
-            storer: Rc::new(Storer::new(client, subject, metrics, shutdown)?),
+            storer: Rc::new(Storer::new(client, subject, keys, metrics, shutdown)?),
         })
     }
 }

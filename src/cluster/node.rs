@@ -7,6 +7,17 @@
 //! when it validated it, so it is framed here without being parsed again; an event in a
 //! message no node wrote is validated here in full. Each is framed once for this node.
 //!
+//! A message in the node format must carry a node's MAC (see `batch`): one that does not
+//! is dropped whole and counted, so what anyone else publishes on the subject can only
+//! reach subscribers as foreign lines, each validated in full.
+//!
+//! Readiness: the node is ready while its consumer runs, and stays ready through a
+//! JetStream outage shorter than `--nats-unready-after` (a leader election, a server
+//! restart): its subscribers are still served from its window meanwhile, and a load
+//! balancer should not drop every node at once for a pause every node shares. A consumer
+//! that falls silent while the stream holds newer messages is started again, as is one
+//! that was running when the client reconnected.
+//!
 //! The stream's creation time is its epoch. Once a second the node looks at the stream: if
 //! it is gone, or was deleted and recreated (a new epoch), the consumer starts again. A
 //! stream is always created with its first sequence above the high-water mark (the last
@@ -27,9 +38,10 @@ use async_nats::jetstream::Context as JetStream;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::batch::{event_seq, events, split_seq, Stored, MAX_EVENTS};
+use super::batch::{event_seq, events, split_seq, Malformed, Stored, MAC_HEADER, MAX_EVENTS};
+use super::credentials::{StreamKeys, Watched};
 use crate::auth::LiveCredentials;
-use crate::config::cluster::{NatsArgs, StreamArgs};
+use crate::config::cluster::{NatsSettings, StreamArgs};
 use crate::event::{now_rfc3339_millis, Validator};
 use crate::frame::FrameArena;
 use crate::metrics::Metrics;
@@ -38,11 +50,14 @@ use crate::ring::{Entry, Producer};
 
 /// How long the consumer may take no message while the stream holds newer ones.
 const STALLED: Duration = Duration::from_secs(2);
+/// Longest wait before a consumer or watch is started again after a failure.
+const MAX_RETRY: Duration = Duration::from_millis(500);
 
 /// What the cluster thread needs.
 pub struct Node {
-    pub nats: NatsArgs,
+    pub nats: NatsSettings,
     pub stream: StreamArgs,
+    pub keys: Arc<StreamKeys>,
     pub data_dir: PathBuf,
     pub producer: Producer,
     pub metrics: Arc<Metrics>,
@@ -52,54 +67,85 @@ pub struct Node {
 
 /// Runs the node's cluster side until the process ends.
 pub async fn run(node: Node) -> anyhow::Result<()> {
-    let url = node.nats.url.clone().expect("cluster mode has --nats");
-    let client = super::connect(&url, "krux-relay node").await?;
-    let js = super::jetstream(client.clone());
+    let nats = super::connect(&node.nats, "krux-relay node").await?;
+    let js = super::jetstream(nats.client.clone());
     let creds_loaded = Arc::new(AtomicBool::new(false));
     tokio::task::spawn_local(super::credentials::watch(
         js.clone(),
-        node.nats.bucket.clone(),
-        node.credentials.clone(),
-        creds_loaded.clone(),
+        nats.clone(),
+        Watched {
+            bucket: node.nats.bucket.clone(),
+            replicas: node.nats.replicas,
+            live: node.credentials.clone(),
+            keys: node.keys.clone(),
+            loaded: creds_loaded.clone(),
+        },
     ));
     tokio::task::spawn_local(serve_history(
         js.clone(),
         node.stream.clone(),
+        node.keys.clone(),
         node.history,
         node.metrics.clone(),
     ));
     let consuming = Rc::new(AtomicBool::new(false));
-    let metrics = node.metrics.clone();
-    {
-        let consuming = consuming.clone();
-        tokio::task::spawn_local(async move {
-            let mut was = false;
-            loop {
-                let connected =
-                    client.connection_state() == async_nats::connection::State::Connected;
-                let ready = connected && consuming.load(SeqCst) && creds_loaded.load(SeqCst);
-                metrics.cluster().ready.store(ready, SeqCst);
-                if ready != was {
-                    tracing::info!(ready, "cluster readiness changed");
-                    was = ready;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-    }
+    tokio::task::spawn_local(readiness(
+        nats.client.clone(),
+        consuming.clone(),
+        creds_loaded,
+        node.metrics.clone(),
+        node.stream.unready_after,
+    ));
     let mut consumer = Consumer {
         framer: Framer::default(),
-        scratch: Vec::new(),
         producer: node.producer,
         metrics: node.metrics,
         hwm: HighWater::load(&node.data_dir, &node.stream.name)?,
+        replicas: node.nats.replicas,
         args: node.stream,
+        keys: node.keys,
         epoch: None,
+        config: None,
         next_msg: None,
         consuming,
+        warned_at: None,
     };
-    consumer.run(&js).await;
+    consumer.run(&js, &nats).await;
     Ok(())
+}
+
+/// Keeps `krux_cluster_ready` (and `/readyz`): ready once the credentials are loaded and
+/// the consumer runs, and until the consumer or the connection has been down for
+/// `grace`.
+async fn readiness(
+    client: async_nats::Client,
+    consuming: Rc<AtomicBool>,
+    creds_loaded: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    grace: Duration,
+) {
+    let (mut was, mut healthy_at, mut down_since) = (false, None::<Instant>, None::<Instant>);
+    loop {
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        if connected && consuming.load(SeqCst) {
+            healthy_at = Some(Instant::now());
+            if let Some(t) = down_since.take() {
+                tracing::info!(
+                    after_ms = t.elapsed().as_millis() as u64,
+                    "consuming the stream again"
+                );
+            }
+        } else if healthy_at.is_some() && down_since.is_none() {
+            down_since = Some(Instant::now());
+        }
+        let ready = creds_loaded.load(SeqCst) && healthy_at.is_some_and(|t| t.elapsed() < grace);
+        metrics.cluster().ready.store(ready, SeqCst);
+        if ready != was {
+            tracing::info!(ready, "cluster readiness changed");
+            was = ready;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The last `seq` this node delivered, persisted at most once a second.
@@ -149,42 +195,59 @@ impl HighWater {
 
 struct Consumer {
     framer: Framer,
-    /// A compressed message's records while they are framed.
-    scratch: Vec<u8>,
     producer: Producer,
     metrics: Arc<Metrics>,
     hwm: HighWater,
     args: StreamArgs,
+    replicas: usize,
+    keys: Arc<StreamKeys>,
     /// The creation time of the stream being consumed.
     epoch: Option<String>,
+    /// The stream's settings as last seen: a stream this node recreates gets them back.
+    config: Option<stream::Config>,
     /// The next stream message to take.
     next_msg: Option<u64>,
     consuming: Rc<AtomicBool>,
+    /// When a dropped message was last logged (at most one line a second).
+    warned_at: Option<Instant>,
 }
 
 impl Consumer {
-    async fn run(&mut self, js: &JetStream) {
+    async fn run(&mut self, js: &JetStream, nats: &super::Nats) {
         let mut delay = Duration::from_millis(50);
+        // Nothing is signed or checked before the stream key is known.
+        while !self.keys.loaded() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         loop {
-            match self.consume(js).await {
+            match self.consume(js, nats).await {
                 Ok(()) => delay = Duration::from_millis(50),
                 Err(e) => tracing::warn!("stream {}: {e:#}; consuming again", self.args.name),
             }
             self.consuming.store(false, SeqCst);
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(1));
+            delay = (delay * 2).min(MAX_RETRY);
         }
     }
 
     /// One consumer's life: from where the node is in the stream until the stream fails
-    /// or changes under it.
-    async fn consume(&mut self, js: &JetStream) -> anyhow::Result<()> {
-        let mut stream = ensure_stream(js, &self.args, self.hwm.first_message()).await?;
+    /// or changes under it, the consumer stalls, or the client reconnects.
+    async fn consume(&mut self, js: &JetStream, nats: &super::Nats) -> anyhow::Result<()> {
+        let connects = nats.connects.load(SeqCst);
+        let first_message = self.hwm.first_message();
+        let mut stream = match js.get_stream(&self.args.name).await {
+            Ok(s) => s,
+            Err(e) => self.create_stream(js, first_message, e).await?,
+        };
         let info = stream
             .info()
             .await
             .context("reading the stream's state")?
             .clone();
+        if self.config.is_none() {
+            self.check_settings(&info.config);
+        }
+        self.config = Some(info.config.clone());
         let created = info.created.to_string();
         let state = info.state;
         let floor = split_seq(self.hwm.seq).0;
@@ -236,7 +299,9 @@ impl Consumer {
         tracing::info!(stream = %self.args.name, from = start, "consuming the stream");
         let mut check = tokio::time::interval(Duration::from_secs(1));
         check.tick().await;
-        let mut progress = Instant::now();
+        let mut reconnected = tokio::time::interval(Duration::from_millis(100));
+        // Since when the stream has held a message the consumer has not delivered.
+        let mut behind_since: Option<Instant> = None;
         loop {
             tokio::select! {
                 m = messages.next() => match m {
@@ -246,8 +311,9 @@ impl Consumer {
                         if seq < self.next_msg.unwrap_or(0) {
                             continue; // already taken before a restart of the consumer
                         }
-                        self.take(seq, &m.payload);
-                        progress = Instant::now();
+                        let mac = m.headers.as_ref().and_then(|h| h.get(MAC_HEADER)).map(|v| v.as_str());
+                        self.take(seq, &m.payload, mac);
+                        behind_since = None;
                         let c = self.metrics.cluster();
                         c.consumer_stream_seq.store(seq, Relaxed);
                         c.consumer_lag.store(pending, Relaxed);
@@ -256,20 +322,33 @@ impl Consumer {
                     Some(Err(e)) => return Err(anyhow::anyhow!("{e}")),
                     None => anyhow::bail!("the consumer ended"),
                 },
+                _ = reconnected.tick() => {
+                    // A consumer through a connection that broke can stay silent.
+                    if nats.connects.load(SeqCst) != connects {
+                        tracing::info!(stream = %self.args.name, "reconnected to NATS: consuming again");
+                        return Ok(());
+                    }
+                }
                 _ = check.tick() => {
                     self.hwm.save_if_due();
                     match js.get_stream(&self.args.name).await {
                         Ok(mut s) => match s.info().await {
                             Ok(i) if i.created.to_string() != created => return Ok(()), // recreated
-                            // Messages wait and none came for a while: after a server
-                            // restart an ordered consumer can stay silent; start another.
-                            Ok(i) if i.state.last_sequence >= self.next_msg.unwrap_or(0)
-                                && progress.elapsed() > STALLED =>
-                            {
-                                tracing::warn!(stream = %self.args.name, "the consumer is stalled; consuming again");
-                                return Ok(());
+                            Ok(i) => {
+                                self.consuming.store(true, SeqCst);
+                                self.config = Some(i.config.clone());
+                                // Compared with the stream's last message, not with when
+                                // the last one came: an idle stream is not a stall.
+                                if i.state.last_sequence >= self.next_msg.unwrap_or(0) {
+                                    let since = *behind_since.get_or_insert_with(Instant::now);
+                                    if since.elapsed() >= STALLED {
+                                        tracing::warn!(stream = %self.args.name, "the consumer is stalled; consuming again");
+                                        return Ok(());
+                                    }
+                                } else {
+                                    behind_since = None;
+                                }
                             }
-                            Ok(_) => self.consuming.store(true, SeqCst),
                             Err(_) => self.consuming.store(false, SeqCst),
                         },
                         Err(e) if e.to_string().contains("not found") => {
@@ -283,119 +362,249 @@ impl Consumer {
         }
     }
 
+    /// Creates the stream, missing since `missing`, with its first sequence `first` — and
+    /// the settings the node last saw it with, if it saw it (a deleted stream comes back
+    /// as it was, its replicas included), else the flags'.
+    async fn create_stream(
+        &mut self,
+        js: &JetStream,
+        first: u64,
+        missing: impl std::fmt::Display,
+    ) -> anyhow::Result<Stream> {
+        let config = match self.config.clone() {
+            Some(old) => stream::Config {
+                first_sequence: Some(first).filter(|&f| f > 1),
+                ..old
+            },
+            None => stream_config(&self.args, self.replicas, first),
+        };
+        let replicas = config.num_replicas;
+        match js.create_stream(config).await {
+            Ok(s) => {
+                tracing::info!(stream = %self.args.name, first_message = first, replicas, "created the stream");
+                Ok(s)
+            }
+            // Another node may have created it meanwhile: look again next round.
+            Err(e) => Err(anyhow::anyhow!("{missing}; creating it: {e}")),
+        }
+    }
+
+    /// Says once, at start, where the existing stream's settings differ from the flags
+    /// (a node only applies them when it creates the stream).
+    fn check_settings(&self, has: &stream::Config) {
+        let want = stream_config(&self.args, self.replicas, 1);
+        let mut differ = Vec::new();
+        if has.num_replicas != want.num_replicas {
+            differ.push(format!(
+                "{} replica(s), --nats-replicas {}",
+                has.num_replicas, want.num_replicas
+            ));
+        }
+        if has.max_bytes != want.max_bytes {
+            differ.push(format!(
+                "max_bytes {}, --nats-max-bytes {}",
+                has.max_bytes, want.max_bytes
+            ));
+        }
+        if has.max_age != want.max_age {
+            differ.push(format!(
+                "max_age {:?}, --nats-max-age {:?}",
+                has.max_age, want.max_age
+            ));
+        }
+        if !differ.is_empty() {
+            tracing::warn!(
+                stream = %self.args.name,
+                "the stream's settings differ from this node's flags ({}); a node applies them only when it creates the stream (change it with `nats stream edit`)",
+                differ.join("; ")
+            );
+        }
+    }
+
     /// Frames the events of stream message `msg` into the ring.
-    fn take(&mut self, msg: u64, payload: &[u8]) {
+    fn take(&mut self, msg: u64, payload: &[u8], mac: Option<&str>) {
         let ring = self.producer.ring().clone();
         let now = Instant::now(); // one clock read per message
-        for (i, event) in events(payload, &mut self.scratch)
-            .take(MAX_EVENTS)
-            .enumerate()
-        {
-            let seq = event_seq(msg, i);
-            let Some(entry) = event
-                .ok()
-                .and_then(|e| self.framer.entry(ring.head(), seq, &e, now))
-            else {
-                tracing::warn!(
-                    message = msg,
-                    index = i,
-                    "skipping a malformed event in the stream"
-                );
-                continue;
-            };
-            self.metrics.event_in(entry.keys.etype);
-            self.producer.publish(entry);
-            self.hwm.seq = seq;
-        }
+        let (producer, metrics, hwm) = (&mut self.producer, &self.metrics, &mut self.hwm);
+        let dropped = self.framer.message(
+            msg,
+            payload,
+            mac,
+            &self.keys,
+            now,
+            &|| ring.head(),
+            &mut |entry| {
+                metrics.event_in(entry.keys.etype);
+                hwm.seq = entry.seq;
+                producer.publish(entry);
+            },
+        );
         self.next_msg = Some(msg + 1);
         self.producer.wake_parked();
         self.metrics
             .replay_bytes
             .store(self.producer.retained_bytes() as i64, Relaxed);
+        self.report(msg, &dropped);
+    }
+
+    /// Counts what a message did not deliver, and logs it: once per message for invalid
+    /// lines (with the first reason), at most once a second for forged messages.
+    fn report(&mut self, msg: u64, d: &Dropped) {
+        let c = self.metrics.cluster();
+        if d.forged {
+            let n = c.forged_messages.fetch_add(1, Relaxed) + 1;
+            if self
+                .warned_at
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                self.warned_at = Some(Instant::now());
+                tracing::warn!(
+                    message = msg,
+                    forged_total = n,
+                    "dropped a stream message in the node format without a valid MAC (not written by a node with the cluster's stream key)"
+                );
+            }
+        }
+        if let Some(first) = &d.first {
+            c.rejected_events.fetch_add(d.rejected as u64, Relaxed);
+            tracing::warn!(
+                message = msg,
+                rejected = d.rejected,
+                first = %first,
+                "events of a stream message not delivered"
+            );
+        }
     }
 }
 
-/// Turns a stored event into a ring entry, framed once. An event a node stored comes with
+/// What a stream message did not deliver.
+#[derive(Debug, Default)]
+struct Dropped {
+    /// In the node format without a valid MAC: none of it.
+    forged: bool,
+    /// Events (lines, records) not delivered, and why the first was not.
+    rejected: usize,
+    first: Option<String>,
+}
+
+/// Turns stored events into ring entries, framed once. An event a node stored comes with
 /// the keys that node computed when it validated it; any other is validated here (for its
 /// keys, and so that nothing but valid events reaches subscribers).
 #[derive(Default)]
 struct Framer {
     validator: Validator,
     arena: FrameArena,
+    /// A compressed message's records while they are framed.
+    scratch: Vec<u8>,
 }
 
 impl Framer {
-    /// `None` for a malformed event. An event without `timestamp` is framed with the stamp
-    /// the storing node gave it (so every node frames the same text), else (a message not
-    /// written by a node) with now.
-    fn entry(&mut self, pos: u64, seq: u64, event: &Stored<'_>, at: Instant) -> Option<Entry> {
-        let fresh;
-        let (keys, stamp) = match &event.keys {
-            Some(k) => (k.to_keys(), event.stamp),
-            None => {
-                let valid = self.validator.validate(event.text).ok()?;
-                if !valid.needs_stamp {
-                    (valid.keys, None)
-                } else {
-                    fresh = now_rfc3339_millis();
-                    (valid.keys, Some(fresh.as_str()))
+    /// Frames the valid events of stream message `msg` (numbered in order, from 0) and
+    /// hands each to `out`, at the ring position `pos()`. A message in the node format
+    /// is framed only if `mac` verifies. An event without `timestamp` is framed with the
+    /// stamp the storing node gave it (so every node frames the same text), else (a line
+    /// not written by a node) with now.
+    #[allow(clippy::too_many_arguments)]
+    fn message(
+        &mut self,
+        msg: u64,
+        payload: &[u8],
+        mac: Option<&str>,
+        keys: &StreamKeys,
+        at: Instant,
+        pos: &dyn Fn() -> u64,
+        out: &mut dyn FnMut(Entry),
+    ) -> Dropped {
+        let mut dropped = Dropped::default();
+        if super::batch::node_written(payload) && !mac.is_some_and(|m| keys.verify(payload, m)) {
+            dropped.forged = true;
+            return dropped;
+        }
+        let Framer {
+            validator,
+            arena,
+            scratch,
+        } = self;
+        let mut index = 0;
+        for event in events(payload, scratch) {
+            let why = match event {
+                Err(Malformed) => "a damaged record: the rest of the message cannot be read".into(),
+                Ok(_) if index == MAX_EVENTS => {
+                    format!("more than {MAX_EVENTS} events in one message")
                 }
-            }
-        };
-        Some(Entry {
-            pos,
-            seq,
-            frame: self.arena.event_frame(event.text, stamp, seq),
-            keys,
-            accepted_at: at,
-        })
+                Ok(e) => match keys_of(validator, &e) {
+                    Ok((keys, fresh)) => {
+                        let stamp = e.stamp.or(fresh.as_deref());
+                        let seq = event_seq(msg, index);
+                        index += 1;
+                        out(Entry {
+                            pos: pos(),
+                            seq,
+                            frame: arena.event_frame(e.text, stamp, seq),
+                            keys,
+                            accepted_at: at,
+                        });
+                        continue;
+                    }
+                    Err(e) => e.to_string(),
+                },
+            };
+            dropped.rejected += 1;
+            dropped.first.get_or_insert(why);
+        }
+        // One large compressed message must not hold its buffer for good.
+        if self.scratch.capacity() > 4 << 20 {
+            self.scratch = Vec::new();
+        }
+        dropped
     }
 }
 
-/// The stream, created if missing (first sequence `first_message`).
-async fn ensure_stream(
-    js: &JetStream,
-    args: &StreamArgs,
-    first_message: u64,
-) -> anyhow::Result<Stream> {
-    let get = match js.get_stream(&args.name).await {
-        Ok(s) => return Ok(s),
-        Err(e) => e,
-    };
-    let config = stream::Config {
+/// An event's filter keys, and a stamp of now when it has no `timestamp` and no stamp
+/// of its storing node.
+fn keys_of(
+    validator: &mut Validator,
+    e: &Stored<'_>,
+) -> Result<(crate::event::FilterKeys, Option<String>), crate::event::LineError> {
+    match &e.keys {
+        Some(k) => Ok((k.to_keys(), None)),
+        None => {
+            let valid = validator.validate(e.text)?;
+            Ok((valid.keys, valid.needs_stamp.then(now_rfc3339_millis)))
+        }
+    }
+}
+
+/// The stream's settings from the flags (first sequence `first`).
+fn stream_config(args: &StreamArgs, replicas: usize, first: u64) -> stream::Config {
+    stream::Config {
         name: args.name.clone(),
         subjects: vec![args.subject()],
         storage: stream::StorageType::File,
+        num_replicas: replicas,
         max_bytes: i64::try_from(args.max_bytes).unwrap_or(i64::MAX),
         max_age: args.max_age,
         discard: stream::DiscardPolicy::Old,
         duplicate_window: Duration::from_secs(120),
         allow_direct: true,
-        first_sequence: Some(first_message).filter(|&f| f > 1),
+        first_sequence: Some(first).filter(|&f| f > 1),
         description: Some("krux-relay events: one message per batch of lines".into()),
         ..Default::default()
-    };
-    match js.create_stream(config).await {
-        Ok(s) => {
-            tracing::info!(stream = %args.name, first_message, "created the stream");
-            Ok(s)
-        }
-        // Another node may have created it meanwhile: look again next round.
-        Err(e) => Err(anyhow::anyhow!("{get}; creating it: {e}")),
     }
 }
 
 async fn serve_history(
     js: JetStream,
     args: StreamArgs,
+    keys: Arc<StreamKeys>,
     mut requests: mpsc::UnboundedReceiver<HistoryRequest>,
     metrics: Arc<Metrics>,
 ) {
     let args = Rc::new(args);
     while let Some(req) = requests.recv().await {
-        let (js, args, metrics) = (js.clone(), args.clone(), metrics.clone());
+        let (js, args, metrics, keys) = (js.clone(), args.clone(), metrics.clone(), keys.clone());
         tokio::task::spawn_local(async move {
-            let fetched = fetch(&js, &args, &req).await;
+            let fetched = fetch(&js, &args, &keys, &req).await;
             if let Some(m) = &metrics.cluster {
                 m.history_fetches.fetch_add(1, Relaxed);
             }
@@ -412,7 +621,12 @@ async fn serve_history(
 }
 
 /// The stored events after `req.after` and below `req.until`, up to `req.max_bytes`.
-async fn fetch(js: &JetStream, args: &StreamArgs, req: &HistoryRequest) -> anyhow::Result<Fetched> {
+async fn fetch(
+    js: &JetStream,
+    args: &StreamArgs,
+    keys: &StreamKeys,
+    req: &HistoryRequest,
+) -> anyhow::Result<Fetched> {
     let mut stream = js
         .get_stream(&args.name)
         .await
@@ -433,7 +647,7 @@ async fn fetch(js: &JetStream, args: &StreamArgs, req: &HistoryRequest) -> anyho
         out.gap_oldest = Some(event_seq(first, 0));
     }
     let (mut framer, mut bytes, at) = (Framer::default(), 0, Instant::now());
-    let mut scratch = Vec::new();
+    let mut entries = Vec::new();
     let mut m = after_msg.max(first);
     out.covered = req.after;
     'messages: loop {
@@ -458,24 +672,23 @@ async fn fetch(js: &JetStream, args: &StreamArgs, req: &HistoryRequest) -> anyho
             Err(e) => return Err(e).context("reading a stored message"),
         };
         m = msg.sequence;
-        for (i, event) in events(&msg.payload, &mut scratch)
-            .take(MAX_EVENTS)
-            .enumerate()
-        {
-            let seq = event_seq(m, i);
-            if seq <= req.after {
+        let mac = msg.headers.get(MAC_HEADER).map(|v| v.as_str());
+        // The same events, numbered the same, as the consumer takes (what it dropped, it
+        // counted and logged already); never in a ring: no position.
+        framer.message(m, &msg.payload, mac, keys, at, &|| 0, &mut |e| {
+            entries.push(e)
+        });
+        for entry in entries.drain(..) {
+            if entry.seq <= req.after {
                 continue;
             }
-            if seq >= req.until {
+            if entry.seq >= req.until {
                 out.reached = true;
                 out.covered = req.until - 1;
                 break 'messages;
             }
-            // Never in a ring: no position. Skipped when malformed, as the consumer does.
-            if let Some(entry) = event.ok().and_then(|e| framer.entry(0, seq, &e, at)) {
-                bytes += entry.frame.len();
-                out.entries.push(Arc::new(entry));
-            }
+            bytes += entry.frame.len();
+            out.entries.push(Arc::new(entry));
         }
         m += 1;
     }
