@@ -289,7 +289,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
                 },
             )?);
             SinkPlan::Cluster {
-                nats,
+                nats: Box::new(nats),
                 keys,
                 subject: cfg.stream.subject(),
             }
@@ -458,7 +458,7 @@ fn write_ready_file(path: &Path, addrs: &Addresses, mode: IoMode, tls: bool) -> 
 enum SinkPlan {
     Local(Box<Pipeline>),
     Cluster {
-        nats: crate::config::cluster::NatsSettings,
+        nats: Box<crate::config::cluster::NatsSettings>,
         keys: Arc<crate::cluster::credentials::StreamKeys>,
         subject: String,
     },

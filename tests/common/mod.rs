@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod browser;
+pub mod nats;
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
