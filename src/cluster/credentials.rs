@@ -22,6 +22,8 @@ use crate::auth::{LiveCredentials, TokenRecord};
 const TOKEN_KEY: &str = "token.";
 const PASSPHRASE_KEY: &str = "passphrase";
 const STREAM_KEY: &str = "stream-key";
+/// How long the bucket may hold a change the watch has not delivered.
+const STALLED: Duration = Duration::from_secs(1);
 
 /// The stream key nodes sign and check stored messages with: the bucket's current one,
 /// and the one before it (messages signed just before a change still verify).
@@ -99,11 +101,14 @@ pub async fn open(
     };
     match js.create_key_value(config).await {
         Ok(store) => Ok(store),
-        // Another node or command created it meanwhile.
-        Err(_) => js
-            .get_key_value(bucket)
+        // Another node or command created it meanwhile, or the cluster is electing a
+        // leader.
+        Err(_) => {
+            again(&format!("opening the credentials bucket {bucket}"), || {
+                js.get_key_value(bucket)
+            })
             .await
-            .with_context(|| format!("opening the credentials bucket {bucket}")),
+        }
     }
 }
 
@@ -126,24 +131,41 @@ pub async fn create_token(store: &Store, name: &str) -> anyhow::Result<String> {
 
 pub async fn revoke_token(store: &Store, name: &str) -> anyhow::Result<()> {
     let key = token_key(name);
-    if store
-        .get(&key)
-        .await
-        .context("reading the bucket")?
+    if again("reading the bucket", || store.get(&key))
+        .await?
         .is_none()
     {
         bail!("no token named `{name}` in the cluster");
     }
-    store.purge(&key).await.context("revoking the token")?;
-    Ok(())
+    again("revoking the token", || store.purge(&key)).await
 }
 
 pub async fn set_passphrase(store: &Store, phc: &str) -> anyhow::Result<()> {
-    store
-        .put(PASSPHRASE_KEY, phc.to_string().into())
-        .await
-        .context("storing the passphrase hash in the cluster")?;
-    Ok(())
+    let phc = bytes::Bytes::from(phc.to_string());
+    again("storing the passphrase hash in the cluster", || {
+        store.put(PASSPHRASE_KEY, phc.clone())
+    })
+    .await
+    .map(drop)
+}
+
+/// Runs `op` until it succeeds, for up to 10 s: while a NATS cluster elects a leader for
+/// the bucket (4-9 s after a server died), its requests fail. Idempotent operations only.
+async fn again<T, E, F>(what: &str, mut op: impl FnMut() -> F) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(e).context(what.to_string())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// Every current key and value.
@@ -236,6 +258,14 @@ async fn watch_once(
             );
         }
     }
+    // What the bucket holds now: the watch delivers only what comes after.
+    let mut seen = store
+        .status()
+        .await
+        .context("reading the bucket's state")?
+        .info
+        .state
+        .last_sequence;
     // Watch first, then read the snapshot: a change in between is in one or the other,
     // and applying one twice is harmless.
     let mut changes = store.watch_all().await.context("watching the bucket")?;
@@ -246,6 +276,10 @@ async fn watch_once(
     apply(&w.live, &w.keys, &all)?;
     w.loaded.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // Since when the bucket has held a revision later than the watch delivered (`seen`):
+    // a watch whose consumer lived on a server that died stays silent.
+    let mut behind_since = None::<tokio::time::Instant>;
+    let mut checked = tokio::time::Instant::now();
     loop {
         let change = tokio::select! {
             c = changes.next() => c,
@@ -253,11 +287,25 @@ async fn watch_once(
                 if nats.connects.load(std::sync::atomic::Ordering::SeqCst) != connects {
                     return Ok(()); // reconnected: start again from a snapshot
                 }
+                if checked.elapsed() >= Duration::from_millis(500) {
+                    checked = tokio::time::Instant::now();
+                    if let Ok(status) = store.status().await {
+                        if status.info.state.last_sequence > seen {
+                            let since = *behind_since.get_or_insert_with(tokio::time::Instant::now);
+                            if since.elapsed() >= STALLED {
+                                anyhow::bail!("the watch is stalled");
+                            }
+                        } else {
+                            behind_since = None;
+                        }
+                    }
+                }
                 continue;
             }
         };
         let Some(change) = change else { return Ok(()) };
         let change = change.context("watching the bucket")?;
+        (seen, behind_since) = (seen.max(change.revision), None);
         match change.operation {
             Operation::Put => all.insert(change.key, change.value),
             // The stream key stays: messages already stored were signed with it.

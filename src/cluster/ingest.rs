@@ -42,6 +42,9 @@ struct Storer {
     /// When a retry was last logged (one line a second, however many batches wait).
     warned_at: Cell<Option<Instant>>,
     client: async_nats::Client,
+    /// Bumped at each (re)connection: a publish awaiting its ack through a connection
+    /// that broke is sent again at once rather than after its ack timeout.
+    connects: Arc<std::sync::atomic::AtomicU64>,
     /// Every message is signed with the cluster's stream key.
     keys: Arc<StreamKeys>,
     metrics: Arc<Metrics>,
@@ -50,7 +53,7 @@ struct Storer {
 
 impl Storer {
     fn new(
-        client: async_nats::Client,
+        nats: super::Nats,
         subject: String,
         keys: Arc<StreamKeys>,
         metrics: Arc<Metrics>,
@@ -58,8 +61,10 @@ impl Storer {
     ) -> anyhow::Result<Storer> {
         let mut id = [0u8; 8];
         getrandom::getrandom(&mut id)?;
+        let client = nats.client;
         Ok(Storer {
             js: super::jetstream(client.clone()),
+            connects: nats.connects,
             subject,
             node: id.iter().map(|b| format!("{b:02x}")).collect(),
             next_id: Cell::new(0),
@@ -128,13 +133,27 @@ impl Storer {
                     .map_err(|e| e.to_string())?;
                 ack.await.map_err(|e| e.to_string())
             };
-            let err = match attempt.await {
-                Ok(ack) => {
-                    m.publish_latency.observe(started.elapsed());
-                    self.max_stored.set(self.max_stored.get().max(ack.sequence));
-                    return Ok(ack.sequence);
+            let connects = self.connects.load(Relaxed);
+            let reconnected = async {
+                while self.connects.load(Relaxed) == connects {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(e) => e,
+            };
+            let err = tokio::select! {
+                r = attempt => match r {
+                    Ok(ack) => {
+                        m.publish_latency.observe(started.elapsed());
+                        self.max_stored.set(self.max_stored.get().max(ack.sequence));
+                        return Ok(ack.sequence);
+                    }
+                    Err(e) => e,
+                },
+                // Its ack, if any, went with the old connection.
+                () = reconnected => {
+                    m.publish_retries.fetch_add(1, Relaxed);
+                    delay = Duration::from_millis(20);
+                    continue;
+                }
             };
             if *self.shutdown.borrow() {
                 return Err(format!(
@@ -215,7 +234,10 @@ impl Conn {
         match outcome {
             Ok(stream_seq) => {
                 self.tally.accepted += p.lines.len() as u64;
-                self.tally.last_seq = Some(event_seq(stream_seq, p.lines.len() - 1));
+                // A batch published again after a failure may be stored after later
+                // ones: `last_seq` covers every accepted line.
+                let last = event_seq(stream_seq, p.lines.len() - 1);
+                self.tally.last_seq = self.tally.last_seq.max(Some(last));
             }
             Err(why) => {
                 for line in p.lines {
@@ -243,10 +265,10 @@ impl ClusterSink {
         metrics: Arc<Metrics>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<ClusterSink> {
-        let client = super::connect(nats, "krux-relay ingest").await?.client;
+        let nats = super::connect(nats, "krux-relay ingest").await?;
         Ok(ClusterSink {
             checker: Rc::new(RefCell::new(Checker::new(max_line))),
-            storer: Rc::new(Storer::new(client, subject, keys, metrics, shutdown)?),
+            storer: Rc::new(Storer::new(nats, subject, keys, metrics, shutdown)?),
         })
     }
 }

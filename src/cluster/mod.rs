@@ -195,11 +195,12 @@ where
             Ok(c) => c,
             Err(e) => anyhow::bail!("{}", diagnose(nats, &e)?),
         };
-        let result = tokio::time::timeout(Duration::from_secs(10), f(jetstream(client.clone())))
+        // Long enough for a NATS cluster to elect a leader (4-9 s) on the way.
+        let result = tokio::time::timeout(Duration::from_secs(25), f(jetstream(client.clone())))
             .await
             .unwrap_or_else(|_| {
                 Err(anyhow::anyhow!(
-                    "{}: JetStream did not answer within 10 s",
+                    "{}: JetStream did not answer within 25 s",
                     nats.shown
                 ))
             });

@@ -18,7 +18,7 @@
 //! that falls silent while the stream holds newer messages is started again, as is one
 //! that was running when the client reconnected.
 //!
-//! The stream's creation time is its epoch. Once a second the node looks at the stream: if
+//! The stream's creation time is its epoch. Four times a second the node looks at the stream: if
 //! it is gone, or was deleted and recreated (a new epoch), the consumer starts again. A
 //! stream is always created with its first sequence above the high-water mark (the last
 //! `seq` this node delivered, kept in `<data-dir>/cluster-hwm`), so `seq` never goes below
@@ -48,8 +48,11 @@ use crate::metrics::Metrics;
 use crate::reactor::{Fetched, HistoryReply, HistoryRequest};
 use crate::ring::{Entry, Producer};
 
-/// How long the consumer may take no message while the stream holds newer ones.
-const STALLED: Duration = Duration::from_secs(2);
+/// How long the consumer may take no message while the stream holds newer ones: an
+/// ordered consumer that lived on a server that died stays silent.
+const STALLED: Duration = Duration::from_secs(1);
+/// How often the stream is looked at (recreated? stalled?).
+const CHECK: Duration = Duration::from_millis(250);
 /// Longest wait before a consumer or watch is started again after a failure.
 const MAX_RETRY: Duration = Duration::from_millis(500);
 
@@ -297,7 +300,7 @@ impl Consumer {
         self.next_msg = Some(start);
         self.consuming.store(true, SeqCst);
         tracing::info!(stream = %self.args.name, from = start, "consuming the stream");
-        let mut check = tokio::time::interval(Duration::from_secs(1));
+        let mut check = tokio::time::interval(CHECK);
         check.tick().await;
         let mut reconnected = tokio::time::interval(Duration::from_millis(100));
         // Since when the stream has held a message the consumer has not delivered.

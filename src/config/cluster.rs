@@ -294,10 +294,10 @@ pub struct StreamArgs {
     /// Age after which the stream drops a message.
     #[arg(long = "nats-max-age", env = "KRUX_NATS_MAX_AGE", default_value = "24h", value_parser = super::parse_duration)]
     pub max_age: Duration,
-    /// How long the node may be unable to consume the stream (JetStream unreachable,
-    /// electing a leader) before /readyz answers 503; its subscribers are served from its
-    /// window meanwhile.
-    #[arg(long = "nats-unready-after", env = "KRUX_NATS_UNREADY_AFTER", default_value = "8s", value_parser = super::parse_duration)]
+    /// How long the node may be unable to consume the stream (JetStream unreachable, or
+    /// electing a leader: 4-9 s after a server dies) before /readyz answers 503; its
+    /// subscribers are served from its window meanwhile.
+    #[arg(long = "nats-unready-after", env = "KRUX_NATS_UNREADY_AFTER", default_value = "10s", value_parser = super::parse_duration)]
     pub unready_after: Duration,
 }
 

@@ -116,7 +116,7 @@ impl Nats {
 
     /// Publishes `payload` to `subject` and returns the JSON reply (a stream's ack).
     pub fn request(&self, subject: &str, payload: &[u8]) -> Value {
-        request(self.port, &self.connect, subject, &[], payload)
+        request(self.port, &self.connect, subject, &[], payload).expect("a reply within 5 s")
     }
 
     /// Like `request`, with NATS headers (`name: value`).
@@ -126,7 +126,7 @@ impl Nats {
         headers: &[(&str, &str)],
         payload: &[u8],
     ) -> Value {
-        request(self.port, &self.connect, subject, headers, payload)
+        request(self.port, &self.connect, subject, headers, payload).expect("a reply within 5 s")
     }
 }
 
@@ -156,19 +156,23 @@ fn spawn(conf: &Path, port: u16, log: &Path) -> Child {
     child
 }
 
-/// One request over the NATS text protocol; the reply's JSON.
+/// One request over the NATS text protocol; the reply's JSON, `None` if none came within
+/// 5 s (JetStream electing a leader does not answer).
 fn request(
     port: u16,
     connect: &str,
     subject: &str,
     headers: &[(&str, &str)],
     payload: &[u8],
-) -> Value {
+) -> Option<Value> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut r = std::io::BufReader::new(s.try_clone().unwrap());
     let mut line = String::new();
     r.read_line(&mut line).unwrap(); // INFO
+                                     // Headers need the client to say it speaks them.
+    let mut connect: Value = serde_json::from_str(connect).unwrap();
+    connect["headers"] = Value::Bool(true);
     write!(s, "CONNECT {connect}\r\nSUB _T.r 1\r\n").unwrap();
     if headers.is_empty() {
         write!(s, "PUB {subject} _T.r {}\r\n", payload.len()).unwrap();
@@ -184,7 +188,13 @@ fn request(
     s.write_all(b"\r\n").unwrap();
     loop {
         line.clear();
-        r.read_line(&mut line).unwrap();
+        match r.read_line(&mut line) {
+            Ok(0) => panic!("nats-server closed the connection"),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return None,
+            Err(e) => panic!("{e}"),
+        }
         if line.starts_with("PING") {
             s.write_all(b"PONG\r\n").unwrap();
         }
@@ -193,7 +203,7 @@ fn request(
             let len: usize = rest.split_whitespace().last().unwrap().parse().unwrap();
             let mut body = vec![0; len + 2];
             r.read_exact(&mut body).unwrap();
-            return serde_json::from_slice(&body[..len]).unwrap();
+            return Some(serde_json::from_slice(&body[..len]).unwrap());
         }
     }
 }
@@ -244,7 +254,10 @@ impl NatsCluster {
     /// The name (`n0`…) of the server leading `stream`'s group, once it has one.
     pub fn stream_leader(&self, stream: &str) -> Option<usize> {
         for s in self.servers.iter().filter(|s| s.child.is_some()) {
-            let info = s.api(&format!("STREAM.INFO.{stream}"));
+            let subject = format!("$JS.API.STREAM.INFO.{stream}");
+            let Some(info) = request(s.port, &s.connect, &subject, &[], b"") else {
+                continue;
+            };
             if let Some(name) = info["cluster"]["leader"].as_str() {
                 return name.strip_prefix('n').and_then(|i| i.parse().ok());
             }
