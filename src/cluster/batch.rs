@@ -547,3 +547,59 @@ mod tests {
         assert_eq!(b.take().unwrap().lines, [MAX_EVENTS as u64]);
     }
 }
+
+#[cfg(test)]
+mod signing_tests {
+    use super::*;
+
+    #[test]
+    fn a_mac_verifies_only_its_payload_under_its_key() {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k1");
+        let other = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k2");
+        let mac = mac(&key, b"\x02payload");
+        assert_eq!(mac.len(), 64);
+        assert!(verify(&key, b"\x02payload", &mac));
+        assert!(verify(&key, b"\x02payload", &mac.to_uppercase()));
+        assert!(!verify(&other, b"\x02payload", &mac));
+        assert!(!verify(&key, b"\x02payloae", &mac));
+        for bad in ["", "zz", &mac[..62], &format!("{mac}00"), &"g".repeat(64)] {
+            assert!(!verify(&key, b"\x02payload", bad), "{bad}");
+        }
+        assert!(node_written(b"\x02") && node_written(b"\x03"));
+        assert!(!node_written(b"{\"a\":1}") && !node_written(b""));
+    }
+
+    #[test]
+    fn foreign_lines_end_at_the_payload_too_and_blank_ones_are_skipped() {
+        let mut scratch = Vec::new();
+        let texts = |p: &[u8]| -> Vec<Vec<u8>> {
+            events(p, &mut Vec::new())
+                .map(|e| e.unwrap().text.to_vec())
+                .collect()
+        };
+        assert_eq!(
+            texts(b"{\"a\":1}\n{\"b\":2}"),
+            [b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()]
+        );
+        assert_eq!(
+            texts(b"{\"a\":1}\r\n \r\n\n{\"b\":2}\r"),
+            [b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()]
+        );
+        assert_eq!(texts(b"\n\n  "), Vec::<Vec<u8>>::new());
+        assert_eq!(events(b"", &mut scratch).count(), 0);
+    }
+
+    #[test]
+    fn a_compressed_payload_cannot_claim_more_than_lz4_can_expand_to() {
+        let mut scratch = Vec::new();
+        // 1 KiB of compressed bytes claiming 1 MiB: refused before the buffer is sized.
+        let mut lying = vec![FORMAT_LZ4];
+        lying.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        lying.extend(std::iter::repeat_n(0u8, 1024));
+        assert_eq!(
+            events(&lying, &mut scratch).collect::<Vec<_>>(),
+            [Err(Malformed)]
+        );
+        assert_eq!(scratch.capacity(), 0);
+    }
+}

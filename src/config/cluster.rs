@@ -346,6 +346,33 @@ pub fn redact(urls: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::{split_credentials, Identity};
+
+    #[test]
+    fn credentials_come_out_of_urls_decoded_and_the_urls_go_on_without_them() {
+        let (servers, id) =
+            split_credentials("nats://ops:p%40ss@10.0.0.1:4222, nats://ops:p%40ss@10.0.0.2:4222")
+                .unwrap();
+        assert_eq!(
+            id,
+            Some(Identity::UserPassword("ops".into(), "p@ss".into()))
+        );
+        assert_eq!(servers.len(), 2);
+        assert!(servers.iter().all(|s| !s.has_user_pass()), "{servers:?}");
+        let (_, id) = split_credentials("tls://s3cret@h:4222,nats://h2:4222").unwrap();
+        assert_eq!(id, Some(Identity::Token("s3cret".into())));
+        assert_eq!(split_credentials("nats://h:1").unwrap().1, None);
+        let err = split_credentials("nats://a:b@h:1,nats://a:c@h:2").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("different credentials"),
+            "{err:#}"
+        );
+        assert!(!format!("{err:#}").contains(":c@"), "{err:#}");
+        // Whatever prints an identity never prints the secret.
+        let shown = format!("{:?}", Identity::UserPassword("ops".into(), "p@ss".into()));
+        assert!(!shown.contains("p@ss"), "{shown}");
+    }
+
     #[test]
     fn credentials_in_urls_are_never_shown() {
         assert_eq!(
