@@ -379,8 +379,11 @@ async fn a_nats_restart_mid_publish_loses_no_acknowledged_event_and_nodes_recove
 async fn a_recreated_stream_never_numbers_below_what_was_delivered() {
     let Some(nats) = Nats::start() else { return };
     let token = cluster_token(&nats, "ops");
-    let a = node(&nats, Some(&token), &[]).await;
-    let b = node(&nats, Some(&token), &[]).await;
+    // A creates the stream with its limits; B's flags differ (it says so, once).
+    let a = node(&nats, Some(&token), &["--nats-max-age", "2h"]).await;
+    let mut b = Relay::start_logged(&["--nats", &nats.url()]).await;
+    b.token = token.clone();
+    wait_ready(&b, 200).await;
     let first = a.publish(SEED).await;
     let last = summary(&first)["last_seq"].as_u64().unwrap();
     let mut sub = subscribe_when_known(&b, &format!("since={}", last - 1)).await;
@@ -402,6 +405,16 @@ async fn a_recreated_stream_never_numbers_below_what_was_delivered() {
     };
     let new_last = summary(&again)["last_seq"].as_u64().unwrap();
     assert!(new_last > last, "seq went back: {new_last} after {last}");
+    // Whichever node recreated it, it came back with the settings it had.
+    let info = nats.api("STREAM.INFO.KRUX_EVENTS");
+    assert_eq!(info["config"]["max_age"], 7_200_000_000_000u64, "{info}");
+    let log = std::fs::read_to_string(b.data_dir().join("relay.log")).unwrap();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("the stream's settings differ from this node's flags"))
+        .collect::<Vec<_>>();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(said[0].contains("--nats-max-age"), "{}", said[0]);
     let live = take_events(&mut sub, 3).await;
     assert_eq!(*seqs(&live).last().unwrap(), new_last);
     assert!(seqs(&live).iter().all(|&s| s > last));

