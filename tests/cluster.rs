@@ -822,3 +822,28 @@ async fn three_replicas_survive_the_leader_and_the_publishing_nodes_server_dying
         assert_eq!(n.try_subscribe("", Some(&doomed)).await.unwrap_err().0, 401);
     }
 }
+
+/// An idle stream is not a stalled consumer: after a quiet spell the next event arrives
+/// and the node has started no new consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_period_is_not_a_stall() {
+    let Some(nats) = Nats::start() else { return };
+    let token = cluster_token(&nats, "ops");
+    let mut a = Relay::start_logged(&["--nats", &nats.url()]).await;
+    a.token = token;
+    wait_ready(&a, 200).await;
+    let mut sub = subscribe_when_known(&a, "").await;
+    wait_subscribers(&a, 1).await;
+    assert_eq!(summary(&a.publish(&events(0, 1)).await)["accepted"], 1);
+    assert_eq!(take_events(&mut sub, 1).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(2500)).await; // over the 1 s stall limit
+    assert_eq!(summary(&a.publish(&events(1, 1)).await)["accepted"], 1);
+    next_event(&mut sub, Duration::from_secs(5)).await;
+    let log = std::fs::read_to_string(a.data_dir().join("relay.log")).unwrap();
+    assert!(!log.contains("stalled"), "{log}");
+    assert_eq!(
+        log.matches("consuming the stream stream=").count(),
+        1,
+        "one consumer all along: {log}"
+    );
+}
