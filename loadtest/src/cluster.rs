@@ -210,6 +210,16 @@ fn start_nats(bin: &Path, dir: &Path, count: u8) -> anyhow::Result<(Vec<Proc>, S
     Ok((procs, urls))
 }
 
+/// The flags that join a node or a command to the cluster (`--nats-replicas` only when
+/// not the default, so that builds from before it can be compared with `--bin-dir`).
+fn nats_args(url: &str, replicas: u8) -> Vec<String> {
+    let mut args = vec!["--nats".to_string(), url.to_string()];
+    if replicas != 1 {
+        args.extend(["--nats-replicas".to_string(), replicas.to_string()]);
+    }
+    args
+}
+
 fn start_node(
     relay: &Path,
     dir: &Path,
@@ -236,7 +246,7 @@ fn start_node(
     .env("KRUX_DATA_DIR", dir)
     .env("KRUX_LOG", "warn");
     if let Some((url, replicas)) = nats {
-        cmd.args(["--nats", url, "--nats-replicas", &replicas.to_string()]);
+        cmd.args(nats_args(url, replicas));
     }
     let mut proc = Proc(cmd.stdout(Stdio::null()).spawn()?);
     let info = wait_ready_file(&mut proc.0, &ready, "krux-relay", READY_WITHIN)?;
@@ -259,7 +269,7 @@ fn token(relay: &Path, dir: &Path, nats: Option<(&str, u8)>) -> anyhow::Result<S
         cmd.args(["user-token", "create", "--name", "loadtest"])
             .env("KRUX_DATA_DIR", dir);
         if let Some((url, replicas)) = nats {
-            cmd.args(["--nats", url, "--nats-replicas", &replicas.to_string()]);
+            cmd.args(nats_args(url, replicas));
         }
         let out = cmd.output()?;
         if out.status.success() {

@@ -240,7 +240,9 @@ impl Consumer {
         let first_message = self.hwm.first_message();
         let mut stream = match js.get_stream(&self.args.name).await {
             Ok(s) => s,
-            Err(e) => self.create_stream(js, first_message, e).await?,
+            Err(e) if stream_missing(&e) => self.create_stream(js, first_message, e).await?,
+            // Unanswered (JetStream electing a leader): it may well exist.
+            Err(e) => return Err(e).context("looking up the stream"),
         };
         let info = stream
             .info()
@@ -354,7 +356,7 @@ impl Consumer {
                             }
                             Err(_) => self.consuming.store(false, SeqCst),
                         },
-                        Err(e) if e.to_string().contains("not found") => {
+                        Err(e) if stream_missing(&e) => {
                             tracing::warn!(stream = %self.args.name, "the stream is gone; recreating it");
                             return Ok(());
                         }
@@ -576,6 +578,12 @@ fn keys_of(
             Ok((valid.keys, valid.needs_stamp.then(now_rfc3339_millis)))
         }
     }
+}
+
+/// Whether JetStream answered that the stream does not exist.
+fn stream_missing(e: &async_nats::jetstream::context::GetStreamError) -> bool {
+    use async_nats::jetstream::{context::GetStreamErrorKind, ErrorCode};
+    matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
 /// The stream's settings from the flags (first sequence `first`).
