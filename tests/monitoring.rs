@@ -43,7 +43,7 @@ fn the_alert_rules_load_and_their_unit_tests_pass() {
     }
     let (ok, out) = run_promtool(&["check", "rules", "krux-relay.rules.yml"], None);
     assert!(ok, "{out}");
-    assert!(out.contains("SUCCESS: 11 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 12 rules found"), "{out}");
     let (ok, out) = run_promtool(&["test", "rules", "krux-relay.rules.test.yml"], None);
     assert!(ok, "{out}");
 }

@@ -555,3 +555,42 @@ async fn credentials_from_the_environment_and_the_config_file() {
     assert!(!refused.status.success());
     assert!(text(&refused.stderr).contains("authorization violation"));
 }
+
+/// Credentials that stop working under a running node: it keeps retrying with backoff,
+/// logs the failure once per streak (not once per attempt), and is back once they work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_node_logs_a_failure_streak_once() {
+    let users = |pass: &str| {
+        format!(r#"authorization {{ users = [ {{ user: relay, password: "{pass}" }} ] }}"#)
+    };
+    let Some(mut nats) = Nats::start_with(&users("pw-1"), "{}") else {
+        return;
+    };
+    let relay = node_with(&Creds {
+        url: format!("nats://relay:pw-1@127.0.0.1:{}", nats.port),
+        flags: vec![],
+    })
+    .await;
+    let log = || std::fs::read_to_string(relay.data_dir().join("relay.log")).unwrap();
+    nats.reconfigure(&users("pw-2"));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during = log();
+    let attempts = during.matches("attempting connection").count();
+    let streaks = during.matches("retrying with backoff").count();
+    // Two clients (the consumer's and the ingest's), each one line for its streak.
+    assert!(
+        (1..=2).contains(&streaks),
+        "{streaks} lines for {attempts} attempts:\n{during}"
+    );
+    assert!(
+        attempts >= 4 * streaks,
+        "{streaks} lines for {attempts} attempts"
+    );
+    nats.reconfigure(&users("pw-1"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log().contains("after_failures=true") {
+        assert!(Instant::now() < deadline, "never back:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!log().contains("pw-1") && !log().contains("pw-2"));
+}

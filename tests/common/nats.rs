@@ -76,6 +76,11 @@ impl Nats {
 
     /// Starts (again) the server on its port and store.
     pub fn restart(&mut self) {
+        let conf = self.write_config();
+        self.child = Some(spawn(&conf, self.port, &self.dir.path().join("nats.log")));
+    }
+
+    fn write_config(&self) -> std::path::PathBuf {
         let store = self.dir.path().join("store");
         let conf = self.dir.path().join("nats.conf");
         std::fs::write(
@@ -86,7 +91,19 @@ impl Nats {
             ),
         )
         .unwrap();
-        self.child = Some(spawn(&conf, self.port, &self.dir.path().join("nats.log")));
+        conf
+    }
+
+    /// Rewrites the config file with `extra` in place of the old and has the server
+    /// reload it (SIGHUP): clients whose credentials no longer hold are disconnected.
+    pub fn reconfigure(&mut self, extra: &str) {
+        self.extra = extra.to_string();
+        self.write_config();
+        let st = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
     }
 
     pub fn url(&self) -> String {
