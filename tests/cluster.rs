@@ -106,6 +106,28 @@ async fn take_within(ws: &mut Ws, n: usize, quiet: Duration) -> Vec<Value> {
     got
 }
 
+/// One publisher connection sending `per_round` events every 50 ms for `rounds` rounds
+/// (held, not refused, while JetStream is away); its replies once it is done.
+fn steady_publisher(
+    ingest: std::net::SocketAddr,
+    rounds: usize,
+    per_round: usize,
+) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(ingest).await.unwrap();
+        for round in 0..rounds {
+            let batch = events(round * per_round, per_round);
+            s.write_all(batch.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        s.shutdown().await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    })
+}
+
 fn seqs(events: &[Value]) -> Vec<u64> {
     events.iter().filter_map(|e| e["seq"].as_u64()).collect()
 }
@@ -324,21 +346,7 @@ async fn a_nats_restart_mid_publish_loses_no_acknowledged_event_and_nodes_recove
     wait_subscribers(&b, 1).await;
 
     // One publisher keeps writing across the restart; it is held while JetStream is away.
-    let ingest = a.ingest;
-    let publisher = tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(ingest).await.unwrap();
-        for round in 0..40 {
-            s.write_all(events(round * 25, 25).as_bytes())
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        s.shutdown().await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    });
+    let publisher = steady_publisher(a.ingest, 40, 25);
     tokio::time::sleep(Duration::from_millis(600)).await;
     nats.kill();
     wait_ready(&a, 503).await;
@@ -705,21 +713,7 @@ async fn three_replicas_survive_the_leader_and_the_publishing_nodes_server_dying
     });
 
     const ROUNDS: usize = 360;
-    let ingest = a.ingest;
-    let publisher = tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(ingest).await.unwrap();
-        for round in 0..ROUNDS {
-            s.write_all(events(round * 10, 10).as_bytes())
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        s.shutdown().await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    });
+    let publisher = steady_publisher(a.ingest, ROUNDS, 10);
     let collectors: Vec<_> = subs
         .into_iter()
         .map(|ws| tokio::spawn(timed_events(ws, ROUNDS * 10, Duration::from_secs(20))))
