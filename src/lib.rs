@@ -19,6 +19,7 @@ pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod datadir;
 pub mod event;
 pub mod filter;
 pub mod fleet;

@@ -159,9 +159,21 @@ fn bind_reuseport(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     cfg.check().map_err(anyhow::Error::msg)?;
-    create_private_dir(data_dir)?;
+    crate::datadir::create_private_dir(data_dir)?;
+    // Whoever can write these could add a token or rewind `seq`.
+    crate::datadir::check(
+        data_dir,
+        &[
+            crate::auth::TokenStore::new(data_dir).path().to_path_buf(),
+            crate::auth::passphrase::path(data_dir),
+            data_dir.join("seq"),
+        ],
+    )?;
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::io::certs::config_from_pem(cert, key)?),
+        (Some(cert), Some(key)) => {
+            crate::datadir::check_key(key)?;
+            Some(crate::io::certs::config_from_pem(cert, key)?)
+        }
         _ if cfg.tls_self_signed => {
             let pem = data_dir.join("tls-self-signed.pem");
             let (config, fingerprint) = crate::io::certs::self_signed(&pem)?;
@@ -429,15 +441,6 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
     std::fs::remove_file(path).with_context(|| format!("removing the stale socket {shown}"))
 }
 
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating data dir {}", dir.display()))
-}
-
 fn write_ready_file(path: &Path, addrs: &Addresses, mode: IoMode, tls: bool) -> anyhow::Result<()> {
     let body = serde_json::json!({
         "ws": addrs.ws.to_string(),
@@ -447,10 +450,7 @@ fn write_ready_file(path: &Path, addrs: &Addresses, mode: IoMode, tls: bool) -> 
         "io": mode,
         "tls": tls,
     });
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{body}\n"))
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    crate::datadir::write_atomic(path, format!("{body}\n").as_bytes(), 0o644)
 }
 
 /// Where the ingest will put accepted lines: this node's ring, or (in a cluster) the

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Lowest first; a module may name (`crate::x`) only modules of a lower layer.
 const LAYERS: &[&[&str]] = &[
-    &["event"],
+    &["event", "datadir"],
     &["auth", "filter", "fleet"],
     &["proto"],
     &["frame", "metrics"],

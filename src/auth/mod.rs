@@ -146,15 +146,7 @@ impl TokenStore {
     fn lock(&self) -> anyhow::Result<std::fs::File> {
         use std::os::fd::AsRawFd;
         let path = self.path.with_extension("lock");
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+        let f = crate::datadir::open_private(&path)?;
         // SAFETY: flock only takes a descriptor, which `f` keeps open for the call.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(std::io::Error::last_os_error())
@@ -174,7 +166,7 @@ impl TokenStore {
 
     fn write(&self, file: &TokenFile) -> anyhow::Result<()> {
         let json = serde_json::to_vec_pretty(file).expect("token file serializes");
-        write_private_atomic(&self.path, &json)
+        crate::datadir::write_private_atomic(&self.path, &json)
     }
 }
 
@@ -186,31 +178,6 @@ pub fn check_name(name: &str) -> anyhow::Result<()> {
         bail!("--name must be 1 to 64 characters of A-Z a-z 0-9 . _ - @ (got {name:?})");
     }
     Ok(())
-}
-
-/// Replaces `path` with `bytes` atomically (temp file + rename), readable by its owner
-/// only, so a running server never reads half a file.
-pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().expect("data files live in a data dir");
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    write_private(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
-}
-
-/// Writes a file readable by its owner only: hashes are not secrets, but they are nobody
-/// else's business either.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 /// The credentials a running server accepts, reloaded from disk by a watcher thread.

@@ -30,7 +30,7 @@ pub fn path(data_dir: &Path) -> PathBuf {
 /// Hashes and stores a new passphrase (atomically, mode 0600).
 pub fn set(data_dir: &Path, passphrase: &str) -> anyhow::Result<()> {
     let phc = hash(passphrase)?;
-    super::write_private_atomic(&path(data_dir), format!("{phc}\n").as_bytes())
+    crate::datadir::write_private_atomic(&path(data_dir), format!("{phc}\n").as_bytes())
 }
 
 /// The Argon2id PHC string of a new passphrase (at least 8 characters).

@@ -184,7 +184,8 @@ impl HighWater {
         if self.seq == self.saved || self.saved_at.elapsed() < Duration::from_secs(1) {
             return;
         }
-        match crate::auth::write_private_atomic(&self.path, format!("{}\n", self.seq).as_bytes()) {
+        match crate::datadir::write_private_atomic(&self.path, format!("{}\n", self.seq).as_bytes())
+        {
             Ok(()) => (self.saved, self.saved_at) = (self.seq, Instant::now()),
             Err(e) => tracing::warn!("cannot record the high-water mark: {e:#}"),
         }

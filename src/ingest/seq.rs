@@ -3,7 +3,6 @@
 //! end in `<data-dir>/seq` (written, fsynced, renamed); a restart continues from that end,
 //! skipping whatever the previous run reserved but did not use.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -26,7 +25,7 @@ fn clean_stop_path(data_dir: &Path) -> PathBuf {
 /// Records, at a graceful stop, that nothing after `last` was published. The next run
 /// reads and removes it, so a crash after that leaves no stale claim behind.
 pub fn record_clean_stop(data_dir: &Path, last: u64) -> anyhow::Result<()> {
-    crate::auth::write_private_atomic(&clean_stop_path(data_dir), format!("{last}\n").as_bytes())
+    crate::datadir::write_private_atomic(&clean_stop_path(data_dir), format!("{last}\n").as_bytes())
 }
 
 impl SeqAllocator {
@@ -79,16 +78,7 @@ impl SeqAllocator {
     }
 
     fn reserve(&mut self, end: u64) -> anyhow::Result<()> {
-        let tmp = self.path.with_extension("tmp");
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        writeln!(f, "{end}")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("replacing {}", self.path.display()))?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
+        crate::datadir::write_private_atomic(&self.path, format!("{end}\n").as_bytes())?;
         self.reserved_end = end;
         Ok(())
     }

@@ -29,8 +29,8 @@ pub fn config_from_pem(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Se
 pub fn self_signed(cert_out: &Path) -> anyhow::Result<(Arc<rustls::ServerConfig>, String)> {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
         .context("generating a self-signed certificate")?;
-    std::fs::write(cert_out, ck.cert.pem())
-        .with_context(|| format!("writing {}", cert_out.display()))?;
+    // Public, but written where a planted link could redirect it: never through one.
+    crate::datadir::write_atomic(cert_out, ck.cert.pem().as_bytes(), 0o644)?;
     let der = ck.cert.der().clone();
     let fingerprint = fingerprint(&der);
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
