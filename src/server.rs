@@ -262,6 +262,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         handshake_timeout: cfg.handshake_timeout,
         tls,
         history: cluster.then_some(history_tx),
+        allowed_origins: cfg.allowed_origin.clone(),
     });
 
     let (ended_tx, ended) = crossbeam_channel::unbounded();

@@ -392,15 +392,16 @@ async fn the_dashboard_keeps_up_with_50k_events_per_second() {
     .await;
 }
 
-/// `examples/clients/browser.html` on `krux-client.js`, opened from disk: it subscribes
-/// with the filters and `since` from its address, shows each event once, stops after
-/// `count`, and leaves no token in the page.
+/// `examples/clients/browser.html` on `krux-client.js`, opened from disk (origin `null`,
+/// which the relay admits only when told to): it subscribes with the filters and `since`
+/// from its address, shows each event once, stops after `count`, and leaves no token in
+/// the page.
 #[tokio::test]
 async fn the_browser_example_client_replays_filtered_events_and_stops() {
     if !chromium() {
         return;
     }
-    let relay = Relay::start().await;
+    let relay = Relay::start_with(&["--allowed-origin", "null"]).await;
     assert_eq!(relay.publish(SEED).await[0]["accepted"], 11);
     let page = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/clients/browser.html");
     let url = format!(

@@ -226,3 +226,59 @@ async fn slow_and_oversized_request_heads_are_cut_off() {
     let (status, _, body) = raw_http(relay.ws, &big).await;
     assert_eq!(status, 431, "{body}");
 }
+
+#[tokio::test]
+async fn the_dashboards_files_carry_their_security_headers() {
+    let relay = Relay::start().await;
+    for path in ["/", "/dashboard.js", "/krux-client.js"] {
+        let (status, head, body) =
+            raw_http(relay.ws, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(!body.is_empty());
+        let head = head.to_ascii_lowercase();
+        for h in [
+            "content-security-policy: default-src 'none'; script-src 'self';",
+            "frame-ancestors 'none'",
+            "x-content-type-options: nosniff",
+            "referrer-policy: no-referrer",
+        ] {
+            assert!(head.contains(h), "{path} lacks {h}:\n{head}");
+        }
+    }
+}
+
+/// A page of another site that the operator visits cannot open `/events` in their name:
+/// its upgrades get 403 before any credential is checked, so its wrong passphrases never
+/// count against the operator's address. The dashboard's own origin and
+/// `--allowed-origin` are let in; clients without `Origin` are unaffected.
+#[tokio::test]
+async fn a_page_from_another_site_cannot_subscribe_or_lock_the_operator_out() {
+    let relay = Relay::start_with(&["--allowed-origin", "https://dash.example"]).await;
+    set_passphrase(&relay, PASS);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let port = relay.ws.port();
+    let from = |origin: &str| format!("Host: 127.0.0.1:{port}\r\nOrigin: {origin}\r\n");
+    for _ in 0..10 {
+        let req = upgrade_request(
+            &passphrase_query("wrong guess here"),
+            &from("https://evil.example"),
+        );
+        let (status, _, body) = raw_http(relay.ws, &req).await;
+        assert_eq!(status, 403, "{body}");
+    }
+    let bearer = format!("Authorization: Bearer {}\r\n", relay.token);
+    let evil = upgrade_request("/events", &(from("https://evil.example") + &bearer));
+    assert_eq!(
+        raw_http(relay.ws, &evil).await.0,
+        403,
+        "even with a valid token"
+    );
+    // The operator, from the dashboard's own origin, is not locked out.
+    let own = from(&format!("http://127.0.0.1:{port}"));
+    let req = upgrade_request(&passphrase_query(PASS), &own);
+    assert_eq!(raw_http(relay.ws, &req).await.0, 101);
+    let req = upgrade_request("/events", &(from("https://dash.example") + &bearer));
+    assert_eq!(raw_http(relay.ws, &req).await.0, 101);
+    // No Origin: a CLI or a bridge.
+    assert_eq!(status_of(&relay, &passphrase_query(PASS)).await.0, 101);
+}

@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         _ => Auth::Invalid,
     };
     for at_capacity in [false, true] {
-        match decide(&req, &Gate { at_capacity, authenticate: &auth }) {
+        match decide(&req, &Gate { at_capacity, authenticate: &auth, allowed_origins: &[] }) {
             Decision::Refuse(r) => {
                 let bytes = r.to_bytes();
                 assert!(bytes.starts_with(b"HTTP/1.1 "));

@@ -49,6 +49,25 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| bad("the name resolves to no address".into()))
 }
 
+/// An origin as browsers send it: `http://host[:port]` or `https://…`, nothing after; or
+/// `null`, what pages opened from disk send (and sandboxed frames of any site).
+pub fn parse_origin(s: &str) -> Result<String, String> {
+    let t = s.trim().trim_end_matches('/');
+    if t == "null" {
+        return Ok(t.to_string());
+    }
+    let ok = ["http://", "https://"].iter().any(|p| {
+        t.strip_prefix(p)
+            .is_some_and(|rest| !rest.is_empty() && !rest.contains(['/', '?', '#', '@']))
+    });
+    if !ok {
+        return Err(format!(
+            "`{s}` is not an origin like https://dashboards.example.com or http://localhost:8080"
+        ));
+    }
+    Ok(t.to_string())
+}
+
 /// The data dir: `--data-dir`, else `KRUX_DATA_DIR`, else the user's data dir.
 pub fn default_data_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
@@ -79,28 +98,46 @@ pub fn load_config_file(
     use anyhow::Context;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .with_context(|| format!("parsing config file {}", path.display()))?;
+    // Where a byte offset is, as `line L, column C` (1-based).
+    let at = |offset: usize| {
+        let before = &text[..offset.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("{}: line {line}, column {column}", path.display())
+    };
+    // Errors name the place and the key, never the line's text: a value may be a secret
+    // (a `nats` URL with a password).
+    let table: std::collections::BTreeMap<toml::Spanned<String>, toml::Value> =
+        toml::from_str(&text).map_err(|e| {
+            let place = e.span().map_or(path.display().to_string(), |s| at(s.start));
+            anyhow::anyhow!("{place}: not valid TOML: {}", e.message())
+        })?;
     let mut from_file = Vec::new();
     for (key, value) in table {
+        let place = at(key.span().start);
+        let key = key.into_inner();
         let env = format!("KRUX_{}", key.to_ascii_uppercase().replace('-', "_"));
         let text = match value {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
             other => anyhow::bail!(
-                "{}: `{key}` must be a string, number or boolean, not {}",
-                path.display(),
+                "{place}: `{key}` must be a string, number or boolean, not {}",
                 other.type_str()
             ),
         };
         match check(&env, &text) {
             None => anyhow::bail!(
-                "{}: unknown setting `{key}` (settings are serve's flag names, e.g. `listen`, `ping-interval`)",
-                path.display()
+                "{place}: unknown setting `{key}` (settings are serve's flag names, e.g. `listen`, `ping-interval`)"
             ),
-            Some(Err(why)) => anyhow::bail!("{}: `{key}` = {text:?}: {why}", path.display()),
+            Some(Err(why)) => {
+                // The parsers quote what they refuse; a file's value stays unsaid.
+                let why = match text.len() {
+                    0..3 => why,
+                    _ => why.replace(&text, "…"),
+                };
+                anyhow::bail!("{place}: `{key}`: {why}")
+            }
             Some(Ok(())) => {}
         }
         if std::env::var_os(&env).is_none() {
@@ -307,6 +344,12 @@ pub struct ServeConfig {
     /// Allow a non-loopback --ingest address (publishers are not authenticated).
     #[arg(long, env = "KRUX_INSECURE_INGEST")]
     pub insecure_ingest: bool,
+    /// A browser origin (scheme://host[:port]) whose pages may subscribe besides the
+    /// relay's own (its dashboard); several comma-separated; `null` admits pages opened
+    /// from disk (and sandboxed frames of any site). Clients that send no Origin (CLIs,
+    /// bridges) are never affected.
+    #[arg(long, env = "KRUX_ALLOWED_ORIGIN", value_delimiter = ',', value_parser = parse_origin)]
+    pub allowed_origin: Vec<String>,
     /// Allow a non-loopback --admin address (/metrics is not authenticated).
     #[arg(long, env = "KRUX_INSECURE_ADMIN")]
     pub insecure_admin: bool,

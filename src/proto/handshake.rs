@@ -25,8 +25,13 @@ pub struct Request {
     pub ws_key: Option<String>,
     pub ws_version: Option<String>,
     pub authorization: Option<String>,
+    /// Sent by browsers (always, on a WebSocket upgrade); CLIs and bridges send none.
+    pub origin: Option<String>,
+    pub host: Option<String>,
 }
 
+// One per connection, matched once: boxing the request would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
     /// More bytes are needed.
@@ -79,6 +84,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed, Response> {
             out.ws_version = Some(value());
         } else if h.name.eq_ignore_ascii_case("authorization") {
             out.authorization = Some(value());
+        } else if h.name.eq_ignore_ascii_case("origin") {
+            out.origin = Some(value());
+        } else if h.name.eq_ignore_ascii_case("host") {
+            out.host = Some(value());
         }
     }
     Ok(Parsed::Complete(out, len))
@@ -127,8 +136,35 @@ pub enum Decision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Page {
     Dashboard,
+    /// The dashboard's own script (`assets/dashboard.js`).
+    DashboardScript,
     /// The browser client the dashboard runs on (`examples/clients/krux-client.js`).
     ClientScript,
+}
+
+static DASHBOARD: &str = include_str!("../../assets/dashboard.html");
+static DASHBOARD_SCRIPT: &str = include_str!("../../assets/dashboard.js");
+static CLIENT_SCRIPT: &str = include_str!("../../examples/clients/krux-client.js");
+
+/// What the dashboard's pages may do, and what nothing else may do with them: run only
+/// the relay's own scripts (no inline script, so markup that slipped into the page could
+/// not run), connect only back to the relay, never be framed by another site, never tell
+/// another site where they were (their address may have held a token).
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+impl Page {
+    pub fn response(self) -> Response {
+        let (content_type, body) = match self {
+            Page::Dashboard => ("text/html; charset=utf-8", DASHBOARD),
+            Page::DashboardScript => ("text/javascript; charset=utf-8", DASHBOARD_SCRIPT),
+            Page::ClientScript => ("text/javascript; charset=utf-8", CLIENT_SCRIPT),
+        };
+        Response::asset(content_type, body)
+            .header("Content-Security-Policy", PAGE_POLICY.into())
+            .header("X-Content-Type-Options", "nosniff".into())
+            .header("X-Frame-Options", "DENY".into())
+            .header("Referrer-Policy", "no-referrer".into())
+    }
 }
 
 #[derive(Debug)]
@@ -144,12 +180,50 @@ pub struct Upgrade {
 pub struct Gate<'a> {
     pub at_capacity: bool,
     pub authenticate: &'a dyn Fn(&Credential) -> Auth,
+    /// Origins besides the relay's own whose pages may subscribe (`--allowed-origin`).
+    pub allowed_origins: &'a [String],
+}
+
+/// Whether a browser's page may open `/events`: a request without `Origin` (not a
+/// browser) may; a page from the relay's own origin (its `Host`) may; so may one from an
+/// origin the operator allowed. Anything else — any other site the operator visits — may
+/// not, or it could try passphrases in the operator's name until their address is locked
+/// out.
+pub fn origin_allowed(req: &Request, allowed: &[String]) -> bool {
+    let Some(origin) = req.origin.as_deref() else {
+        return true;
+    };
+    let origin = origin.trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false; // `null` (a file, a sandboxed frame) and anything malformed
+    };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return false,
+    };
+    let norm = |a: &str| {
+        let a = a.to_ascii_lowercase();
+        a.strip_suffix(default_port)
+            .map(str::to_string)
+            .unwrap_or(a)
+    };
+    req.host
+        .as_deref()
+        .is_some_and(|host| norm(host) == norm(authority))
 }
 
 pub fn decide(req: &Request, gate: &Gate<'_>) -> Decision {
     if req.method == "GET" {
         match req.path.as_str() {
             "/" => return Decision::Page(Page::Dashboard),
+            "/dashboard.js" => return Decision::Page(Page::DashboardScript),
             "/krux-client.js" => return Decision::Page(Page::ClientScript),
             _ => {}
         }
@@ -187,6 +261,13 @@ pub fn decide(req: &Request, gate: &Gate<'_>) -> Decision {
             "The Sec-WebSocket-Key header is missing or malformed.",
         ));
     };
+    // Before any credential is looked at: a refused page's attempts count for nothing.
+    if !origin_allowed(req, gate.allowed_origins) {
+        return Decision::Refuse(Response::text(
+            403,
+            "A page from another site may not subscribe (its Origin is not this relay's); the dashboard at / is, and --allowed-origin adds others.",
+        ));
+    }
     if gate.at_capacity {
         return Decision::Refuse(
             Response::text(503, "The relay is at its connection limit; retry shortly.")
@@ -289,29 +370,41 @@ fn valid_ws_key(k: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
 }
 
-/// Decoded `key=value` pairs of a query string (`+` is a space, as browsers encode it).
+/// A query component decoded (`+` is a space, as browsers encode it).
+fn decode_component(s: &str) -> String {
+    let s = s.replace('+', " ");
+    percent_decode_str(&s).decode_utf8_lossy().into_owned()
+}
+
+/// Decoded `key=value` pairs of a query string.
 pub fn query_pairs(query: &str) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
-    let decode = |s: &str| -> String {
-        let s = s.replace('+', " ");
-        percent_decode_str(&s).decode_utf8_lossy().into_owned()
-    };
     query
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (Cow::Owned(decode(k)), Cow::Owned(decode(v)))
+            (
+                Cow::Owned(decode_component(k)),
+                Cow::Owned(decode_component(v)),
+            )
         })
         .collect()
 }
 
-/// The query string as it may be logged: the values of `access_token` and `passphrase`
-/// replaced, everything else kept.
+/// The query string as it may be logged: the value of every parameter whose name,
+/// decoded as the parser decodes it (so `%61ccess_token` too), is `access_token` or
+/// `passphrase` (in any case) replaced; everything else kept.
 pub fn redact_query(query: &str) -> String {
     query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if matches!(k, "access_token" | "passphrase") => format!("{k}=<redacted>"),
+            Some((k, _))
+                if ["access_token", "passphrase"]
+                    .iter()
+                    .any(|name| decode_component(k).eq_ignore_ascii_case(name)) =>
+            {
+                format!("{k}=<redacted>")
+            }
             _ => pair.to_string(),
         })
         .collect::<Vec<_>>()
@@ -474,6 +567,7 @@ mod tests {
             &Gate {
                 at_capacity,
                 authenticate: &auth,
+                allowed_origins: &["https://dash.example".to_string()],
             },
         )
     }
@@ -663,5 +757,76 @@ mod tests {
         assert!(s.starts_with("HTTP/1.1 401 Unauthorized\r\n"));
         assert!(s.contains("Content-Length: 4\r\n"));
         assert!(s.ends_with("\r\n\r\nNo.\n"));
+    }
+
+    #[test]
+    fn pages_come_with_a_policy_that_runs_only_their_own_scripts() {
+        for page in [Page::Dashboard, Page::DashboardScript, Page::ClientScript] {
+            let resp = page.response();
+            let get = |h: &str| {
+                resp.headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(h))
+                    .map(|(_, v)| v.as_str())
+            };
+            let csp = get("Content-Security-Policy").unwrap();
+            assert!(csp.contains("script-src 'self';"), "{csp}");
+            assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+            assert!(csp.contains("connect-src 'self'"), "{csp}");
+            assert_eq!(get("X-Content-Type-Options"), Some("nosniff"));
+            assert_eq!(get("Referrer-Policy"), Some("no-referrer"));
+        }
+        // The page has no inline script for the policy to block.
+        let html = Page::Dashboard.response().body;
+        assert!(
+            !html.contains("<script>") && !html.contains(" onclick="),
+            "inline script"
+        );
+        assert!(html.contains(r#"<script src="/dashboard.js"></script>"#));
+    }
+
+    #[test]
+    fn a_page_from_another_origin_is_refused_before_its_credential_is_looked_at() {
+        let origin = |o: &str, host: &str| format!("Host: {host}\r\nOrigin: {o}\r\n");
+        for (headers, allowed) in [
+            (String::new(), true), // a CLI: no Origin
+            (origin("http://127.0.0.1:7701", "127.0.0.1:7701"), true),
+            (origin("HTTPS://Relay.Example", "relay.example:443"), true),
+            (origin("http://relay.example:80", "relay.example"), true),
+            (origin("https://dash.example/", "relay.example"), true), // --allowed-origin
+            (origin("https://evil.example", "127.0.0.1:7701"), false),
+            (origin("http://127.0.0.1:7702", "127.0.0.1:7701"), false), // another port
+            (origin("https://127.0.0.1:7701", "127.0.0.1:7701"), true), // wss on 7701
+            (origin("null", "127.0.0.1:7701"), false),
+            (origin("http://127.0.0.1:7701", ""), false), // no Host to be the same as
+        ] {
+            // A wrong passphrase: had it been checked, the answer would be 401.
+            let raw = head("/events?passphrase=wrong", &headers);
+            match run(&raw, false) {
+                Decision::Refuse(r) if allowed => assert_eq!(r.status, 401, "{headers}"),
+                Decision::Refuse(r) => {
+                    assert_eq!(r.status, 403, "{headers}");
+                    assert!(r.body.contains("--allowed-origin"), "{}", r.body);
+                }
+                other => panic!("{headers}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn redaction_sees_the_names_the_parser_decodes() {
+        for q in [
+            "access_token=SECRET",
+            "access%5Ftoken=SECRET",
+            "%61ccess_token=SECRET",
+            "pass%70hrase=SECRET",
+            "passphrase=SECRET&agent=a",
+            "access+token=x&access_token=SECRET",
+            "ACCESS_TOKEN=SECRET",
+        ] {
+            let shown = redact_query(q);
+            assert!(!shown.contains("SECRET"), "{q} -> {shown}");
+        }
+        assert_eq!(redact_query("agent=a&since=4"), "agent=a&since=4");
     }
 }

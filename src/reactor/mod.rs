@@ -45,6 +45,8 @@ pub struct Settings {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Where a cluster node's history fetches go: resumes its window no longer reaches.
     pub history: Option<mpsc::UnboundedSender<HistoryRequest>>,
+    /// Browser origins besides the relay's own that may subscribe.
+    pub allowed_origins: Vec<String>,
 }
 
 /// A reactor asks for the events after `after` that its ring may no longer hold (served

@@ -18,13 +18,10 @@ use crate::frame::Span;
 use crate::io::{advance, write_all, Conn};
 use crate::live::Live;
 use crate::proto::handshake::{
-    decide, parse_request, query_pairs, redact_query, Auth, Credential, Decision, Gate, Page,
-    Parsed, Request, Response, MAX_HEAD,
+    decide, origin_allowed, parse_request, query_pairs, redact_query, Auth, Credential, Decision,
+    Gate, Parsed, Request, Response, MAX_HEAD,
 };
 use crate::proto::ws::InboundDecoder;
-
-static DASHBOARD: &str = include_str!("../../assets/dashboard.html");
-static CLIENT_SCRIPT: &str = include_str!("../../examples/clients/krux-client.js");
 
 pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: Rc<C>, peer: IpAddr) {
     // The handshake's state (timers, request, passphrase check, refusals) lives in its own
@@ -79,7 +76,12 @@ async fn handshake<C: Conn>(
         .into_iter()
         .find(|(k, _)| k == "passphrase")
     {
-        Some((_, p)) if req.path == "/events" && req.upgrade_websocket && !p.is_empty() => {
+        Some((_, p))
+            if req.path == "/events"
+                && req.upgrade_websocket
+                && !p.is_empty()
+                && origin_allowed(&req, &reactor.settings.allowed_origins) =>
+        {
             Some(check_passphrase(live, p.into_owned(), peer).await)
         }
         _ => None,
@@ -94,6 +96,7 @@ async fn handshake<C: Conn>(
     let gate = Gate {
         at_capacity: live.connections.load(Relaxed) >= reactor.settings.max_connections,
         authenticate: &authenticate,
+        allowed_origins: &reactor.settings.allowed_origins,
     };
     let decision = decide(&req, &gate);
     tracing::debug!(
@@ -105,15 +108,7 @@ async fn handshake<C: Conn>(
     let up = match decision {
         Decision::Upgrade(up) => up,
         Decision::Refuse(resp) => return answer_and_close(conn, live, resp).await,
-        Decision::Page(page) => {
-            let resp = match page {
-                Page::Dashboard => Response::asset("text/html; charset=utf-8", DASHBOARD),
-                Page::ClientScript => {
-                    Response::asset("text/javascript; charset=utf-8", CLIENT_SCRIPT)
-                }
-            };
-            return answer_and_close(conn, live, resp).await;
-        }
+        Decision::Page(page) => return answer_and_close(conn, live, page.response()).await,
     };
     Some((up, leftover))
 }

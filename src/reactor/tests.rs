@@ -42,6 +42,7 @@ fn settings() -> Settings {
         handshake_timeout: Duration::from_secs(5),
         tls: None,
         history: None,
+        allowed_origins: Vec::new(),
     }
 }
 
