@@ -1,6 +1,10 @@
 //! The admin port (loopback by default): `/metrics` (Prometheus text), `/healthz`,
-//! `/readyz`. Runs on the ingest thread; tiny, and never on the fan-out path.
+//! `/readyz`. Runs on the ingest thread; tiny, and never on the fan-out path. A request
+//! has 5 s from connection to answer and at most 64 are served at once, so slow or idle
+//! connections cannot pile up.
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,30 +13,61 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::metrics::Metrics;
 use crate::proto::handshake::{parse_request, Parsed, Response};
 
+/// The whole of a request, from the connection to the last byte of its head; and the
+/// whole of the answer's write. Past it: 408, as on port 7701.
+const DEADLINE: Duration = Duration::from_secs(5);
+/// Connections answered at once; more get 503 (a scraper needs one).
+const MAX_CONNECTIONS: usize = 64;
+
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    let open = Rc::new(Cell::new(0usize));
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => drop(tokio::task::spawn_local(answer(stream, metrics.clone()))),
+            Ok((stream, _)) => {
+                let (metrics, open) = (metrics.clone(), open.clone());
+                drop(tokio::task::spawn_local(async move {
+                    open.set(open.get() + 1);
+                    let busy = open.get() > MAX_CONNECTIONS;
+                    answer(stream, &metrics, busy).await;
+                    open.set(open.get() - 1);
+                }));
+            }
             Err(e) => crate::io::accept::accept_backoff("admin", e).await,
         }
     }
 }
 
-async fn answer(mut stream: tokio::net::TcpStream, metrics: Arc<Metrics>) {
+async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics, busy: bool) {
+    let resp = if busy {
+        Response::text(503, "Too many admin connections at once; retry shortly.")
+            .header("Retry-After", "1".into())
+    } else {
+        match tokio::time::timeout(DEADLINE, read_request(&mut stream, metrics)).await {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return, // closed before a whole request
+            Err(_) => Response::text(408, "The request head took too long to arrive."),
+        }
+    };
+    let write = async {
+        let _ = stream.write_all(&resp.to_bytes()).await;
+        let _ = stream.shutdown().await;
+    };
+    let _ = tokio::time::timeout(DEADLINE, write).await;
+}
+
+/// Reads one request head and answers it; `None` if the peer closed first.
+async fn read_request(stream: &mut tokio::net::TcpStream, metrics: &Metrics) -> Option<Response> {
     let mut buf = Vec::with_capacity(1024);
-    let resp = loop {
-        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_buf(&mut buf)).await;
-        if !matches!(read, Ok(Ok(n)) if n > 0) {
-            return;
+    loop {
+        if !matches!(stream.read_buf(&mut buf).await, Ok(n) if n > 0) {
+            return None;
         }
         match parse_request(&buf) {
             Ok(Parsed::Partial) => continue,
-            Ok(Parsed::Complete(req, _)) => break route(&req.method, &req.path, &metrics),
-            Err(resp) => break resp,
+            Ok(Parsed::Complete(req, _)) => return Some(route(&req.method, &req.path, metrics)),
+            Err(resp) => return Some(resp),
         }
-    };
-    let _ = stream.write_all(&resp.to_bytes()).await;
-    let _ = stream.shutdown().await;
+    }
 }
 
 fn route(method: &str, path: &str, metrics: &Metrics) -> Response {

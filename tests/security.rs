@@ -282,3 +282,59 @@ async fn a_page_from_another_site_cannot_subscribe_or_lock_the_operator_out() {
     // No Origin: a CLI or a bridge.
     assert_eq!(status_of(&relay, &passphrase_query(PASS)).await.0, 101);
 }
+
+/// The admin port against slow and piled-up connections: a head dribbled a byte at a
+/// time gets 408 at the 5 s deadline (it used to stay open for as long as bytes came),
+/// and past 64 open connections the next is answered 503 at once; once they go, scrapes
+/// work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_cuts_off_slow_requests_and_caps_its_connections() {
+    use tokio::io::AsyncReadExt;
+    let relay = Relay::start().await;
+    let mut slow = tokio::net::TcpStream::connect(relay.admin).await.unwrap();
+    let started = Instant::now();
+    let dribble = async {
+        for b in b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+            .iter()
+            .cycle()
+            .take(40)
+        {
+            if slow.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        let mut answer = String::new();
+        let _ = slow.read_to_string(&mut answer).await;
+        answer
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(20), dribble)
+        .await
+        .expect("the admin port ended the slow request");
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(16),
+        "{took:?}: 40 dribbled bytes kept it open"
+    );
+
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(relay.admin).await.unwrap());
+    }
+    // Let the relay accept all 64 before the next.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, head, _) = raw_http(relay.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status, 503, "{head}");
+    assert!(head.contains("Retry-After: 1"), "{head}");
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while raw_http(relay.admin, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .0
+        != 200
+    {
+        assert!(Instant::now() < deadline, "the admin port stayed full");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
