@@ -71,17 +71,17 @@ function onMainEvent(e) {
   if (e.agent) noteAgent(e, d, now, sec);
   switch (e.type) {
     case "approval_requested":
-      if (d.approval_id) { pending.set(String(d.approval_id), e); trimPending(); dirty.add("pending"); }
+      if (d.approval_id) { pending.set(keyOf(d.approval_id), e); trimPending(); dirty.add("pending"); }
       break;
     case "approval_resolved":
-      if (pending.delete(String(d.approval_id))) dirty.add("pending");
+      if (pending.delete(keyOf(d.approval_id))) dirty.add("pending");
       break;
     case "policy_violation": case "capability_error":
       pushBounded(violations, e, KEEP.listed); dirty.add("violations");
       break;
     case "health_alert": {
       // One row per component: its latest alert and how many it raised.
-      const key = String(d.component ?? "?");
+      const key = keyOf(d.component ?? "?");
       const h = health.get(key);
       if (h) { health.delete(key); h.e = e; h.count++; health.set(key, h); } else health.set(key, { e, count: 1 });
       if (health.size > KEEP.listed) health.delete(health.keys().next().value);
@@ -94,15 +94,16 @@ function onMainEvent(e) {
 }
 
 function noteAgent(e, d, now, sec) {
-  let a = agents.get(e.agent);
+  const name = keyOf(e.agent);
+  let a = agents.get(name);
   if (!a) {
-    a = { name: e.agent, session: null, last: null, at: 0, rate: new Buckets(), errors: 0, violations: 0 };
-    agents.set(e.agent, a);
+    a = { name, session: null, last: null, at: 0, rate: new Buckets(), errors: 0, violations: 0 };
+    agents.set(name, a);
     if (agents.size > KEEP.agents * 1.2) forgetQuietAgents();
   }
   a.last = e.type; a.at = now; a.rate.add(sec);
   if (e.type === "session_ended") a.session = null;
-  else if (sessionOf(e)) a.session = sessionOf(e);
+  else if (sessionOf(e)) a.session = shown(sessionOf(e));
   if (e.type === "capability_error") a.errors++;
   if (e.type === "policy_violation") a.violations++;
   dirty.add("agents");
@@ -206,9 +207,26 @@ function togglePause() {
 }
 
 // ---- rendering ------------------------------------------------------------------------
+// Event text is data of any type and size: whatever a field holds is shown as text that
+// cannot throw (an object whose `toString` is not a function makes `String(x)` throw),
+// cut for display (a 1 MB field in a table cell stalls the page; the JSON view has it all),
+// with bidi overrides and invisible characters escaped as `tail` escapes them.
+const CELL_MAX = 200, TITLE_MAX = 2000;
+const INVISIBLE = /[\u0000-\u001f\u007f-\u009f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]/g;
+function shown(v, max = CELL_MAX) {
+  if (v === undefined || v === null) return v;
+  let s;
+  if (typeof v === "string") s = v;
+  else if (typeof v === "number" || typeof v === "boolean") s = String(v);
+  else { try { s = JSON.stringify(v); } catch { s = "[unprintable]"; } }
+  if (s.length > max) s = s.slice(0, max) + `… (${s.length.toLocaleString("en")} characters)`;
+  return s.replace(INVISIBLE, (c) => "\\u{" + c.codePointAt(0).toString(16) + "}");
+}
+// A value as a Map key: the whole text, never a throw.
+function keyOf(v) { return typeof v === "string" ? v : shown(v, Infinity) ?? ""; }
 function el(tag, text, cls) {
   const x = document.createElement(tag);
-  if (text !== undefined && text !== null) x.textContent = text;
+  if (text !== undefined && text !== null) x.textContent = shown(text);
   if (cls) x.className = cls;
   return x;
 }
@@ -216,10 +234,21 @@ function row(cells, cls) {
   const tr = el("tr", null, cls);
   for (const c of cells) {
     const td = c instanceof Node ? wrap(c) : el("td", c ?? "–");
-    if (typeof c === "string" && c.length > 24) td.title = c; // the whole text on hover
+    if (typeof c === "string" && c.length > 24) td.title = shown(c, TITLE_MAX); // more on hover
     tr.appendChild(td);
   }
   return tr;
+}
+// One row per item; an item that cannot be drawn becomes a row that says so, and the
+// panel goes on with the others.
+function rowsOf(items, build, cols) {
+  return items.map((x) => {
+    try { return build(x); } catch (err) {
+      const td = el("td", `(an event this panel cannot show: ${shown(err && err.message)})`, "empty");
+      td.colSpan = cols;
+      const tr = el("tr"); tr.appendChild(td); return tr;
+    }
+  });
 }
 function wrap(node) { const td = el("td"); td.appendChild(node); return td; }
 function fill(panel, rows, emptyText, cols) {
@@ -239,34 +268,35 @@ function when(e) { const t = Date.parse(e.timestamp); return Number.isFinite(t) 
 function hhmmss(e) { return (e.timestamp || "").slice(11, 19); }
 
 function renderPending(now) {
-  const rows = [...pending.values()].sort((x, y) => when(x) - when(y)).slice(0, KEEP.listed).map((e) => {
+  const rows = rowsOf([...pending.values()].sort((x, y) => when(x) - when(y)).slice(0, KEEP.listed), (e) => {
     const d = e.data || {}, waited = now - when(e);
     const tr = row([ago(waited), e.agent, d.capability, d.reason, el("span", d.approval_id, "mono")], waited > 300000 ? "old" : "");
-    tr.dataset.approval = d.approval_id;
+    tr.dataset.approval = keyOf(d.approval_id);
     return tr;
-  });
+  }, 5);
   $("pending-count").textContent = pending.size;
   fill("pending-approvals", rows, "Nothing is waiting for a decision.", 5);
 }
 
 function renderViolations() {
-  const rows = violations.slice(-KEEP.listed).reverse().map((e) => {
+  const rows = rowsOf(violations.slice(-KEEP.listed).reverse(), (e) => {
     const d = e.data || {};
     const kind = e.type === "policy_violation" ? "violation" : "error";
+    const [what, why] = e.type === "policy_violation" ? [d.rule, d.reason] : [d.error_type, d.message];
     return row([hhmmss(e), el("span", kind, "tag crit"), e.agent, d.capability,
-      e.type === "policy_violation" ? `${d.rule ?? ""}: ${d.reason ?? ""}` : `${d.error_type ?? ""}: ${d.message ?? ""}`], e.type);
-  });
+      `${shown(what) ?? ""}: ${shown(why) ?? ""}`], e.type);
+  }, 5);
   $("violations-count").textContent = violations.length > KEEP.listed ? KEEP.listed + "+" : violations.length;
   fill("violations", rows, "No violations or errors seen.", 5);
 }
 
 function renderHealth() {
   const rank = (e) => SEVERITY[e.data?.severity] ?? 4;
-  const rows = [...health.values()].sort((x, y) => rank(x.e) - rank(y.e) || when(y.e) - when(x.e)).map(({ e, count }) => {
-    const d = e.data || {}, sev = d.severity ?? "unknown";
+  const rows = rowsOf([...health.values()].sort((x, y) => rank(x.e) - rank(y.e) || when(y.e) - when(x.e)), ({ e, count }) => {
+    const d = e.data || {}, sev = shown(d.severity ?? "unknown");
     const cls = rank(e) <= 1 ? "crit" : rank(e) === 2 ? "warn" : "info";
-    return row([el("span", sev, "tag " + cls), d.component, d.message, "×" + count, hhmmss(e)], "sev-" + sev);
-  });
+    return row([el("span", sev, "tag " + cls), d.component, d.message, "×" + count, hhmmss(e)], "sev-" + cls);
+  }, 5);
   $("health-count").textContent = healthAlerts;
   fill("health", rows, "No health alerts.", 5);
 }
@@ -275,14 +305,14 @@ function renderAgents(now) {
   const sec = Math.floor(now / 1000);
   const chosen = list(stream.filters.agent) || [];
   // The ones that misbehave most come first; the rest by name, so rows do not jump around.
-  const rows = [...agents.values()].sort((x, y) => y.violations - x.violations || y.errors - x.errors ||
-    x.name.localeCompare(y.name)).slice(0, 200).map((a) => {
+  const rows = rowsOf([...agents.values()].sort((x, y) => y.violations - x.violations || y.errors - x.errors ||
+    x.name.localeCompare(y.name)).slice(0, 200), (a) => {
     const tr = row([a.name, a.session, a.last, ago(now - a.at), String(a.rate.sum(sec)),
       String(a.errors), String(a.violations)], chosen.includes(a.name) ? "chosen" : "");
     tr.dataset.agent = a.name;
     if (a.errors || a.violations) tr.cells[a.errors ? 5 : 6].style.color = "var(--red)";
     return tr;
-  });
+  }, 7);
   $("agents-count").textContent = agents.size;
   fill("agents", rows, "No agent seen yet.", 7);
 }
@@ -322,13 +352,14 @@ function renderStream() {
   const fresh = stream.rows.slice(-Math.min(stream.fresh, KEEP.rows));
   stream.fresh = 0;
   const frag = document.createDocumentFragment();
-  for (let i = fresh.length - 1; i >= 0; i--) {
-    const e = fresh[i], d = e.data || {};
+  const build = (e) => {
+    const d = e.data || {};
     const summary = d.capability || d.component || d.capability_pattern || d.service || d.session_id || "";
     const tr = row([hhmmss(e), el("span", e.type, "tag"), e.agent, sessionOf(e), summary, String(e.seq)], e.type);
     tr.dataset.seq = e.seq;
-    frag.appendChild(tr);
-  }
+    return tr;
+  };
+  for (const tr of rowsOf(fresh.slice().reverse(), build, 6)) frag.appendChild(tr);
   body.prepend(frag);
   while (body.rows.length > KEEP.rows) body.deleteRow(-1);
   $("stream-count").textContent = body.rows.length;
@@ -346,14 +377,16 @@ function render() {
     $("received").textContent = stats.received.toLocaleString("en");
     $("last-seq").textContent = mainSeq ?? "–";
   }
-  if (dirty.has("violations")) renderViolations();
-  if (dirty.has("health")) renderHealth();
-  if (dirty.has("stream")) renderStream();
+  // One panel that fails to draw never stops the others.
+  const each = (f) => { try { f(now); } catch (err) { console.error("render:", err); } };
+  if (dirty.has("violations")) each(renderViolations);
+  if (dirty.has("health")) each(renderHealth);
+  if (dirty.has("stream")) each(renderStream);
   dirty.clear();
   // Waiting times, agents' "ago" and the chart move with the clock: redrawn every time.
-  renderPending(now);
-  renderAgents(now);
-  renderRates(now);
+  each(renderPending);
+  each(renderAgents);
+  each(renderRates);
   stats.renderMs += performance.now() - t0;
 }
 setInterval(render, 250);

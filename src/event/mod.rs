@@ -109,8 +109,30 @@ impl EventType {
         )
     }
 
+    /// The JSON type the seed gives a `data` field of that name in any event type (the
+    /// seed never gives one name two types).
+    pub fn seed_field_kind(name: &str) -> Option<FieldKind> {
+        Some(match name {
+            "arguments" => Obj,
+            "success" | "cancellable" => Bool,
+            "duration_ms"
+            | "duration_seconds"
+            | "capabilities_invoked"
+            | "limit"
+            | "retry_after_seconds" => Num,
+            "capability" | "permission_tier" | "error_type" | "message" | "tier" | "rule"
+            | "reason" | "approval_id" | "decision" | "decided_by" | "decided_at"
+            | "session_id" | "agent_purpose" | "capability_pattern" | "window" | "write_id"
+            | "service" | "operation" | "buffer_until" | "component" | "severity" | "threshold" => {
+                Str
+            }
+            _ => return None,
+        })
+    }
+
     /// The `data` fields the seed shows for this type, with their JSON types. Each is
-    /// required; any other field passes through untouched.
+    /// required; any field the seed names for another type must have the seed's type
+    /// (`seed_field_kind`); any other passes through untouched.
     pub fn data_fields(self) -> &'static [(&'static str, FieldKind)] {
         match self {
             EventType::CapabilityInvoked => &[
@@ -194,5 +216,20 @@ impl FilterKeys {
             .as_deref()
             .into_iter()
             .chain(self.data_session.as_deref())
+    }
+}
+
+#[cfg(test)]
+mod seed_field_tests {
+    use super::*;
+
+    #[test]
+    fn every_seed_field_has_one_kind_and_seed_field_kind_knows_it() {
+        for t in EventType::ALL {
+            for (name, kind) in t.data_fields() {
+                assert_eq!(EventType::seed_field_kind(name), Some(*kind), "{name}");
+            }
+        }
+        assert_eq!(EventType::seed_field_kind("anything_else"), None);
     }
 }

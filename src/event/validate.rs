@@ -326,6 +326,15 @@ fn check_envelope(root: Value<'_, '_>) -> Result<ValidEvent, LineError> {
                 });
             }
             seen |= 1 << i;
+        } else if let Some(kind) = EventType::seed_field_kind(key) {
+            // A field the seed names for another type has the seed's type here too:
+            // clients read `data.session_id` and the like whatever the event's type.
+            if !kind_matches(kind, &v) {
+                return Err(LineError::WrongType {
+                    field: format!("data.{key}"),
+                    expected: kind.describe(),
+                });
+            }
         }
         if key == "session_id" {
             data_session = v.as_str().map(Into::into);
@@ -575,6 +584,16 @@ mod tests {
             (
                 r#"{"type":"health_alert","agent":null,"seq":4,"data":{}}"#,
                 "`seq` is assigned by the relay",
+            ),
+            // A field the seed names for another type keeps the seed's type everywhere:
+            // an object where clients expect a session id froze the dashboard.
+            (
+                r#"{"type":"rate_limit_hit","agent":"poison-agent","data":{"capability_pattern":"x","limit":1,"window":"1s","retry_after_seconds":1,"session_id":{"toString":1}}}"#,
+                "field `data.session_id` must be a string",
+            ),
+            (
+                r#"{"type":"health_alert","agent":null,"data":{"component":"c","severity":"s","message":"m","threshold":"t","duration_ms":"soon"}}"#,
+                "field `data.duration_ms` must be a number",
             ),
         ];
         for (line, want) in cases {
