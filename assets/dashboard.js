@@ -11,12 +11,20 @@ const SEVERITY = { critical: 0, error: 1, warning: 2, info: 3 };
 const KEEP = { recent: 2000, rows: 200, listed: 50, pending: 1000, agents: 1000 };
 
 const params = new URLSearchParams(location.search);
-const cred = { token: params.get("access_token") || "", passphrase: "" };
-// Keep the credential out of the address bar and history once read.
-if (params.has("access_token")) {
-  params.delete("access_token");
-  history.replaceState(null, "", location.pathname + (params.size ? "?" + params : ""));
+// The credential: from a link's fragment (`/#access_token=…`, never sent to a server; the
+// relay redirects old `?access_token=` links there), else what this tab signed in with
+// (sessionStorage: gone with the tab). The fragment leaves the address once read.
+const fragment = new URLSearchParams(location.hash.slice(1));
+const cred = {
+  token: fragment.get("access_token") || sessionStorage.getItem("krux-token") || "",
+  passphrase: fragment.get("access_token") ? "" : sessionStorage.getItem("krux-passphrase") || "",
+};
+if (location.hash) history.replaceState(null, "", location.pathname + location.search);
+function remember() {
+  sessionStorage.setItem("krux-token", cred.token);
+  sessionStorage.setItem("krux-passphrase", cred.passphrase);
 }
+function forget() { sessionStorage.removeItem("krux-token"); sessionStorage.removeItem("krux-passphrase"); }
 for (const k of ["agent", "type", "session"]) if (params.get(k)) $("f-" + k).value = params.get(k);
 const startSince = /^\d+$/.test(params.get("since") || "") ? Number(params.get("since")) : null;
 
@@ -152,7 +160,8 @@ function connect() {
       st.textContent = s;
       st.className = s === "live" ? "live" : s.startsWith("stopped") || s === "done" ? "down" : "";
       $("reconnects").textContent = stats.reconnects;
-      if (s.startsWith("stopped")) $("login").hidden = false;
+      if (s === "live") remember();
+      if (s.startsWith("stopped")) { forget(); $("login").hidden = false; }
     },
   });
   $("login").hidden = true;
@@ -423,4 +432,4 @@ $("events").querySelector("tbody").onclick = (ev) => {
 $("detail-close").onclick = () => { $("detail-box").hidden = true; };
 for (const panel of ["violations", "health", "stream", "header"]) dirty.add(panel);
 render(); // the empty panels say so from the start
-if (cred.token) connect(); else $("status").textContent = "enter a token to connect";
+if (cred.token || cred.passphrase) connect(); else $("status").textContent = "enter a token to connect";

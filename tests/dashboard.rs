@@ -534,3 +534,51 @@ async fn large_fields_and_bidi_overrides_neither_stall_nor_fool_the_page() {
     assert!(shown_after < Duration::from_secs(2), "{shown_after:?}");
     assert!(fps >= 30.0, "{fps:.1} frames/s");
 }
+
+/// The token never sits in an address the browser keeps or sends: an old `?access_token=`
+/// link is redirected to the fragment form, the page takes the token from there and drops
+/// it from its address, the navigation record holds no query token, and the tab signs in
+/// again from `sessionStorage` after a reload.
+#[tokio::test]
+async fn the_token_stays_out_of_addresses_and_survives_a_reload_in_the_tab() {
+    if !chromium() {
+        return;
+    }
+    let _alone = ONE_BROWSER.lock().await;
+    let relay = Relay::start().await;
+    let (status, head, _) = raw_http(
+        relay.ws,
+        &format!(
+            "GET /?access_token={}&agent=a HTTP/1.1\r\nHost: x\r\n\r\n",
+            relay.token
+        ),
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert!(
+        head.contains(&format!("Location: /?agent=a#access_token={}", relay.token)),
+        "{head}"
+    );
+    let mut page = Browser::open(&format!(
+        "http://{}/#access_token={}",
+        relay.ws, relay.token
+    ))
+    .await;
+    let live = "document.getElementById('status').textContent === 'live'";
+    page.wait_for(live, SECS, "document.getElementById('status').textContent")
+        .await;
+    assert_no_token(&mut page, &relay).await;
+    let nav = page
+        .eval("performance.getEntriesByType('navigation').map((e) => e.name).join(' ')")
+        .await;
+    assert!(!nav.as_str().unwrap().contains("?access_token"), "{nav}");
+    assert_eq!(
+        page.eval("sessionStorage.getItem('krux-token')").await,
+        json!(relay.token)
+    );
+    page.eval("location.reload()").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    page.wait_for(live, SECS, "document.getElementById('status').textContent")
+        .await;
+    assert_no_token(&mut page, &relay).await;
+}

@@ -108,7 +108,7 @@ pub fn run(args: DemoArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         server.io, server.reactors
     );
     println!("  user token: {token}");
-    println!("  dashboard:  {http}://{}/?access_token={token}", addrs.ws);
+    println!("  dashboard:  {http}://{}/#access_token={token}", addrs.ws);
     println!("\nWatch the stream (in another terminal):");
     println!(
         "  {exe} tail --url {ws}://{}{trust} --token {token}",

@@ -146,6 +146,26 @@ static DASHBOARD: &str = include_str!("../../assets/dashboard.html");
 static DASHBOARD_SCRIPT: &str = include_str!("../../assets/dashboard.js");
 static CLIENT_SCRIPT: &str = include_str!("../../examples/clients/krux-client.js");
 
+/// For an old dashboard link with `?access_token=` (a token the browser keeps in its
+/// history and would send in `Referer`): where to send it instead, the same address with
+/// the token in the fragment, which no browser sends to any server.
+fn dashboard_link(query: Option<&str>) -> Option<String> {
+    let query = query?;
+    let (mut token, mut rest) = (None, Vec::new());
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((k, v)) if decode_component(k) == "access_token" => token = Some(v),
+            _ => rest.push(pair),
+        }
+    }
+    let token = token?;
+    let rest = match rest.is_empty() {
+        true => String::new(),
+        false => format!("?{}", rest.join("&")),
+    };
+    Some(format!("/{rest}#access_token={token}"))
+}
+
 /// What the dashboard's pages may do, and what nothing else may do with them: run only
 /// the relay's own scripts (no inline script, so markup that slipped into the page could
 /// not run), connect only back to the relay, never be framed by another site, never tell
@@ -222,7 +242,16 @@ pub fn origin_allowed(req: &Request, allowed: &[String]) -> bool {
 pub fn decide(req: &Request, gate: &Gate<'_>) -> Decision {
     if req.method == "GET" {
         match req.path.as_str() {
-            "/" => return Decision::Page(Page::Dashboard),
+            "/" => {
+                return match dashboard_link(req.query.as_deref()) {
+                    Some(to) => Decision::Refuse(
+                        Response::text(303, "The token belongs in the address's fragment.")
+                            .header("Location", to)
+                            .header("Referrer-Policy", "no-referrer".into()),
+                    ),
+                    None => Decision::Page(Page::Dashboard),
+                }
+            }
             "/dashboard.js" => return Decision::Page(Page::DashboardScript),
             "/krux-client.js" => return Decision::Page(Page::ClientScript),
             _ => {}
@@ -522,6 +551,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         200 => "OK",
+        303 => "See Other",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -828,5 +858,23 @@ mod tests {
             assert!(!shown.contains("SECRET"), "{q} -> {shown}");
         }
         assert_eq!(redact_query("agent=a&since=4"), "agent=a&since=4");
+    }
+
+    #[test]
+    fn an_old_dashboard_link_is_sent_to_the_fragment_form() {
+        let get = |target: &str| {
+            let raw = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+            run(&raw, false)
+        };
+        match get("/?since=4&access_token=krx_user_t&agent=a") {
+            Decision::Refuse(r) => {
+                assert_eq!(r.status, 303);
+                let location = r.headers.iter().find(|(k, _)| *k == "Location").unwrap();
+                assert_eq!(location.1, "/?since=4&agent=a#access_token=krx_user_t");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(get("/?agent=a"), Decision::Page(Page::Dashboard)));
+        assert!(matches!(get("/"), Decision::Page(Page::Dashboard)));
     }
 }
