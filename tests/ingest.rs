@@ -149,3 +149,24 @@ async fn unix_socket_ingest() {
         "health_alert"
     );
 }
+
+/// A field the seed names keeps the seed's type in every event type: the event that froze
+/// the dashboard (`data.session_id` an object, in a type whose schema does not list it) is
+/// refused with its line number, and the lines around it go through.
+#[tokio::test]
+async fn a_seed_field_of_the_wrong_type_is_refused_in_any_event_type() {
+    let relay = Relay::start().await;
+    let poison = r#"{"type":"rate_limit_hit","agent":"poison-agent","data":{"capability_pattern":"x","limit":1,"window":"1s","retry_after_seconds":1,"session_id":{"toString":1}}}"#;
+    let input = [seed(0), poison, seed(1)].join("\n");
+    let replies = relay.publish(&input).await;
+    assert_eq!(replies[0]["line"], 2, "{replies:?}");
+    assert_eq!(
+        replies[0]["error"], "field `data.session_id` must be a string",
+        "{replies:?}"
+    );
+    let summary = replies.last().unwrap();
+    assert_eq!(
+        (summary["accepted"].as_u64(), summary["rejected"].as_u64()),
+        (Some(2), Some(1))
+    );
+}

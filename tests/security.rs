@@ -147,6 +147,14 @@ async fn secrets_stay_out_of_logs_and_metrics() {
         "/events?access_token=krx_user_notvalidbutsecret0123456789",
     )
     .await;
+    // Names the parser decodes authenticate, so they are redacted too.
+    for encoded in [
+        format!("/events?access%5Ftoken={token}"),
+        format!("/events?%61ccess_token={token}"),
+        format!("/events?pass%70hrase={}", PASS.replace(' ', "+")),
+    ] {
+        assert_eq!(status_of(&relay, &encoded).await.0, 101, "{encoded}");
+    }
     let m = metrics(&relay).await;
     let log = std::fs::read_to_string(relay.data_dir().join("relay.log")).unwrap();
     assert!(
