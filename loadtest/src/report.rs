@@ -43,6 +43,9 @@ pub struct Report {
     pub duplicates: u64,
     pub reconnect_p99_us: u64,
     /// Server CPU over the measured interval: seconds and share of one core.
+    /// Whether the server's CPU and RSS were measured (spawned, or attached with --pid).
+    #[serde(default)]
+    pub server_measured: bool,
     pub server_cpu_s: f64,
     pub server_cpu_pct: f64,
     pub client_cpu_pct: f64,
@@ -76,13 +79,19 @@ impl Report {
             self.latency_max_us,
             self.latency_samples
         );
-        s += &format!(
-            "  server CPU {:.0}% ({:.0} deliveries per CPU-second), client CPU {:.0}%, server RSS {:.1} MiB\n",
-            self.server_cpu_pct,
-            self.deliveries_per_server_cpu_s,
-            self.client_cpu_pct,
-            self.server_rss_bytes as f64 / 1048576.0
-        );
+        s += &match self.server_measured {
+            true => format!(
+                "  server CPU {:.0}% ({:.0} deliveries per CPU-second), client CPU {:.0}%, server RSS {:.1} MiB\n",
+                self.server_cpu_pct,
+                self.deliveries_per_server_cpu_s,
+                self.client_cpu_pct,
+                self.server_rss_bytes as f64 / 1048576.0
+            ),
+            false => format!(
+                "  server CPU and RSS not measured (attach with --pid, or use --spawn), client CPU {:.0}%\n",
+                self.client_cpu_pct
+            ),
+        };
         s += &format!(
             "  handshakes {:.0}/s (p50 {} µs, p99 {} µs); closes {:?}",
             self.handshakes_per_s,

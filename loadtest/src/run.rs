@@ -72,7 +72,7 @@ impl<'a> Connected<'a> {
             published: Mutex::new(Published::default()),
         });
         let shared = Shared::new(filters.len());
-        let rss_before = proc_sample(t.pid).map_or(0, |p| p.rss);
+        let rss_before = server_sample(t.pid).map_or(0, |p| p.rss);
 
         let workers = sc.workers.unwrap_or(if filters.len() > worker::PER_WORKER {
             filters.len().div_ceil(worker::PER_WORKER)
@@ -156,7 +156,8 @@ impl<'a> Connected<'a> {
     /// `--idle`: what the connections cost the server in memory, and nothing else.
     async fn idle(mut self) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let after = proc_sample(self.t.pid).map_or(0, |p| p.rss);
+        let after = server_sample(self.t.pid).map_or(0, |p| p.rss);
+        self.report.server_measured = self.t.pid.is_some();
         self.report.server_rss_bytes = after;
         self.report.rss_per_connection_bytes = Some(
             (after as f64 - self.rss_before as f64)
@@ -219,7 +220,7 @@ impl Mark {
             at: Instant::now(),
             delivered: c.shared.counts.delivered.load(Relaxed),
             published: c.shared.counts.published.load(Relaxed),
-            server: proc_sample(c.t.pid),
+            server: server_sample(c.t.pid),
             client_cpu: c.client_cpu(),
         }
     }
@@ -316,12 +317,11 @@ impl Measured<'_> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let published = c.work.published.lock().expect("published lock").clone();
+        // What each subscriber was owed and did not get is lost, whether the server closed
+        // it or not: a run whose subscribers were all dropped lost everything after.
         let mut lost = 0;
-        for (i, (frames, closed)) in c.subs.finish(&c.shared).await?.into_iter().enumerate() {
-            let want = published.expected(&c.filters[i]);
-            if !closed && frames < want {
-                lost += want - frames;
-            }
+        for (i, (frames, _closed)) in c.subs.finish(&c.shared).await?.into_iter().enumerate() {
+            lost += published.expected(&c.filters[i]).saturating_sub(frames);
         }
         let mut report = c.report;
         for s in c.stalled {
@@ -356,6 +356,7 @@ impl Measured<'_> {
             0.99,
         );
         if let (Some(a), Some(b)) = (start.server, end.server) {
+            report.server_measured = true;
             report.server_cpu_s = b.cpu_s - a.cpu_s;
             report.server_cpu_pct = 100.0 * report.server_cpu_s / measured_s;
             report.server_rss_bytes = b.rss;
@@ -417,4 +418,10 @@ impl Subscribers {
             Subscribers::Workers(w) => w.finish().await,
         }
     }
+}
+
+/// The server's CPU and memory: only from its PID (spawned, or `--pid`), never this
+/// process's own, which is what `/proc/self` would give.
+fn server_sample(pid: Option<u32>) -> Option<ProcSample> {
+    pid.and_then(|p| proc_sample(Some(p)))
 }

@@ -387,3 +387,83 @@ fn ingest_counts_every_line_for_relay_and_baseline() {
     let text = String::from_utf8_lossy(&res.stdout);
     assert!(text.contains("relay/baseline"), "{text}");
 }
+
+/// A run whose subscribers the relay drops (a client queue far below what `--rate max`
+/// piles up, a window too short to resume from) lost what they were owed: `--fail-on-loss`
+/// fails it, however the subscribers ended. Attached without `--pid`, the summary says the
+/// server's CPU and RSS were not measured instead of showing the harness's own.
+#[test]
+fn a_run_whose_subscribers_were_dropped_fails_on_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = krux_relay::auth::TokenStore::new(dir.path())
+        .create("harness-test")
+        .unwrap();
+    let ready = dir.path().join("ready.json");
+    let mut child = Command::new(relay_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--ingest",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--admin",
+            "127.0.0.1:0",
+            "--client-queue",
+            "4KiB",
+            "--replay",
+            "50",
+        ])
+        .arg("--ready-file")
+        .arg(&ready)
+        .env("KRUX_DATA_DIR", dir.path())
+        .env("KRUX_LOG", "error")
+        .spawn()
+        .unwrap();
+    let info = wait_ready_file(&mut child, &ready, "relay", Duration::from_secs(10)).unwrap();
+    let addr = |k: &str| ready_addr(&info, k).unwrap().to_string();
+    let out = tempfile::tempdir().unwrap();
+    let (ws, ingest) = (addr("ws"), addr("ingest"));
+    let res = loadtest(&[
+        "run",
+        "--ws",
+        &ws,
+        "--ingest",
+        &ingest,
+        "--token",
+        &token,
+        "--subscribers",
+        "50",
+        "--rate",
+        "max",
+        "--window",
+        "20000",
+        "--warmup",
+        "300ms",
+        "--duration",
+        "2s",
+        "--fail-on-loss",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let text =
+        String::from_utf8_lossy(&res.stdout).into_owned() + &String::from_utf8_lossy(&res.stderr);
+    let r = read_json(&out.path().join("run.json"));
+    let closed: u64 = r["closes_by_code"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert!(closed > 0, "the relay dropped no subscriber: {text}");
+    assert!(r["lost"].as_u64().unwrap() > 0, "{text}");
+    assert!(
+        !res.status.success(),
+        "a run that lost events passed: {text}"
+    );
+    assert_eq!(r["server_measured"], false);
+    assert!(text.contains("not measured"), "{text}");
+}
