@@ -8,6 +8,7 @@
 mod client;
 mod cluster;
 mod ingest;
+mod plan;
 mod report;
 mod run;
 mod scenario;
@@ -16,7 +17,7 @@ mod worker;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use report::{median, Report};
 use run::run_once;
@@ -64,6 +65,19 @@ enum Command {
         #[arg(long)]
         fail_below_baseline: bool,
     },
+    /// Run a plan: scenarios in sequence against one target, each judged by its
+    /// thresholds. Exit 0 when every threshold holds, 99 when one fails, 1 when the plan
+    /// could not be run. Target flags given here win over the plan's [target].
+    Plan {
+        /// The plan (TOML): a [target] table and [[scenario]] tables (docs/loadtest.md).
+        file: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Where the reports go; a directory that already holds a plan's report is never
+        /// overwritten (DIR-2, DIR-3, … instead).
+        #[arg(long, default_value = "loadtest-report")]
+        out: PathBuf,
+    },
     /// Publisher throughput end to end, no subscribers: relay and baseline in one run.
     Ingest(ingest::IngestArgs),
     /// Throughput through nodes sharing a NATS JetStream stream, against standalone.
@@ -75,7 +89,19 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("worker") {
         return worker::main();
     }
-    match Cli::parse().command {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match cli.command {
+        Command::Plan { file, out, .. } => {
+            let given = matches
+                .subcommand_matches("plan")
+                .map(given_target_flags)
+                .unwrap_or_default();
+            let passed = run_plan(&file, &given, &out)?;
+            if !passed {
+                std::process::exit(plan::THRESHOLD_FAILED);
+            }
+        }
         Command::Run {
             scenario,
             target,
@@ -218,4 +244,98 @@ fn compare(
     );
     println!("report: {}", out.join("compare.json").display());
     Ok(d(0) >= d(1))
+}
+
+/// The target flags given on the command line, as flags again (they win over the plan's).
+fn given_target_flags(m: &clap::ArgMatches) -> Vec<String> {
+    use clap::parser::ValueSource;
+    let cmd = plan::TargetFlags::command();
+    let mut out = Vec::new();
+    for arg in cmd.get_arguments() {
+        let (id, Some(long)) = (arg.get_id().as_str(), arg.get_long()) else {
+            continue;
+        };
+        if m.value_source(id) != Some(ValueSource::CommandLine) {
+            continue;
+        }
+        if arg.get_action().takes_values() {
+            for v in m.get_raw(id).into_iter().flatten() {
+                out.extend([format!("--{long}"), v.to_string_lossy().into_owned()]);
+            }
+        } else if m.get_flag(id) {
+            out.push(format!("--{long}"));
+        }
+    }
+    out
+}
+
+/// Runs every scenario of the plan at `file` against one target; writes a report per
+/// scenario and `plan.json`; returns whether every threshold held.
+fn run_plan(
+    file: &std::path::Path,
+    given: &[String],
+    out: &std::path::Path,
+) -> anyhow::Result<bool> {
+    let plan = plan::Plan::load(file)?;
+    // Attaching on the command line (--ws without --spawn) replaces the plan's spawn.
+    let attach = given.iter().any(|a| a == "--ws") && !given.iter().any(|a| a == "--spawn");
+    let mut from_plan = plan.target_args.clone();
+    if attach {
+        if let Some(i) = from_plan.iter().position(|a| a == "--spawn") {
+            from_plan.drain(i..(i + 2).min(from_plan.len()));
+        }
+    }
+    let argv: Vec<String> = from_plan.iter().chain(given).cloned().collect();
+    let target = plan::TargetFlags::try_parse_from(&argv)
+        .map_err(|e| anyhow::anyhow!("target: {e}"))?
+        .target;
+    let out = plan::fresh_dir(out);
+    std::fs::create_dir_all(&out)?;
+    let t = Target::open(&target, None)?;
+    let mut results = Vec::new();
+    let mut passed = true;
+    for s in &plan.scenarios {
+        println!("scenario `{}`", s.name);
+        let report = run_once(&s.scenario, &t)?;
+        println!("{}", report.summary());
+        report.write(&out, &s.name)?;
+        let mut verdicts = Vec::new();
+        for th in &s.thresholds {
+            let (ok, seen) = th.judge(&report);
+            passed &= ok;
+            let shown = seen.map_or("not measured".to_string(), |v| format!("{v}"));
+            println!(
+                "  {} {}: {shown}",
+                if ok { "ok  " } else { "FAIL" },
+                th.text
+            );
+            verdicts.push(serde_json::json!({
+                "threshold": th.text, "value": seen, "ok": ok,
+            }));
+        }
+        results.push(serde_json::json!({
+            "name": s.name,
+            "report": format!("{}.json", s.name),
+            "thresholds": verdicts,
+        }));
+    }
+    let summary = serde_json::json!({
+        "plan_file": file.display().to_string(),
+        "plan": plan.text,
+        "target": { "kind": t.kind, "ws": t.ws.to_string(), "ingest": t.ingest.to_string(), "tls": t.tls.is_some() },
+        "scenarios": results,
+        "passed": passed,
+    });
+    std::fs::write(out.join("plan.json"), serde_json::to_vec_pretty(&summary)?)?;
+    println!(
+        "plan {}: {}; report: {}",
+        file.display(),
+        if passed {
+            "every threshold held"
+        } else {
+            "a threshold failed"
+        },
+        out.join("plan.json").display()
+    );
+    Ok(passed)
 }

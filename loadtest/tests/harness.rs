@@ -447,8 +447,59 @@ fn a_run_whose_subscribers_were_dropped_fails_on_loss() {
         "--out",
         out.path().to_str().unwrap(),
     ]);
+    // The same run as a plan: its `loss == 0` fails it with 99, and the report says so
+    // with the value seen. The command line's attach flags win over the plan's spawn.
+    let plan = out.path().join("broken.toml");
+    let scenario = "[target]\nspawn = \"relay\"\n\n[[scenario]]\nname = \"broken\"\nsubscribers = 50\nrate = \"max\"\nwindow = 20000\nwarmup = \"300ms\"\nduration = \"2s\"\n";
+    std::fs::write(
+        &plan,
+        format!("{scenario}thresholds = [\"loss == 0\", \"lost == 0\"]\n"),
+    )
+    .unwrap();
+    let bad = loadtest(&["plan", plan.to_str().unwrap()]);
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "an unknown metric: the plan cannot run"
+    );
+    std::fs::write(
+        &plan,
+        format!("{scenario}thresholds = [\"loss == 0\", \"duplicates == 0\"]\n"),
+    )
+    .unwrap();
+    let planned = loadtest(&[
+        "plan",
+        plan.to_str().unwrap(),
+        "--ws",
+        &ws,
+        "--ingest",
+        &ingest,
+        "--token",
+        &token,
+        "--out",
+        out.path().join("plan").to_str().unwrap(),
+    ]);
     let _ = child.kill();
     let _ = child.wait();
+    let said = String::from_utf8_lossy(&planned.stdout).into_owned();
+    assert_eq!(
+        planned.status.code(),
+        Some(99),
+        "{said}{}",
+        String::from_utf8_lossy(&planned.stderr)
+    );
+    assert!(said.contains("FAIL loss == 0"), "{said}");
+    let p = read_json(&out.path().join("plan/plan.json"));
+    assert_eq!(p["passed"], false);
+    let verdicts = &p["scenarios"][0]["thresholds"];
+    assert_eq!(verdicts[0]["ok"], false);
+    assert!(verdicts[0]["value"].as_f64().unwrap() > 0.0, "{verdicts}");
+    assert_eq!(verdicts[1]["ok"], true);
+    assert_eq!(
+        p["target"]["ws"], ws,
+        "the command line's target, not the plan's spawn"
+    );
+
     let text =
         String::from_utf8_lossy(&res.stdout).into_owned() + &String::from_utf8_lossy(&res.stderr);
     let r = read_json(&out.path().join("run.json"));
@@ -466,4 +517,44 @@ fn a_run_whose_subscribers_were_dropped_fails_on_loss() {
     );
     assert_eq!(r["server_measured"], false);
     assert!(text.contains("not measured"), "{text}");
+}
+
+/// A plan that holds: exit 0, every threshold in the report with its value; run again
+/// into the same directory, it writes beside the first report instead of over it.
+#[test]
+fn a_passing_plan_exits_0_and_never_overwrites_a_report() {
+    relay_bin();
+    let out = tempfile::tempdir().unwrap();
+    let plan = out.path().join("ok.toml");
+    std::fs::write(
+        &plan,
+        "[target]\nspawn = \"relay\"\n\n[[scenario]]\nname = \"steady\"\nsubscribers = 30\nrate = 500\nwarmup = \"300ms\"\nduration = \"1s\"\nthresholds = [\"loss == 0\", \"deliveries_per_s > 1000\", \"latency_p99_ms < 1000\", \"closes == 0\"]\n\n[[scenario]]\nname = \"filtered\"\nsubscribers = 20\nfilters = \"type=50,agent=50\"\nrate = 500\nwarmup = \"300ms\"\nduration = \"1s\"\nthresholds = [\"loss == 0\"]\n",
+    )
+    .unwrap();
+    let dir = out.path().join("reports");
+    for (i, expect) in [(1, "reports"), (2, "reports-2")] {
+        let res = loadtest(&[
+            "plan",
+            plan.to_str().unwrap(),
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        assert_success(&res);
+        let p = read_json(&out.path().join(expect).join("plan.json"));
+        assert_eq!(p["passed"], true, "run {i}");
+        let names: Vec<&str> = p["scenarios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["steady", "filtered"]);
+        for v in p["scenarios"][0]["thresholds"].as_array().unwrap() {
+            assert_eq!(v["ok"], true, "{v}");
+            assert!(v["value"].is_number(), "{v}");
+        }
+        let steady = read_json(&out.path().join(expect).join("steady.json"));
+        assert_eq!(steady["lost"], 0);
+        assert_eq!(steady["server_measured"], true);
+    }
 }
