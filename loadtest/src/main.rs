@@ -98,6 +98,10 @@ fn main() -> anyhow::Result<()> {
                 .map(given_target_flags)
                 .unwrap_or_default();
             let passed = run_plan(&file, &given, &out)?;
+            if run::interrupted() {
+                eprintln!("krux-loadtest: interrupted: the plan did not run to its end");
+                std::process::exit(130);
+            }
             if !passed {
                 std::process::exit(plan::THRESHOLD_FAILED);
             }
@@ -110,9 +114,13 @@ fn main() -> anyhow::Result<()> {
         } => {
             let t = Target::open(&target, None)?;
             let report = run_once(&scenario, &t)?;
+            drop(t); // a spawned server goes now, before any exit below
             println!("{}", report.summary());
             report.write(&out, "run")?;
             println!("report: {}", out.join("run.json").display());
+            if report.interrupted {
+                std::process::exit(130);
+            }
             if fail_on_loss && report.lost > 0 {
                 eprintln!("krux-loadtest: {} deliveries lost", report.lost);
                 std::process::exit(1);
@@ -317,14 +325,20 @@ fn run_plan(
             "name": s.name,
             "report": format!("{}.json", s.name),
             "thresholds": verdicts,
+            "interrupted": report.interrupted,
         }));
+        if report.interrupted {
+            break; // Ctrl-C: no further scenario
+        }
     }
+    let interrupted = run::interrupted();
     let summary = serde_json::json!({
         "plan_file": file.display().to_string(),
         "plan": plan.text,
         "target": { "kind": t.kind, "ws": t.ws.to_string(), "ingest": t.ingest.to_string(), "tls": t.tls.is_some() },
         "scenarios": results,
         "passed": passed,
+        "interrupted": interrupted,
     });
     std::fs::write(out.join("plan.json"), serde_json::to_vec_pretty(&summary)?)?;
     println!(

@@ -43,6 +43,9 @@ pub struct Report {
     pub duplicates: u64,
     pub reconnect_p99_us: u64,
     /// Server CPU over the measured interval: seconds and share of one core.
+    /// Ended early by Ctrl-C: the figures cover the window until then.
+    #[serde(default)]
+    pub interrupted: bool,
     /// Whether the server's CPU and RSS were measured (spawned, or attached with --pid).
     #[serde(default)]
     pub server_measured: bool,

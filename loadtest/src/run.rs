@@ -11,7 +11,8 @@
 //! at both ends of the measured window; the drain waits for what is in flight, counts
 //! what each subscriber is owed and lacks, and fills in the report.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,8 +27,39 @@ use crate::scenario::{Fanout, Pool, Published, Scenario, SubFilter};
 use crate::target::{proc_sample, ProcSample, Target};
 use crate::worker;
 
+/// Set by the first Ctrl-C: the measured window ends there, and the run drains and
+/// reports as if it had ended on time. A second Ctrl-C exits at once.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Relaxed)
+}
+
+/// Sleeps `d`, or less if Ctrl-C comes first.
+async fn sleep_unless_interrupted(d: Duration) {
+    let until = Instant::now() + d;
+    while !interrupted() && Instant::now() < until {
+        tokio::time::sleep(
+            until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100)),
+        )
+        .await;
+    }
+}
+
 pub fn run_once(sc: &Scenario, t: &Target) -> anyhow::Result<Report> {
     crate::runtime(sc.client_threads)?.block_on(async {
+        tokio::spawn(async {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                if INTERRUPTED.swap(true, Relaxed) {
+                    eprintln!("krux-loadtest: interrupted twice: exiting without a report");
+                    crate::target::kill_spawned();
+                    std::process::exit(130);
+                }
+                eprintln!("krux-loadtest: interrupted: stopping the load, draining, reporting (Ctrl-C again to exit at once)");
+            }
+        });
         let connected = Connected::connect(sc, t).await?;
         if sc.idle {
             return connected.idle().await;
@@ -232,7 +264,7 @@ impl<'a> Publishing<'a> {
     async fn measure(mut self) -> anyhow::Result<Measured<'a>> {
         let c = &mut self.connected;
         let (sc, shared) = (c.sc, c.shared.clone());
-        tokio::time::sleep(sc.warmup).await;
+        sleep_unless_interrupted(sc.warmup).await;
         {
             let mut l = shared.counts.latency.lock().expect("latency lock");
             l.total.reset();
@@ -240,14 +272,17 @@ impl<'a> Publishing<'a> {
         }
         shared.control.measuring.store(true, Relaxed);
         let start = Mark::take(c);
+        // Progress once a second: a spinner on a terminal, a line otherwise (CI logs).
+        let on_terminal = std::io::stderr().is_terminal();
         let live = ProgressBar::new_spinner().with_prefix(c.label.clone());
         live.set_style(ProgressStyle::with_template("{prefix} {spinner} {msg}").expect("template"));
         let mut last = (start.delivered, Instant::now());
+        let mut last_published = start.published;
         let mut stormed = false;
         let mut pick = 0x9e37_79b9_7f4a_7c15_u64;
-        while start.at.elapsed() < sc.duration {
+        while start.at.elapsed() < sc.duration && !interrupted() {
             let left = sc.duration.saturating_sub(start.at.elapsed());
-            tokio::time::sleep(Duration::from_secs(1).min(left)).await;
+            sleep_unless_interrupted(Duration::from_secs(1).min(left)).await;
             if sc.storm && !stormed && start.at.elapsed() >= sc.duration / 2 {
                 stormed = true;
                 c.subs.storm(&shared).await?;
@@ -273,11 +308,30 @@ impl<'a> Publishing<'a> {
                 deliveries_per_s: rate_now,
                 p99_us: p99,
             });
-            live.set_message(format!(
-                "{rate_now:.0} deliveries/s, p99 {p99} µs, {} events published",
-                shared.counts.published.load(Relaxed)
-            ));
-            live.tick();
+            let published = shared.counts.published.load(Relaxed);
+            let expected = shared.counts.expected.load(Relaxed);
+            let closes: u64 = shared
+                .counts
+                .closes
+                .lock()
+                .expect("closes lock")
+                .values()
+                .sum();
+            let line = format!(
+                "{:.0}/{:.0} s, {} subscribers, {:.0} events/s, {rate_now:.0} deliveries/s, p99 {p99} µs, {} deliveries in flight, {closes} closed by the server",
+                start.at.elapsed().as_secs_f64(),
+                sc.duration.as_secs_f64(),
+                c.filters.len(),
+                (published - last_published) as f64,
+                expected.saturating_sub(d),
+            );
+            last_published = published;
+            if on_terminal {
+                live.set_message(line);
+                live.tick();
+            } else {
+                eprintln!("{}: {line}", c.label);
+            }
         }
         let end = Mark::take(c);
         shared.control.measuring.store(false, Relaxed);
@@ -329,6 +383,7 @@ impl Measured<'_> {
             *report.stalled_closes.entry(code).or_default() += 1;
         }
 
+        report.interrupted = interrupted();
         let measured_s = (end.at - start.at).as_secs_f64();
         let delivered = end.delivered - start.delivered;
         report.events_in_per_s = (end.published - start.published) as f64 / measured_s;

@@ -89,7 +89,24 @@ impl Drop for Target {
         if let Some(c) = &mut self.child {
             let _ = c.kill();
             let _ = c.wait();
+            SPAWNED
+                .lock()
+                .expect("spawned lock")
+                .retain(|&p| p != c.id());
         }
+    }
+}
+
+/// Servers spawned and not yet stopped: a second Ctrl-C exits at once, without the
+/// destructors that would stop them, so it stops these first.
+static SPAWNED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Kills every server still spawned (the exit path that skips destructors).
+pub fn kill_spawned() {
+    for pid in SPAWNED.lock().expect("spawned lock").drain(..) {
+        // SAFETY: kill(2) only sends a signal; the PID is a child this process started
+        // and has not reaped (reaping removes it from the list first).
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     }
 }
 
@@ -182,6 +199,7 @@ impl Target {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
+        SPAWNED.lock().expect("spawned lock").push(child.id());
         let info = wait_ready_file(&mut child, &ready, kind.binary(), READY_WITHIN)?;
         let ca_pem = match (args.tls, kind) {
             (false, _) => None,

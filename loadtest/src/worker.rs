@@ -83,6 +83,10 @@ fn new_histogram() -> Histogram<u64> {
 
 /// The worker process: `krux-loadtest worker`, driven over stdin/stdout.
 pub fn main() -> anyhow::Result<()> {
+    // Ctrl-C on a terminal reaches the whole process group: the parent handles it (ends
+    // the window, then stops its workers), so a worker must not die of it first.
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
     let mut first = String::new();
     std::io::stdin()
         .read_line(&mut first)

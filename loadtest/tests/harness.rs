@@ -558,3 +558,54 @@ fn a_passing_plan_exits_0_and_never_overwrites_a_report() {
         assert_eq!(steady["server_measured"], true);
     }
 }
+
+/// Ctrl-C in the middle of a run: the load stops, the run drains, and the summary and the
+/// report are still written (exit 130). While it ran, a progress line came every second
+/// (stderr is not a terminal here).
+#[test]
+fn an_interrupted_run_still_reports_and_progress_came_while_it_ran() {
+    relay_bin();
+    let out = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_krux-loadtest"))
+        .args([
+            "run",
+            "--spawn",
+            "relay",
+            "--subscribers",
+            "20",
+            "--rate",
+            "300",
+        ])
+        .args(["--warmup", "300ms", "--duration", "60s", "--out"])
+        .arg(out.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Past connecting and warm-up, and a few seconds into the window.
+    std::thread::sleep(Duration::from_secs(4));
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    let res = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the run ended within 30 s of Ctrl-C, not at its 60 s");
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(130), "{stdout}{stderr}");
+    assert!(stdout.contains("deliveries/s out"), "the summary: {stdout}");
+    let r = read_json(&out.path().join("run.json"));
+    assert_eq!(r["interrupted"], true);
+    assert_eq!(r["lost"], 0, "drained before reporting");
+    let measured = r["measured_s"].as_f64().unwrap();
+    assert!(measured > 1.0 && measured < 30.0, "{measured}");
+    let progress = stderr
+        .lines()
+        .filter(|l| l.contains(" s, 20 subscribers, "))
+        .count();
+    assert!(progress >= 2, "progress lines:\n{stderr}");
+}
