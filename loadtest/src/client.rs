@@ -128,7 +128,7 @@ pub async fn connect(
     let t0 = Instant::now();
     let tcp = TcpStream::connect(ws)
         .await
-        .context("connecting a subscriber")?;
+        .with_context(|| format!("connecting a subscriber to {ws}"))?;
     tcp.set_nodelay(true)?;
     let mut s: Box<dyn Stream> = match tls {
         None => Box::new(tcp),
@@ -414,7 +414,7 @@ pub async fn publish(
     let (pool, fanout) = (&work.pool, &work.fanout);
     let s = TcpStream::connect(ingest)
         .await
-        .context("connecting a publisher")?;
+        .with_context(|| format!("connecting a publisher to {ingest}"))?;
     s.set_nodelay(true)?;
     let (mut rd, mut wr) = s.into_split();
     let sh = shared.clone();

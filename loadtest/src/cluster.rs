@@ -40,6 +40,7 @@ pub struct ClusterArgs {
     /// Events in all, split over the publishers.
     #[arg(long, default_value_t = 500_000)]
     pub events: u64,
+    /// Publisher connections to node 0.
     #[arg(long, default_value_t = 1)]
     pub publishers: u64,
     /// Bytes per line (capability_invoked padded to this size).
@@ -75,6 +76,7 @@ pub struct ClusterArgs {
     /// …and the nats-servers' PIDs (comma-separated).
     #[arg(long = "nats-pid", value_delimiter = ',')]
     pub nats_pids: Vec<u32>,
+    /// Where cluster.json goes.
     #[arg(long, default_value = "loadtest-report")]
     pub out: PathBuf,
 }
@@ -295,7 +297,8 @@ fn subscriber(
     let deadline = Instant::now() + Duration::from_secs(5);
     let s = loop {
         // A cluster node learns the token from the bucket within a second: retry 401s.
-        let mut s = TcpStream::connect(ws)?;
+        let mut s =
+            TcpStream::connect(ws).with_context(|| format!("connecting a subscriber to {ws}"))?;
         write!(
             s,
             "GET /events HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"

@@ -56,8 +56,10 @@ enum Command {
         scenario: Scenario,
         #[command(flatten)]
         target: TargetArgs,
+        /// Rounds of relay, baseline, limit (medians over them).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Where each round's report and compare.json go.
         #[arg(long, default_value = "loadtest-report")]
         out: PathBuf,
         /// Exit 1 if the relay's median deliveries/s is below the baseline's (CI's gross
@@ -87,6 +89,10 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     // A worker process (see `worker`): spawned by `run`, not for people.
     if std::env::args().nth(1).as_deref() == Some("worker") {
+        if std::env::args().skip(2).any(|a| a == "--help" || a == "-h") {
+            println!("krux-loadtest worker: internal; `run` spawns it to hold subscriber sockets (see --workers) and talks to it over its stdin and stdout.");
+            return Ok(());
+        }
         return worker::main();
     }
     let matches = Cli::command().get_matches();
@@ -133,6 +139,30 @@ fn main() -> anyhow::Result<()> {
             out,
             fail_below_baseline,
         } => {
+            // It spawns each server itself: attach flags would be silently ignored.
+            let attach: Vec<String> = matches
+                .subcommand_matches("compare")
+                .map(given_target_flags)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|a| {
+                    [
+                        "--ws",
+                        "--ingest",
+                        "--token",
+                        "--pid",
+                        "--ca-cert",
+                        "--spawn",
+                    ]
+                    .contains(&a.as_str())
+                })
+                .collect();
+            if !attach.is_empty() {
+                anyhow::bail!(
+                    "compare spawns the relay, the baseline and the limit server itself; {} are for `run` and `plan`",
+                    attach.join(", ")
+                );
+            }
             let ok = compare(&scenario, &target, rounds, &out)?;
             if fail_below_baseline && !ok {
                 eprintln!("krux-loadtest: the relay delivered less than the baseline");
@@ -352,4 +382,28 @@ fn run_plan(
         out.join("plan.json").display()
     );
     Ok(passed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--help` explains every flag of every command.
+    #[test]
+    fn every_flag_and_command_has_help() {
+        let cmd = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() {
+                missing.push(sub.get_name().to_string());
+            }
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if !matches!(id, "help" | "version") && arg.get_help().is_none() {
+                    missing.push(format!("{} {id}", sub.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "no help: {missing:?}");
+    }
 }

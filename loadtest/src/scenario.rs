@@ -32,9 +32,11 @@ pub struct Scenario {
     /// At max rate: events in flight (published minus delivered to the average subscriber).
     #[arg(long, default_value_t = 1000)]
     pub window: u64,
+    /// Load before measuring (connections settle, windows fill); not in the figures.
     #[arg(long, default_value = "2s", value_parser = krux_relay::config::parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub warmup: Duration,
+    /// The measured window.
     #[arg(long, default_value = "10s", value_parser = krux_relay::config::parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub duration: Duration,

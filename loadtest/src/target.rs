@@ -123,6 +123,11 @@ fn bin_dir(args: &TargetArgs) -> anyhow::Result<PathBuf> {
 impl Target {
     pub fn open(args: &TargetArgs, kind: Option<Kind>) -> anyhow::Result<Target> {
         let Some(kind) = kind.or(args.spawn) else {
+            if args.tls && args.ca_cert.is_none() {
+                bail!(
+                    "--tls against a running relay needs --ca-cert PEM: the certificate it serves, or the CA that signed it (a relay run with --tls-self-signed writes it to <its data dir>/tls-self-signed.pem)"
+                );
+            }
             let token = args
                 .token
                 .clone()

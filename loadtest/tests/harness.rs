@@ -609,3 +609,41 @@ fn an_interrupted_run_still_reports_and_progress_came_while_it_ran() {
         .count();
     assert!(progress >= 2, "progress lines:\n{stderr}");
 }
+
+/// The command line says what it needs: a worker's help, TLS to a running relay without a
+/// certificate to trust, an unreachable address named, and `compare` refusing the attach
+/// flags it would ignore.
+#[test]
+fn the_command_line_says_what_it_needs() {
+    let help = loadtest(&["worker", "--help"]);
+    assert_success(&help);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("internal"));
+    let err = |args: &[&str]| {
+        let out = loadtest(args);
+        assert!(!out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let tls = err(&["run", "--tls", "--token", "t", "--ws", "127.0.0.1:9"]);
+    assert!(tls.contains("needs --ca-cert"), "{tls}");
+    let refused = err(&[
+        "run",
+        "--token",
+        "t",
+        "--ws",
+        "127.0.0.1:9",
+        "--ingest",
+        "127.0.0.1:9",
+        "--subscribers",
+        "1",
+        "--warmup",
+        "0s",
+        "--duration",
+        "1s",
+    ]);
+    assert!(refused.contains("127.0.0.1:9"), "{refused}");
+    let compare = err(&["compare", "--ws", "127.0.0.1:9", "--rounds", "1"]);
+    assert!(
+        compare.contains("--ws are for `run` and `plan`"),
+        "{compare}"
+    );
+}
