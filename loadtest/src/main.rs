@@ -7,6 +7,7 @@
 
 mod client;
 mod cluster;
+mod diff;
 mod ingest;
 mod plan;
 mod report;
@@ -80,6 +81,9 @@ enum Command {
         #[arg(long, default_value = "loadtest-report")]
         out: PathBuf,
     },
+    /// Two reports side by side with ratios (before/after, plain/TLS); can fail on a
+    /// regression (exit 99).
+    Diff(diff::DiffArgs),
     /// Publisher throughput end to end, no subscribers: relay and baseline in one run.
     Ingest(ingest::IngestArgs),
     /// Throughput through nodes sharing a NATS JetStream stream, against standalone.
@@ -167,6 +171,17 @@ fn main() -> anyhow::Result<()> {
             if fail_below_baseline && !ok {
                 eprintln!("krux-loadtest: the relay delivered less than the baseline");
                 std::process::exit(1);
+            }
+        }
+        Command::Diff(args) => {
+            let worse = diff::run(&args)?;
+            if !worse.is_empty() {
+                eprintln!(
+                    "krux-loadtest: B is worse than A by more than {}%: {}",
+                    args.fail_above.unwrap_or(0.0),
+                    worse.join("; ")
+                );
+                std::process::exit(plan::THRESHOLD_FAILED);
             }
         }
         Command::Cluster(args) => {

@@ -127,6 +127,15 @@ impl Report {
             .with_context(|| format!("writing {}", json.display()))?;
         if !self.timeline.is_empty() {
             self.plot(&dir.join(format!("{stem}.svg")))?;
+            // The per-second timeline, for a spreadsheet.
+            let csv: String = std::iter::once("t_s,deliveries_per_s,p99_us\n".to_string())
+                .chain(
+                    self.timeline
+                        .iter()
+                        .map(|p| format!("{:.3},{:.1},{}\n", p.t_s, p.deliveries_per_s, p.p99_us)),
+                )
+                .collect();
+            std::fs::write(dir.join(format!("{stem}.csv")), csv)?;
         }
         Ok(())
     }

@@ -556,7 +556,19 @@ fn a_passing_plan_exits_0_and_never_overwrites_a_report() {
         let steady = read_json(&out.path().join(expect).join("steady.json"));
         assert_eq!(steady["lost"], 0);
         assert_eq!(steady["server_measured"], true);
+        let csv = std::fs::read_to_string(out.path().join(expect).join("steady.csv")).unwrap();
+        assert!(csv.starts_with("t_s,deliveries_per_s,p99_us\n") && csv.lines().count() > 1);
     }
+    // The two runs side by side.
+    let a = out.path().join("reports/steady.json");
+    let b = out.path().join("reports-2/steady.json");
+    let diff = loadtest(&["diff", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert_success(&diff);
+    let table = String::from_utf8_lossy(&diff.stdout);
+    assert!(
+        table.contains("deliveries/s") && table.contains("B/A"),
+        "{table}"
+    );
 }
 
 /// Ctrl-C in the middle of a run: the load stops, the run drains, and the summary and the
