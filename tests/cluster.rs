@@ -112,7 +112,7 @@ fn steady_publisher(
     ingest: std::net::SocketAddr,
     rounds: usize,
     per_round: usize,
-) -> tokio::task::JoinHandle<String> {
+) -> tokio::task::JoinHandle<Vec<Value>> {
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(ingest).await.unwrap();
@@ -124,7 +124,9 @@ fn steady_publisher(
         s.shutdown().await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
-        out
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     })
 }
 
@@ -356,14 +358,10 @@ async fn a_nats_restart_mid_publish_loses_no_acknowledged_event_and_nodes_recove
     wait_ready(&a, 200).await;
     wait_ready(&b, 200).await;
 
-    let out = tokio::time::timeout(Duration::from_secs(60), publisher)
+    let replies = tokio::time::timeout(Duration::from_secs(60), publisher)
         .await
         .expect("the publisher got its summary")
         .unwrap();
-    let replies: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     let accepted = summary(&replies)["accepted"].as_u64().unwrap() as usize;
     assert_eq!(accepted, 1000, "held, not refused: {replies:?}");
     let got = take_within(&mut sub, accepted, Duration::from_secs(10)).await;
@@ -762,14 +760,10 @@ async fn three_replicas_survive_the_leader_and_the_publishing_nodes_server_dying
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.servers[home].restart();
 
-    let out = tokio::time::timeout(Duration::from_secs(60), publisher)
+    let replies = tokio::time::timeout(Duration::from_secs(60), publisher)
         .await
         .expect("the publisher got its summary")
         .unwrap();
-    let replies: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     let accepted = summary(&replies)["accepted"].as_u64().unwrap() as usize;
     assert_eq!(accepted, ROUNDS * 10, "held, never refused: {replies:?}");
     let last = summary(&replies)["last_seq"].as_u64().unwrap();

@@ -26,6 +26,18 @@ async fn dashboard(relay: &Relay, query: &str) -> Browser {
     Browser::open(&url).await
 }
 
+/// The dashboard signed in with the relay's token, once its status says `live`.
+async fn live_dashboard(relay: &Relay) -> Browser {
+    let mut page = dashboard(relay, "").await;
+    page.wait_for(
+        "document.getElementById('status').textContent === 'live'",
+        SECS,
+        "document.getElementById('status').textContent",
+    )
+    .await;
+    page
+}
+
 /// Neither the page nor its address keeps the credential once it connected.
 async fn assert_no_token(page: &mut Browser, relay: &Relay) {
     let html = page.eval("document.documentElement.outerHTML").await;
@@ -338,13 +350,7 @@ async fn the_dashboard_keeps_up_with_50k_events_per_second() {
     const RATE: usize = 50_000;
     const SECONDS: usize = 10;
     let relay = Relay::start().await;
-    let mut page = dashboard(&relay, "").await;
-    page.wait_for(
-        "document.getElementById('status').textContent === 'live'",
-        SECS,
-        "document.getElementById('status').textContent",
-    )
-    .await;
+    let mut page = live_dashboard(&relay).await;
 
     // A tenth of a second of a fleet's events, made before the clock starts and sent ten
     // times a second: this process's share of the two cores stays small.
@@ -450,13 +456,7 @@ async fn large_fields_and_bidi_overrides_neither_stall_nor_fool_the_page() {
     }
     let _alone = ONE_BROWSER.lock().await;
     let relay = Relay::start().await;
-    let mut page = dashboard(&relay, "").await;
-    page.wait_for(
-        "document.getElementById('status').textContent === 'live'",
-        SECS,
-        "document.getElementById('status').textContent",
-    )
-    .await;
+    let mut page = live_dashboard(&relay).await;
     // The fleet runs at ~2,000 events/s in the background for the whole test.
     let ingest = relay.ingest;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -594,13 +594,7 @@ async fn an_event_of_unexpected_types_is_drawn_as_text_and_stops_nothing() {
     }
     let _alone = ONE_BROWSER.lock().await;
     let relay = Relay::start().await;
-    let mut page = dashboard(&relay, "").await;
-    page.wait_for(
-        "document.getElementById('status').textContent === 'live'",
-        SECS,
-        "document.getElementById('status').textContent",
-    )
-    .await;
+    let mut page = live_dashboard(&relay).await;
     let poison = r#"({type: "policy_violation", agent: "poison-agent", seq: 1, timestamp: "2026-12-06T00:00:00.000Z",
         session_id: {toString: 1}, data: {capability: {toString: 1}, rule: [1, {a: 2}], reason: {toString: 1},
         tier: "t", session_id: {toString: 1}}})"#;
