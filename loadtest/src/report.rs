@@ -153,47 +153,84 @@ impl Report {
             .fold(1.0, f64::max)
             * 1.1;
         let mut c = ChartBuilder::on(&panels[0])
-            .caption(format!("{}: deliveries/s", self.target), ("sans-serif", 18))
+            .caption(
+                format!("{}: deliveries per second", self.target),
+                ("sans-serif", 18),
+            )
             .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(70)
+            .x_label_area_size(35)
+            .y_label_area_size(80)
             .build_cartesian_2d(0.0..t_max, 0.0..d_max)?;
-        c.configure_mesh().x_desc("seconds").draw()?;
+        c.configure_mesh()
+            .x_desc("seconds into the measured window")
+            .y_desc("deliveries/s")
+            .x_label_formatter(&|t| short(*t))
+            .y_label_formatter(&|v| si(*v))
+            .draw()?;
         c.draw_series(LineSeries::new(
             self.timeline.iter().map(|p| (p.t_s, p.deliveries_per_s)),
             &BLUE,
         ))?;
 
-        let l_max = self
+        let ms = |us: u64| us as f64 / 1000.0;
+        let l_max = ms(self
             .timeline
             .iter()
             .map(|p| p.p99_us)
             .max()
             .unwrap_or(1)
-            .max(1) as f64
+            .max(1))
             * 1.1;
         let mut c = ChartBuilder::on(&panels[1])
-            .caption("p99 publish→receive latency (µs)", ("sans-serif", 18))
+            .caption(
+                "p99 latency, publish to receipt, per second",
+                ("sans-serif", 18),
+            )
             .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(70)
+            .x_label_area_size(35)
+            .y_label_area_size(80)
             .build_cartesian_2d(0.0..t_max, 0.0..l_max)?;
-        c.configure_mesh().x_desc("seconds").draw()?;
+        c.configure_mesh()
+            .x_desc("seconds into the measured window")
+            .y_desc("ms")
+            .x_label_formatter(&|t| short(*t))
+            .y_label_formatter(&|v| short(*v))
+            .draw()?;
         c.draw_series(LineSeries::new(
-            self.timeline.iter().map(|p| (p.t_s, p.p99_us as f64)),
+            self.timeline.iter().map(|p| (p.t_s, ms(p.p99_us))),
             &RED,
         ))?;
 
-        let x_max = self.cdf.last().map_or(1, |p| p.0).max(1) as f64;
+        // The distribution with its tail spread out: x is the number of nines of the
+        // percentile (0 = 0%, 1 = 90%, 2 = 99%, 3 = 99.9%…), y the latency.
+        let nines = |q: f64| -(1.0 - q.min(0.99999)).log10();
+        let y_max = ms(self.cdf.last().map_or(1, |p| p.0).max(1)) * 1.1;
         let mut c = ChartBuilder::on(&panels[2])
-            .caption("latency CDF", ("sans-serif", 18))
+            .caption(
+                "latency by percentile (the tail spread out)",
+                ("sans-serif", 18),
+            )
             .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(70)
-            .build_cartesian_2d((1.0..x_max).log_scale(), 0.0..1.0)?;
-        c.configure_mesh().x_desc("µs (log)").draw()?;
+            .margin_right(40)
+            .x_label_area_size(35)
+            .y_label_area_size(80)
+            .build_cartesian_2d(0.0..5.0, 0.0..y_max)?;
+        c.configure_mesh()
+            .x_desc("percentile")
+            .y_desc("ms")
+            .x_labels(6)
+            .x_label_formatter(&|x: &f64| {
+                let pct = 100.0 * (1.0 - 10f64.powf(-*x));
+                match x.round() as i32 {
+                    0 => "0%".into(),
+                    n if (1..=2).contains(&n) => format!("{pct:.0}%"),
+                    n => format!("{pct:.prec$}%", prec = (n - 2) as usize),
+                }
+            })
+            .y_label_formatter(&|v| short(*v))
+            .draw()?;
         c.draw_series(LineSeries::new(
-            self.cdf.iter().map(|&(us, f)| (us.max(1) as f64, f)),
+            self.cdf.iter().map(|&(us, q)| (nines(q), ms(us))),
             &BLACK,
         ))?;
         root.present()?;
@@ -213,6 +250,23 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// 1234567 as `1.23M`, 800000 as `800k`: axis ticks a reader takes in at a glance.
+fn si(v: f64) -> String {
+    let (d, unit) = match v.abs() {
+        a if a >= 1e9 => (1e9, "G"),
+        a if a >= 1e6 => (1e6, "M"),
+        a if a >= 1e3 => (1e3, "k"),
+        _ => (1.0, ""),
+    };
+    format!("{}{unit}", short(v / d))
+}
+
+/// A number without trailing zeros: `800`, `2.5`, `0.75`.
+fn short(v: f64) -> String {
+    let s = format!("{v:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 #[cfg(test)]
@@ -248,9 +302,29 @@ mod tests {
         };
         r.write(dir.path(), "run").unwrap();
         let svg = std::fs::read_to_string(dir.path().join("run.svg")).unwrap();
-        assert!(svg.contains("<svg") && svg.contains("latency CDF"));
+        assert!(
+            svg.contains("<svg") && svg.contains("latency by percentile"),
+            "{svg}"
+        );
+        for label in ["deliveries/s", "99.9%", "seconds into the measured window"] {
+            assert!(svg.contains(label), "no {label}");
+        }
+        let csv = std::fs::read_to_string(dir.path().join("run.csv")).unwrap();
+        assert_eq!(
+            csv,
+            "t_s,deliveries_per_s,p99_us\n1.000,10.0,50\n2.000,12.0,40\n"
+        );
         let back: Report =
             serde_json::from_slice(&std::fs::read(dir.path().join("run.json")).unwrap()).unwrap();
         assert_eq!(back.timeline.len(), 2);
+    }
+
+    #[test]
+    fn axis_numbers_read_at_a_glance() {
+        assert_eq!(si(800_000.0), "800k");
+        assert_eq!(si(1_234_567.0), "1.23M");
+        assert_eq!(si(250.0), "250");
+        assert_eq!(short(2.5), "2.5");
+        assert_eq!(short(3.0), "3");
     }
 }
