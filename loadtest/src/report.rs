@@ -136,8 +136,83 @@ impl Report {
                 )
                 .collect();
             std::fs::write(dir.join(format!("{stem}.csv")), csv)?;
+            // One file to open or attach: the figures and the plots inline.
+            let svg = std::fs::read_to_string(dir.join(format!("{stem}.svg")))?;
+            std::fs::write(dir.join(format!("{stem}.html")), self.html(stem, &svg))?;
         }
         Ok(())
+    }
+
+    /// A self-contained HTML page: the summary's figures as a table, the plots inline.
+    fn html(&self, stem: &str, svg: &str) -> String {
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+        };
+        let rows = [
+            ("target", self.target.clone()),
+            ("subscribers", self.subscribers_connected.to_string()),
+            ("events/s in", format!("{:.0}", self.events_in_per_s)),
+            ("deliveries/s out", format!("{:.0}", self.deliveries_per_s)),
+            (
+                "loss",
+                format!(
+                    "{} ({} of {} deliveries received)",
+                    self.lost, self.received_deliveries, self.expected_deliveries
+                ),
+            ),
+            ("duplicates", self.duplicates.to_string()),
+            (
+                "latency p50 / p99 / p99.9 / max",
+                format!(
+                    "{} / {} / {} / {} ms",
+                    short(self.latency_p50_us as f64 / 1000.0),
+                    short(self.latency_p99_us as f64 / 1000.0),
+                    short(self.latency_p999_us as f64 / 1000.0),
+                    short(self.latency_max_us as f64 / 1000.0)
+                ),
+            ),
+            (
+                "server",
+                match self.server_measured {
+                    true => format!(
+                        "CPU {:.0}%, {} deliveries per CPU-second, RSS {:.1} MiB",
+                        self.server_cpu_pct,
+                        si(self.deliveries_per_server_cpu_s),
+                        self.server_rss_bytes as f64 / 1048576.0
+                    ),
+                    false => "not measured (attach with --pid)".into(),
+                },
+            ),
+            ("closes by code", format!("{:?}", self.closes_by_code)),
+            ("reconnects with since", self.reconnects.to_string()),
+            (
+                "measured",
+                format!(
+                    "{:.1} s{}",
+                    self.measured_s,
+                    if self.interrupted {
+                        " (interrupted)"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+        ];
+        let table: String = rows
+            .iter()
+            .map(|(k, v)| format!("<tr><th>{}</th><td>{}</td></tr>\n", esc(k), esc(v)))
+            .collect();
+        format!(
+            "<!doctype html>\n<meta charset=\"utf-8\">\n<title>krux-loadtest: {title}</title>\n\
+             <style>body{{font:14px sans-serif;margin:24px}}th{{text-align:left;padding-right:16px}}\
+             td,th{{padding:3px 0}}pre{{background:#f4f4f4;padding:8px}}</style>\n\
+             <h1>krux-loadtest: {title}</h1>\n<table>\n{table}</table>\n{svg}\n\
+             <h2>scenario</h2>\n<pre>{scenario}</pre>\n",
+            title = esc(stem),
+            scenario = esc(&serde_json::to_string_pretty(&self.scenario).unwrap_or_default()),
+        )
     }
 
     fn plot(&self, path: &Path) -> anyhow::Result<()> {
@@ -309,6 +384,11 @@ mod tests {
         for label in ["deliveries/s", "99.9%", "seconds into the measured window"] {
             assert!(svg.contains(label), "no {label}");
         }
+        let html = std::fs::read_to_string(dir.path().join("run.html")).unwrap();
+        assert!(
+            html.contains("<svg") && html.contains("deliveries/s out"),
+            "{html}"
+        );
         let csv = std::fs::read_to_string(dir.path().join("run.csv")).unwrap();
         assert_eq!(
             csv,
