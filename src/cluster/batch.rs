@@ -246,25 +246,13 @@ pub fn node_written(payload: &[u8]) -> bool {
 
 /// The MAC a node puts in `MAC_HEADER` (hex).
 pub fn mac(key: &ring::hmac::Key, payload: &[u8]) -> String {
-    let tag = ring::hmac::sign(key, payload);
-    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    crate::auth::hex(ring::hmac::sign(key, payload).as_ref())
 }
 
 /// Whether `header` is the MAC of `payload` under `key` (compared in constant time).
 pub fn verify(key: &ring::hmac::Key, payload: &[u8], header: &str) -> bool {
-    let h = header.trim().as_bytes();
-    if h.len() != 64 {
-        return false;
-    }
-    let mut tag = [0u8; 32];
-    for (i, pair) in h.chunks(2).enumerate() {
-        let digit = |c: u8| (c as char).to_digit(16);
-        match (digit(pair[0]), digit(pair[1])) {
-            (Some(a), Some(b)) => tag[i] = (a * 16 + b) as u8,
-            _ => return false,
-        }
-    }
-    ring::hmac::verify(key, payload, &tag).is_ok()
+    crate::auth::unhex(header.trim())
+        .is_some_and(|tag| ring::hmac::verify(key, payload, &tag).is_ok())
 }
 
 fn unpack<'a>(packed: &[u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8], Malformed> {

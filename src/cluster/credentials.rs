@@ -29,7 +29,7 @@ const STALLED: Duration = Duration::from_secs(1);
 /// and the one before it (messages signed just before a change still verify).
 #[derive(Default)]
 pub struct StreamKeys {
-    keys: ArcSwapOption<(Vec<u8>, Vec<hmac::Key>)>,
+    keys: ArcSwapOption<([u8; 32], Vec<hmac::Key>)>,
 }
 
 impl StreamKeys {
@@ -52,16 +52,9 @@ impl StreamKeys {
 
     /// Takes the bucket's value (hex); false if it is not a key.
     fn set(&self, hex: &[u8]) -> bool {
-        let raw: Option<Vec<u8>> = std::str::from_utf8(hex).ok().and_then(|h| {
-            let h = h.trim();
-            (h.len() == 64)
-                .then(|| {
-                    (0..32)
-                        .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok())
-                        .collect()
-                })
-                .flatten()
-        });
+        let raw = std::str::from_utf8(hex)
+            .ok()
+            .and_then(|h| crate::auth::unhex(h.trim()));
         let Some(raw) = raw else { return false };
         let old = self.keys.load_full();
         if old.as_ref().is_some_and(|o| o.0 == raw) {
@@ -78,8 +71,7 @@ impl StreamKeys {
 }
 
 fn token_key(name: &str) -> String {
-    let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
-    format!("{TOKEN_KEY}{hex}")
+    format!("{TOKEN_KEY}{}", crate::auth::hex(name.as_bytes()))
 }
 
 /// The bucket, created (file storage, one value per key) if missing.
@@ -320,7 +312,7 @@ async fn watch_once(
 async fn create_stream_key(store: &mut Store) -> anyhow::Result<bytes::Bytes> {
     let mut raw = [0u8; 32];
     getrandom::getrandom(&mut raw)?;
-    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = crate::auth::hex(&raw);
     match store.create(STREAM_KEY, hex.clone().into()).await {
         Ok(_) => {
             tracing::info!("created the cluster's stream key");

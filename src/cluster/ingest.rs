@@ -66,7 +66,7 @@ impl Storer {
             js: super::jetstream(client.clone()),
             connects: nats.connects,
             subject,
-            node: id.iter().map(|b| format!("{b:02x}")).collect(),
+            node: crate::auth::hex(&id),
             next_id: Cell::new(0),
             max_stored: Cell::new(0),
             warned_at: Cell::new(None),

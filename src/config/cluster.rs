@@ -237,9 +237,9 @@ fn split_credentials(
     let mut found: Option<Identity> = None;
     let mut servers = Vec::new();
     for url in urls.split(',').map(str::trim) {
-        let (bare, id) = match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                let info = &url[scheme + 3..at];
+        let (bare, id) = match userinfo(url) {
+            Some(span) => {
+                let info = &url[span.clone()];
                 let decode = |s: &str| {
                     percent_encoding::percent_decode_str(s)
                         .decode_utf8()
@@ -253,7 +253,7 @@ fn split_credentials(
                     None => Identity::Token(decode(info)?),
                 };
                 (
-                    format!("{}{}", &url[..scheme + 3], &url[at + 1..]),
+                    format!("{}{}", &url[..span.start], &url[span.end + 1..]),
                     Some(id),
                 )
             }
@@ -333,15 +333,22 @@ pub fn parse_urls(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
 /// `--nats` as it may be shown: a URL's user and password (or token) replaced by `***`.
 pub fn redact(urls: &str) -> String {
     urls.split(',')
-        .map(|u| match (u.find("://"), u.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}***{}", &u[..scheme + 3], &u[at..])
-            }
-            (None, Some(at)) => format!("***{}", &u[at..]),
+        .map(|u| match (userinfo(u), u.rfind('@')) {
+            (Some(span), _) => format!("{}***{}", &u[..span.start], &u[span.end..]),
+            (None, Some(at)) if !u.contains("://") => format!("***{}", &u[at..]),
             _ => u.to_string(),
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Where a URL's credentials (`user:password` or `token`) are: between `://` and the
+/// last `@`.
+fn userinfo(url: &str) -> Option<std::ops::Range<usize>> {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => Some(scheme + 3..at),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
