@@ -239,17 +239,13 @@ impl Consumer {
     async fn consume(&mut self, js: &JetStream, nats: &super::Nats) -> anyhow::Result<()> {
         let connects = nats.connects.load(SeqCst);
         let first_message = self.hwm.first_message();
-        let mut stream = match js.get_stream(&self.args.name).await {
+        let stream = match js.get_stream(&self.args.name).await {
             Ok(s) => s,
             Err(e) if stream_missing(&e) => self.create_stream(js, first_message, e).await?,
             // Unanswered (JetStream electing a leader): it may well exist.
             Err(e) => return Err(e).context("looking up the stream"),
         };
-        let info = stream
-            .info()
-            .await
-            .context("reading the stream's state")?
-            .clone();
+        let info = stream.cached_info().clone();
         if self.config.is_none() {
             self.check_settings(&info.config);
         }
@@ -337,26 +333,25 @@ impl Consumer {
                 }
                 _ = check.tick() => {
                     self.hwm.save_if_due();
+                    // One STREAM.INFO request: `get_stream` brings the info with it.
                     match js.get_stream(&self.args.name).await {
-                        Ok(mut s) => match s.info().await {
-                            Ok(i) if i.created.to_string() != created => return Ok(()), // recreated
-                            Ok(i) => {
-                                self.consuming.store(true, SeqCst);
-                                self.config = Some(i.config.clone());
-                                // Compared with the stream's last message, not with when
-                                // the last one came: an idle stream is not a stall.
-                                if i.state.last_sequence >= self.next_msg.unwrap_or(0) {
-                                    let since = *behind_since.get_or_insert_with(Instant::now);
-                                    if since.elapsed() >= STALLED {
-                                        tracing::warn!(stream = %self.args.name, "the consumer is stalled; consuming again");
-                                        return Ok(());
-                                    }
-                                } else {
-                                    behind_since = None;
+                        Ok(s) if s.cached_info().created.to_string() != created => return Ok(()), // recreated
+                        Ok(s) => {
+                            let i = s.cached_info();
+                            self.consuming.store(true, SeqCst);
+                            self.config = Some(i.config.clone());
+                            // Compared with the stream's last message, not with when the
+                            // last one came: an idle stream is not a stall.
+                            if i.state.last_sequence >= self.next_msg.unwrap_or(0) {
+                                let since = *behind_since.get_or_insert_with(Instant::now);
+                                if since.elapsed() >= STALLED {
+                                    tracing::warn!(stream = %self.args.name, "the consumer is stalled; consuming again");
+                                    return Ok(());
                                 }
+                            } else {
+                                behind_since = None;
                             }
-                            Err(_) => self.consuming.store(false, SeqCst),
-                        },
+                        }
                         Err(e) if stream_missing(&e) => {
                             tracing::warn!(stream = %self.args.name, "the stream is gone; recreating it");
                             return Ok(());
@@ -639,16 +634,11 @@ async fn fetch(
     keys: &StreamKeys,
     req: &HistoryRequest,
 ) -> anyhow::Result<Fetched> {
-    let mut stream = js
+    let stream = js
         .get_stream(&args.name)
         .await
         .context("finding the stream")?;
-    let state = stream
-        .info()
-        .await
-        .context("reading the stream")?
-        .state
-        .clone();
+    let state = stream.cached_info().state.clone(); // fetched by `get_stream` just now
     let (after_msg, _) = split_seq(req.after);
     let (until_msg, _) = split_seq(req.until);
     let first = state.first_sequence.max(1);
