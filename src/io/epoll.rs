@@ -67,6 +67,13 @@ impl Conn for EpollConn {
         }
     }
 
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self.0.try_write(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            res => res,
+        }
+    }
+
     fn shutdown(&self, how: Shutdown) {
         // SAFETY-free route: tokio exposes no shutdown(&self), so use the socket's fd.
         let _ = socket2::SockRef::from(&self.0).shutdown(how);

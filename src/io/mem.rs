@@ -132,6 +132,19 @@ impl Conn for MemConn {
         }
     }
 
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        if self.tx.closed.get() {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let mut q = self.tx.bytes.borrow_mut();
+        let n = buf.len().min(self.tx.capacity - q.len());
+        q.extend(&buf[..n]);
+        if n > 0 {
+            self.tx.readable.notify_one();
+        }
+        Ok(n)
+    }
+
     fn shutdown(&self, _how: Shutdown) {
         self.rx.close();
         self.tx.close();

@@ -66,6 +66,11 @@ pub trait Conn: 'static {
     /// One gathered write of `bufs` (the outbox hands at most `MAX_IOV` of them); may be
     /// partial.
     async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>);
+    /// Writes what the socket takes right now, without waiting: 0 when it takes nothing
+    /// (full, or not known to be writable). Never while a `writev` is in flight.
+    fn try_write(&self, _buf: &[u8]) -> io::Result<usize> {
+        Ok(0)
+    }
     fn shutdown(&self, how: std::net::Shutdown);
 }
 

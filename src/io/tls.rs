@@ -1,176 +1,397 @@
-//! TLS for port 7701: rustls as a sans-IO state machine over any `Conn`, so it works the
-//! same on both backends. The reactor owns the socket; rustls owns the TLS state. The
-//! certificates and configs it runs with come from `io::certs`.
+//! TLS for port 7701: rustls's unbuffered (sans-IO, caller-buffered) server connection over
+//! any `Conn`, so it works the same on both backends. The reactor owns the socket; rustls
+//! owns the TLS state and nothing else: an idle TLS subscriber holds its session keys and
+//! state, and no buffer. The certificates and configs come from `io::certs`.
 //!
-//! TLS breaks the shared-frame fast path on purpose: every subscriber's bytes are
-//! encrypted separately (one copy and one AES-GCM pass per subscriber per frame), so a
-//! TLS subscriber costs what the encryption of its stream costs. Plaintext subscribers on
-//! the same relay keep the zero-copy path (see docs/security.md).
+//! Writing: a gathered write's frames (shared, as for plaintext) are copied into the
+//! reactor's plaintext buffer, up to `WRITE_MAX`, and sealed into as few records as the
+//! 16 KiB record limit allows, in the reactor's ciphertext buffer: both buffers are reused
+//! by every subscriber of the reactor, so a write allocates nothing. The records go out
+//! with one write that does not wait; only what the socket did not take is copied into a
+//! buffer of the connection's own, written before the call returns (a backed-up socket).
 //!
-//! Post-handshake TLS messages the read side produces (alerts, key updates) stay queued
-//! in rustls and go out with the writer's next write, so records are only ever written
-//! by one task, in order.
+//! Reading: ciphertext lands in the reactor's shared read buffer and is decrypted from
+//! there; only an incomplete record is kept (copied) by the connection until the rest
+//! arrives. TLS messages the read side produces (a key update's answer, an alert) are
+//! queued on the connection and go out first with the writer's next write, so records are
+//! only ever written by one task, in order.
 
-use std::cell::RefCell;
-use std::io::{self, Read, Write};
+use std::cell::{Cell, RefCell};
+use std::io;
 use std::net::Shutdown;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rustls::ServerConnection;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
+};
 
 use super::{write_all, Conn};
 use crate::frame::Span;
+
+/// Plaintext sealed per gathered write: four full records. Bounds the reactor's buffers
+/// and what a backed-up subscriber's connection holds.
+pub const WRITE_MAX: usize = 64 * 1024;
 
 fn tls_err(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-pub struct TlsConn<C> {
-    inner: C,
-    tls: RefCell<ServerConnection>,
+/// A reactor's TLS buffers, shared by its connections; borrowed only between awaits.
+#[derive(Default)]
+pub struct Buffers {
+    plain: RefCell<Vec<u8>>,
+    /// Its length only grows: the space rustls seals into is initialized once.
+    cipher: RefCell<Vec<u8>>,
 }
 
-/// Sends whatever rustls has queued.
-async fn flush<C: Conn>(inner: &C, tls: &RefCell<ServerConnection>) -> io::Result<()> {
-    let out = {
-        let mut tls = tls.borrow_mut();
-        let mut out = Vec::new();
-        while tls.wants_write() {
-            tls.write_tls(&mut out)?;
+/// Where rustls writes: the free space of `buf` after `used`, grown (never shrunk) when
+/// rustls says it needs more.
+struct Out<'a> {
+    buf: &'a mut Vec<u8>,
+    used: usize,
+}
+
+impl Out<'_> {
+    /// Runs `f` on the free space until it fits; `f` returns the bytes it wrote, or the
+    /// space it needs (`Err(Some)`), or that it cannot (`Err(None)`).
+    fn put(
+        &mut self,
+        mut f: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
+    ) -> io::Result<()> {
+        loop {
+            match f(&mut self.buf[self.used..]) {
+                Ok(n) => {
+                    self.used += n;
+                    return Ok(());
+                }
+                Err(Some(required)) => {
+                    let need = self.used + required;
+                    if self.buf.len() >= need {
+                        return Err(io::Error::other("TLS: rustls asked for space it had"));
+                    }
+                    self.buf.resize(need, 0);
+                }
+                Err(None) => {
+                    return Err(io::Error::other("TLS: the connection's keys are exhausted"))
+                }
+            }
         }
-        out
-    };
-    if out.is_empty() {
-        return Ok(());
     }
-    write_all(inner, Bytes::from(out)).await
+
+    fn encode(
+        &mut self,
+        s: &mut EncodeTlsData<'_, rustls::server::ServerConnectionData>,
+    ) -> io::Result<()> {
+        self.put(|b| match s.encode(b) {
+            Ok(n) => Ok(n),
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                Err(Some(required_size))
+            }
+            Err(_) => Err(None),
+        })
+    }
+}
+
+fn sized(e: EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(required_size)
+        }
+        _ => None,
+    }
+}
+
+/// What rustls needs next, once the records at hand are processed.
+enum Next {
+    /// More bytes from the peer (or the handshake is still going).
+    Read,
+    /// Nothing: the connection can carry application data.
+    Ready,
+}
+
+/// Processes the complete records at the start of `buf`: plaintext is appended to `plain`,
+/// records to send (handshake flights, answers) to `out`, and the peer's close_notify sets
+/// `closed`. Returns how many bytes of `buf` were consumed, and what rustls needs next.
+fn step(
+    tls: &mut UnbufferedServerConnection,
+    buf: &mut [u8],
+    plain: &mut Vec<u8>,
+    out: &mut Out<'_>,
+    closed: &mut bool,
+) -> (usize, io::Result<Next>) {
+    let mut at = 0;
+    loop {
+        let status = tls.process_tls_records(&mut buf[at..]);
+        let mut discard = status.discard;
+        let next = match status.state {
+            Err(e) => Some(Err(tls_err(e))),
+            Ok(ConnectionState::ReadTraffic(mut r)) => loop {
+                match r.next_record() {
+                    Some(Ok(record)) => {
+                        discard += record.discard;
+                        plain.extend_from_slice(record.payload);
+                    }
+                    Some(Err(e)) => break Some(Err(tls_err(e))),
+                    None => break None,
+                }
+            },
+            Ok(ConnectionState::EncodeTlsData(mut s)) => out.encode(&mut s).err().map(Err),
+            // Sent by the caller with whatever else `out` gathers, before it waits.
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                t.done();
+                None
+            }
+            Ok(ConnectionState::PeerClosed) => {
+                *closed = true;
+                None
+            }
+            Ok(ConnectionState::Closed) => {
+                *closed = true;
+                Some(Ok(Next::Ready))
+            }
+            Ok(ConnectionState::WriteTraffic(_)) => Some(Ok(Next::Ready)),
+            Ok(ConnectionState::BlockedHandshake) => Some(Ok(Next::Read)),
+            Ok(_) => Some(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS: early data is not accepted",
+            ))),
+        };
+        at += discard;
+        if let Some(next) = next {
+            return (at, next);
+        }
+    }
+}
+
+/// After a failure: the alert rustls queued saying why.
+fn alert(tls: &mut UnbufferedServerConnection, out: &mut Out<'_>) {
+    while let Ok(ConnectionState::EncodeTlsData(mut s)) = tls.process_tls_records(&mut []).state {
+        if out.encode(&mut s).is_err() {
+            return;
+        }
+    }
+}
+
+/// Seals `plain` into records at the end of `out`, after any record rustls has queued
+/// (a key update it owes).
+fn seal(tls: &mut UnbufferedServerConnection, plain: &[u8], out: &mut Out<'_>) -> io::Result<()> {
+    loop {
+        match tls.process_tls_records(&mut []).state.map_err(tls_err)? {
+            ConnectionState::WriteTraffic(mut w) => {
+                return out.put(|b| w.encrypt(plain, b).map_err(sized));
+            }
+            ConnectionState::EncodeTlsData(mut s) => out.encode(&mut s)?,
+            ConnectionState::TransmitTlsData(t) => t.done(),
+            // The reader's to report; writing may go on.
+            ConnectionState::PeerClosed => {}
+            _ => return Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+}
+
+pub struct TlsConn<C> {
+    inner: C,
+    tls: RefCell<UnbufferedServerConnection>,
+    buffers: Rc<Buffers>,
+    /// The start of a record whose end has not arrived (empty and unallocated otherwise).
+    partial: RefCell<Vec<u8>>,
+    /// Plaintext decrypted and not yet read (the request that came with the handshake's
+    /// last flight, or more than a read could take).
+    plain: RefCell<Vec<u8>>,
+    /// Records the read side produced, for the writer to send before its next ones.
+    queued: RefCell<Vec<u8>>,
+    /// The peer's close_notify arrived.
+    closed: Cell<bool>,
 }
 
 impl<C: Conn> TlsConn<C> {
     /// Runs the TLS handshake to completion (the caller bounds it in time).
-    pub async fn accept(inner: C, config: Arc<rustls::ServerConfig>) -> io::Result<TlsConn<C>> {
-        let tls = RefCell::new(ServerConnection::new(config).map_err(tls_err)?);
-        let mut buf = Vec::with_capacity(16 * 1024);
+    pub async fn accept(
+        inner: C,
+        config: Arc<rustls::ServerConfig>,
+        buffers: Rc<Buffers>,
+    ) -> io::Result<TlsConn<C>> {
+        let mut tls = UnbufferedServerConnection::new(config).map_err(tls_err)?;
+        let (mut incoming, mut outgoing) = (Vec::with_capacity(4096), Vec::new());
+        let (mut plain, mut closed) = (Vec::new(), false);
         loop {
-            flush(&inner, &tls).await?;
-            if !tls.borrow().is_handshaking() {
+            let mut out = Out {
+                buf: &mut outgoing,
+                used: 0,
+            };
+            let (consumed, next) = step(&mut tls, &mut incoming, &mut plain, &mut out, &mut closed);
+            incoming.drain(..consumed);
+            if next.is_err() {
+                alert(&mut tls, &mut out);
+            }
+            let used = out.used;
+            if used > 0 {
+                outgoing.truncate(used);
+                write_all(&inner, Bytes::from(std::mem::take(&mut outgoing))).await?;
+            }
+            if matches!(next?, Next::Ready) && !tls.is_handshaking() {
                 break;
             }
-            let (res, b) = inner.read(buf).await;
-            buf = b;
+            let (res, buf) = inner.read(incoming).await;
+            incoming = buf;
             if res? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            let processed = {
-                let mut t = tls.borrow_mut();
-                t.read_tls(&mut &buf[..])?;
-                t.process_new_packets().map(drop)
-            };
-            buf.clear();
-            if let Err(e) = processed {
-                let _ = flush(&inner, &tls).await; // the alert that says why
-                return Err(tls_err(e));
-            }
         }
-        // Room for a round of queued frames without extra write calls.
-        tls.borrow_mut().set_buffer_limit(Some(1 << 20));
-        Ok(TlsConn { inner, tls })
+        Ok(TlsConn {
+            inner,
+            tls: RefCell::new(tls),
+            buffers,
+            partial: RefCell::new(incoming.as_slice().to_vec()),
+            plain: RefCell::new(plain),
+            queued: RefCell::new(Vec::new()),
+            closed: Cell::new(closed),
+        })
+    }
+
+    /// Decrypts what `fresh` completes (after the connection's partial record, if any).
+    fn absorb(&self, fresh: &mut [u8]) -> io::Result<()> {
+        let (mut tls, mut partial) = (self.tls.borrow_mut(), self.partial.borrow_mut());
+        let (mut plain, mut queued) = (self.plain.borrow_mut(), self.queued.borrow_mut());
+        let mut closed = self.closed.get();
+        let mut out = Out {
+            used: queued.len(),
+            buf: &mut queued,
+        };
+        let next = if partial.is_empty() {
+            let (consumed, next) = step(&mut tls, fresh, &mut plain, &mut out, &mut closed);
+            if consumed < fresh.len() {
+                *partial = fresh[consumed..].to_vec();
+            }
+            next
+        } else {
+            partial.extend_from_slice(fresh);
+            let (consumed, next) = step(&mut tls, &mut partial, &mut plain, &mut out, &mut closed);
+            partial.drain(..consumed);
+            if partial.is_empty() {
+                *partial = Vec::new(); // an idle connection keeps no buffer
+            }
+            next
+        };
+        let used = out.used;
+        queued.truncate(used);
+        self.closed.set(closed);
+        next.map(drop)
+    }
+
+    /// Waits until there is plaintext to read, or the end (false).
+    async fn fill(&self, scratch: &RefCell<Vec<u8>>) -> io::Result<bool> {
+        while self.plain.borrow().is_empty() {
+            if self.closed.get() {
+                return Ok(false);
+            }
+            let n = self.inner.read_ready(scratch).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            self.absorb(&mut scratch.borrow_mut()[..n])?;
+        }
+        Ok(true)
+    }
+
+    /// Moves up to `room` bytes of decrypted plaintext out through `take`.
+    fn take_plain(&self, room: usize, take: impl FnOnce(&[u8])) -> usize {
+        let mut plain = self.plain.borrow_mut();
+        let n = plain.len().min(room);
+        take(&plain[..n]);
+        plain.drain(..n);
+        if plain.is_empty() {
+            *plain = Vec::new();
+        }
+        n
+    }
+
+    /// Seals up to `WRITE_MAX` bytes of `bufs` (after anything the read side queued) and
+    /// writes them without waiting. Returns the plaintext bytes taken, and the ciphertext
+    /// the socket did not take (copied out of the reactor's buffer).
+    fn seal_and_send(&self, bufs: &[Span]) -> io::Result<(usize, Option<Vec<u8>>)> {
+        let mut staged = self.buffers.plain.borrow_mut();
+        // One run (the common case: consecutive frames of one chunk) needs no gathering.
+        let plain: &[u8] = if bufs.len() == 1 || bufs[0].len() >= WRITE_MAX {
+            &bufs[0][..bufs[0].len().min(WRITE_MAX)]
+        } else {
+            staged.clear();
+            for b in bufs {
+                let k = b.len().min(WRITE_MAX - staged.len());
+                staged.extend_from_slice(&b[..k]);
+                if staged.len() == WRITE_MAX {
+                    break;
+                }
+            }
+            &staged
+        };
+        let mut cipher = self.buffers.cipher.borrow_mut();
+        let mut out = Out {
+            buf: &mut cipher,
+            used: 0,
+        };
+        let queued = std::mem::take(&mut *self.queued.borrow_mut());
+        if !queued.is_empty() {
+            out.put(|b| match b.get_mut(..queued.len()) {
+                Some(b) => {
+                    b.copy_from_slice(&queued);
+                    Ok(queued.len())
+                }
+                None => Err(Some(queued.len())),
+            })?;
+        }
+        seal(&mut self.tls.borrow_mut(), plain, &mut out)?;
+        let sealed = &out.buf[..out.used];
+        let sent = self.inner.try_write(sealed)?;
+        Ok((
+            plain.len(),
+            (sent < sealed.len()).then(|| sealed[sent..].to_vec()),
+        ))
     }
 }
 
 impl<C: Conn> Conn for TlsConn<C> {
     async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-        loop {
-            {
-                let mut tls = self.tls.borrow_mut();
-                let start = buf.len();
-                let room = (buf.capacity() - start).max(1024);
-                buf.resize(start + room, 0);
-                let got = tls.reader().read(&mut buf[start..]);
-                match got {
-                    Ok(n) => {
-                        buf.truncate(start + n);
-                        return (Ok(n), buf); // 0: the peer's close_notify
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(start),
-                    Err(e) => {
-                        buf.truncate(start);
-                        return (Err(e), buf);
-                    }
-                }
-            }
-            let (res, cipher) = self.inner.read(Vec::with_capacity(16 * 1024)).await;
-            match res {
-                Ok(0) => return (Ok(0), buf),
-                Ok(_) => {}
+        if self.plain.borrow().is_empty() {
+            let scratch = RefCell::new(vec![0; 17 * 1024]);
+            match self.fill(&scratch).await {
+                Ok(true) => {}
+                Ok(false) => return (Ok(0), buf),
                 Err(e) => return (Err(e), buf),
             }
-            let mut tls = self.tls.borrow_mut();
-            if let Err(e) = tls.read_tls(&mut &cipher[..]) {
-                return (Err(e), buf);
-            }
-            if let Err(e) = tls.process_new_packets() {
-                return (Err(tls_err(e)), buf);
-            }
         }
+        if buf.capacity() == buf.len() {
+            buf.reserve(1024);
+        }
+        let room = buf.capacity() - buf.len();
+        let n = self.take_plain(room, |p| buf.extend_from_slice(p));
+        (Ok(n), buf)
     }
 
     async fn read_ready(&self, scratch: &RefCell<Vec<u8>>) -> io::Result<usize> {
-        loop {
-            {
-                let mut buf = scratch.borrow_mut();
-                match self.tls.borrow_mut().reader().read(&mut buf) {
-                    Ok(n) => return Ok(n), // 0: the peer's close_notify
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            // No plaintext yet: ciphertext into the same scratch, then into rustls.
-            let n = self.inner.read_ready(scratch).await?;
-            if n == 0 {
-                return Ok(0);
-            }
-            let (mut tls, buf) = (self.tls.borrow_mut(), scratch.borrow());
-            let mut cipher = &buf[..n];
-            while !cipher.is_empty() {
-                tls.read_tls(&mut cipher)?;
-                tls.process_new_packets().map_err(tls_err)?;
-            }
+        if !self.fill(scratch).await? {
+            return Ok(0);
         }
+        let mut buf = scratch.borrow_mut();
+        let room = buf.len();
+        Ok(self.take_plain(room, |p| buf[..p.len()].copy_from_slice(p)))
     }
 
     async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>) {
-        let (accepted, out) = {
-            let mut tls = self.tls.borrow_mut();
-            let mut accepted = 0;
-            for b in &bufs {
-                match tls.writer().write(b) {
-                    Ok(n) => {
-                        accepted += n;
-                        if n < b.len() {
-                            break;
-                        }
-                    }
-                    Err(e) => return (Err(e), bufs),
-                }
-            }
-            let mut out = Vec::new();
-            while tls.wants_write() {
-                if let Err(e) = tls.write_tls(&mut out) {
-                    return (Err(e), bufs);
-                }
-            }
-            (accepted, out)
+        let (taken, rest) = match self.seal_and_send(&bufs) {
+            Ok(x) => x,
+            Err(e) => return (Err(e), bufs),
         };
-        // The ciphertext must go out whole before the next record is made.
-        if out.is_empty() {
-            return (Ok(accepted), bufs);
+        // A backed-up socket: the rest goes out before the next records are made.
+        if let Some(rest) = rest {
+            if let Err(e) = write_all(&self.inner, Bytes::from(rest)).await {
+                return (Err(e), bufs);
+            }
         }
-        if let Err(e) = write_all(&self.inner, Bytes::from(out)).await {
-            return (Err(e), bufs);
-        }
-        (Ok(accepted), bufs)
+        (Ok(taken), bufs)
     }
 
     fn shutdown(&self, how: Shutdown) {
@@ -197,7 +418,7 @@ mod tests {
             // 1,000 bytes in flight at most: every record crosses in several writes.
             let (c, s) = mem::pair(1000);
             let client = TlsClient::new(c, client_config);
-            let accept = tokio::task::spawn_local(TlsConn::accept(s, server_config));
+            let accept = tokio::task::spawn_local(TlsConn::accept(s, server_config, Rc::default()));
             client.handshake().await;
             let server = accept.await.unwrap().unwrap();
 
@@ -234,7 +455,7 @@ mod tests {
         run(async {
             let (server_config, _) = mem::tls_configs();
             let (c, s) = mem::pair(64 * 1024);
-            let accept = tokio::task::spawn_local(TlsConn::accept(s, server_config));
+            let accept = tokio::task::spawn_local(TlsConn::accept(s, server_config, Rc::default()));
             write_all(&c, Bytes::from_static(b"GET /events HTTP/1.1\r\n\r\n"))
                 .await
                 .unwrap();

@@ -96,6 +96,20 @@ impl Conn for UringConn {
         self.stream.writev(bufs).await
     }
 
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        // SAFETY: the fd is the open socket this connection owns, and `buf` is valid for
+        // reads of `buf.len()` bytes for the call.
+        let n = unsafe { libc::send(*self.ready.get_ref(), buf.as_ptr().cast(), buf.len(), flags) };
+        match usize::try_from(n) {
+            Ok(n) => Ok(n),
+            Err(_) => match io::Error::last_os_error() {
+                e if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                e => Err(e),
+            },
+        }
+    }
+
     fn shutdown(&self, how: Shutdown) {
         let _ = self.stream.shutdown(how);
     }

@@ -84,6 +84,8 @@ pub struct Reactor {
     history_replies: mpsc::UnboundedSender<HistoryReply>,
     /// What subscribers' reads land in, one at a time (see `Conn::read_ready`).
     pub scratch: RefCell<Vec<u8>>,
+    /// Where TLS subscribers' records are made, one write at a time.
+    tls_buffers: Rc<crate::io::tls::Buffers>,
 }
 
 /// The scratch buffer's size: a whole TLS record fits.
@@ -128,6 +130,7 @@ pub async fn run<L: Listener>(
         shard: RefCell::new(shard),
         history_replies,
         scratch: RefCell::new(vec![0; SCRATCH]),
+        tls_buffers: Rc::default(),
     });
     tokio::task::spawn_local(fan_out(reactor.clone(), cursor));
     tokio::task::spawn_local(backlog_replies(reactor.clone(), replies));
@@ -212,7 +215,7 @@ async fn serve_tls<C: crate::io::Conn>(
     // Boxed, like the HTTP handshake: freed once it is done.
     let hs = Box::pin(tokio::time::timeout(
         r.settings.handshake_timeout,
-        TlsConn::accept(conn, config),
+        TlsConn::accept(conn, config, r.tls_buffers.clone()),
     ));
     match hs.await {
         Ok(Ok(tls)) => subscriber::serve(r, Rc::new(tls), ip).await,
