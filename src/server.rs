@@ -21,11 +21,15 @@ use crate::cluster::ingest::ClusterSink;
 use crate::config::ServeConfig;
 use crate::ingest::{self, Pipeline, SeqAllocator};
 use crate::io::accept::SocketBudget;
+use crate::io::certs::{self, ServerTls};
 use crate::io::{self, IoMode};
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::reactor;
 use crate::ring::{Cursor, FrameRing};
+
+/// How often the TLS certificate files are checked for a renewal (SIGHUP: at once).
+const CERT_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Addresses {
@@ -169,20 +173,29 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
             data_dir.join("seq"),
         ],
     )?;
+    let stop = Arc::new(AtomicBool::new(false));
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => {
             crate::datadir::check_key(key)?;
-            Some(crate::io::certs::config_from_pem(cert, key)?)
+            let tls = Arc::new(ServerTls::new(certs::load_pem(cert, key)?, cfg.tls13_only)?);
+            // Renewed files (cert-manager, ACME) go into service without a restart.
+            certs::watch(
+                tls.clone(),
+                cert.clone(),
+                key.clone(),
+                CERT_POLL,
+                stop.clone(),
+            )?;
+            Some(tls)
         }
         _ if cfg.tls_self_signed => {
             let pem = data_dir.join("tls-self-signed.pem");
-            let (config, fingerprint) = crate::io::certs::self_signed(&pem)?;
+            let (cert, fingerprint) = certs::self_signed(&pem)?;
             tracing::info!(certificate = %pem.display(), "TLS with a self-signed certificate, SHA-256 fingerprint {fingerprint}");
-            Some(config)
+            Some(Arc::new(ServerTls::new(cert, cfg.tls13_only)?))
         }
         _ => None,
     };
-    let stop = Arc::new(AtomicBool::new(false));
     // In a cluster: the credentials read and checked, and one connection tried, so that
     // wrong ones fail the start with their cause.
     let nats = cfg.nats.settings()?;
@@ -260,7 +273,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         ping_interval: cfg.ping_interval,
         read_timeout: cfg.read_timeout,
         handshake_timeout: cfg.handshake_timeout,
-        tls,
+        tls: tls.map(|t| t.config.clone()),
         history: cluster.then_some(history_tx),
         allowed_origins: cfg.allowed_origin.clone(),
     });

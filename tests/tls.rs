@@ -105,3 +105,198 @@ async fn wss_with_a_trusted_self_signed_certificate() {
     assert_success(&out);
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 11);
 }
+
+/// A fresh self-signed certificate and key for localhost/127.0.0.1, as PEM.
+fn pair() -> (String, String) {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    (ck.cert.pem(), ck.key_pair.serialize_pem())
+}
+
+/// Replaces `path`'s content the way a renewal tool does: a new file renamed over it.
+fn replace(path: &std::path::Path, content: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, content).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    let first = rustls_pemfile::certs(&mut pem.as_bytes()).next();
+    first.unwrap().unwrap().to_vec()
+}
+
+/// Subscribes over wss:// with `config`; returns the stream and the certificate the
+/// relay presented (for a resumed session: the one of the session it resumed), and
+/// whether the session was resumed.
+async fn subscribe_tls(
+    relay: &Relay,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> (Ws, Vec<u8>, bool) {
+    let url = format!("wss://127.0.0.1:{}/events", relay.ws.port());
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", relay.token).parse().unwrap(),
+    );
+    let connector = tokio_tungstenite::Connector::Rustls(config);
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector)),
+    )
+    .await
+    .expect("the handshake finishes")
+    .expect("TLS handshake and upgrade");
+    let tokio_tungstenite::MaybeTlsStream::Rustls(tls) = ws.get_ref() else {
+        panic!("not TLS")
+    };
+    let tls = tls.get_ref().1;
+    let cert = tls.peer_certificates().unwrap()[0].to_vec();
+    let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    (ws, cert, resumed)
+}
+
+async fn next_event(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("an event within 5 s")
+            .unwrap()
+            .unwrap()
+        {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            _ => continue,
+        }
+    }
+}
+
+/// Polls `f` every 100 ms for up to 10 s.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    for _ in 0..100 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("not within 10 s: {what}");
+}
+
+#[tokio::test]
+async fn renewed_certificate_files_serve_new_handshakes_without_a_restart() {
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+    let (a, b, c) = (pair(), pair(), pair());
+    replace(&cert, &a.0);
+    replace(&key, &a.1);
+    let bundle = files.path().join("trust.pem");
+    std::fs::write(&bundle, [&a.0, &b.0, &c.0].map(|s| s.as_str()).concat()).unwrap();
+    let resuming = krux_relay::io::certs::client_config_trusting(&bundle).unwrap();
+    // Probes that see the certificate: a resumed session would show the session's.
+    let mut trust = (*resuming).clone();
+    trust.resumption = rustls::client::Resumption::disabled();
+    let trust = std::sync::Arc::new(trust);
+    let relay = Relay::start_logged(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ])
+    .await;
+
+    let (mut old_stream, seen, _) = subscribe_tls(&relay, resuming.clone()).await;
+    assert_eq!(seen, der(&a.0));
+    // A second connection resumes the session with the ticket the first one got.
+    let (_, _, resumed) = subscribe_tls(&relay, resuming.clone()).await;
+    assert!(resumed, "the relay's ticket resumes the session");
+
+    // Renewal: the certificate first, its key a moment later (a mismatched pair between).
+    replace(&cert, &b.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    replace(&key, &b.1);
+    eventually(
+        "a new handshake presents the renewed certificate",
+        || async { subscribe_tls(&relay, trust.clone()).await.1 == der(&b.0) },
+    )
+    .await;
+    assert!(
+        relay.log().contains("TLS certificate not replaced"),
+        "the half-renewed pair was refused: {}",
+        relay.log()
+    );
+    // The stream from before the renewal still flows.
+    relay.publish(SEED).await;
+    assert!(next_event(&mut old_stream).await["seq"].as_u64().is_some());
+
+    // A broken pair is refused, named, and the one in service stays.
+    replace(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n",
+    );
+    eventually("the broken key is refused and named", || async {
+        relay
+            .log()
+            .lines()
+            .any(|l| l.contains("not replaced") && l.contains("key.pem"))
+    })
+    .await;
+    assert_eq!(subscribe_tls(&relay, trust.clone()).await.1, der(&b.0));
+
+    // SIGHUP reloads at once (and does not end the relay).
+    replace(&cert, &c.0);
+    replace(&key, &c.1);
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &relay.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    eventually("SIGHUP puts the new pair into service", || async {
+        subscribe_tls(&relay, trust.clone()).await.1 == der(&c.0)
+    })
+    .await;
+    assert!(
+        !relay.log().contains("not a key"),
+        "no key material is logged"
+    );
+}
+
+#[tokio::test]
+async fn tls13_only_refuses_tls12_clients_that_the_default_accepts() {
+    for only13 in [false, true] {
+        let mut flags = vec!["--tls-self-signed"];
+        if only13 {
+            flags.push("--tls13-only");
+        }
+        let relay = Relay::start_with(&flags).await;
+        let pem = std::fs::read(relay.data_dir().join("tls-self-signed.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut &pem[..]) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let tls12 = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let url = format!("wss://127.0.0.1:{}/events", relay.ws.port());
+        let mut req = url.as_str().into_client_request().unwrap();
+        req.headers_mut().insert(
+            "Authorization",
+            format!("Bearer {}", relay.token).parse().unwrap(),
+        );
+        let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls12));
+        let res = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector)),
+        )
+        .await
+        .expect("the handshake ends");
+        assert_eq!(res.is_ok(), !only13, "TLS 1.2 with --tls13-only={only13}");
+        if let Ok((mut ws, _)) = res {
+            relay.publish(SEED).await;
+            assert!(next_event(&mut ws).await["seq"].as_u64().is_some());
+        }
+    }
+}

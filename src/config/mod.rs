@@ -338,6 +338,9 @@ pub struct ServeConfig {
     /// its fingerprint is printed at start).
     #[arg(long, env = "KRUX_TLS_SELF_SIGNED")]
     pub tls_self_signed: bool,
+    /// Offer TLS 1.3 alone (refuse TLS 1.2 clients).
+    #[arg(long, env = "KRUX_TLS13_ONLY")]
+    pub tls13_only: bool,
     /// Allow plaintext WebSocket on a non-loopback address.
     #[arg(long, env = "KRUX_INSECURE_PLAINTEXT")]
     pub insecure_plaintext: bool,

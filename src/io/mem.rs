@@ -180,6 +180,10 @@ impl Listener for MemListener {
 pub struct TlsClient {
     conn: MemConn,
     tls: RefCell<rustls::ClientConnection>,
+    /// Every byte the server sent, for looking at its records.
+    pub raw: RefCell<Vec<u8>>,
+    /// Sizes of the reads from the connection, taken in turn.
+    read_sizes: RefCell<std::iter::Cycle<std::vec::IntoIter<usize>>>,
 }
 
 impl TlsClient {
@@ -188,12 +192,55 @@ impl TlsClient {
         TlsClient {
             conn,
             tls: RefCell::new(rustls::ClientConnection::new(config, name).unwrap()),
+            raw: RefCell::default(),
+            read_sizes: RefCell::new(vec![16 * 1024].into_iter().cycle()),
         }
+    }
+
+    /// Reads from the connection in pieces of these sizes, in turn.
+    pub fn read_in(&self, sizes: Vec<usize>) {
+        *self.read_sizes.borrow_mut() = sizes.into_iter().cycle();
+    }
+
+    pub fn handshake_kind(&self) -> Option<rustls::HandshakeKind> {
+        self.tls.borrow().handshake_kind()
+    }
+
+    pub fn peer_certificate(&self) -> Vec<u8> {
+        self.tls.borrow().peer_certificates().unwrap()[0].to_vec()
+    }
+
+    /// The (content type, length) of each record received so far.
+    pub fn records(&self) -> Vec<(u8, usize)> {
+        let raw = self.raw.borrow();
+        let mut at = 0;
+        let mut out = Vec::new();
+        while at + 5 <= raw.len() {
+            let len = usize::from(u16::from_be_bytes([raw[at + 3], raw[at + 4]]));
+            out.push((raw[at], len));
+            at += 5 + len;
+        }
+        out
     }
 
     pub async fn write(&self, plain: &[u8]) {
         self.tls.borrow_mut().writer().write_all(plain).unwrap();
         self.flush().await;
+    }
+
+    /// The records `plain` is sealed into, not sent.
+    pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
+        let mut tls = self.tls.borrow_mut();
+        tls.writer().write_all(plain).unwrap();
+        let mut out = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    pub fn conn(&self) -> &MemConn {
+        &self.conn
     }
 
     pub async fn close_notify(&self) {
@@ -213,10 +260,12 @@ impl TlsClient {
 
     /// Takes in what the server sent; false at EOF.
     async fn receive(&self) -> bool {
-        let (n, cipher) = self.conn.read(Vec::with_capacity(16 * 1024)).await;
+        let size = self.read_sizes.borrow_mut().next().unwrap();
+        let (n, cipher) = self.conn.read(Vec::with_capacity(size)).await;
         if n.unwrap() == 0 {
             return false;
         }
+        self.raw.borrow_mut().extend_from_slice(&cipher);
         let mut tls = self.tls.borrow_mut();
         tls.read_tls(&mut &cipher[..]).unwrap();
         tls.process_new_packets().unwrap();
@@ -255,8 +304,12 @@ impl TlsClient {
 pub fn tls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     let dir = tempfile::tempdir().unwrap();
     let pem = dir.path().join("cert.pem");
-    let (server, _) = super::certs::self_signed(&pem).unwrap();
-    (server, super::certs::client_config_trusting(&pem).unwrap())
+    let (cert, _) = super::certs::self_signed(&pem).unwrap();
+    let server = super::certs::ServerTls::new(cert, false).unwrap();
+    (
+        server.config,
+        super::certs::client_config_trusting(&pem).unwrap(),
+    )
 }
 
 #[cfg(test)]

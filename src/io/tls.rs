@@ -402,43 +402,90 @@ impl<C: Conn> Conn for TlsConn<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::mem::{self, TlsClient};
+    use crate::io::certs::{self, ServerTls};
+    use crate::io::mem::{self, MemConn, TlsClient};
 
+    /// Runs a test on a single-threaded runtime, failing it if it takes over 20 s.
     fn run(test: impl std::future::Future<Output = ()>) {
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
-        tokio::task::LocalSet::new().block_on(&rt, test);
+        let deadline =
+            async { tokio::time::timeout(std::time::Duration::from_secs(20), test).await };
+        tokio::task::LocalSet::new()
+            .block_on(&rt, deadline)
+            .expect("the test finishes within 20 s");
     }
 
-    #[test]
-    fn frames_written_through_small_partial_writes_arrive_whole_and_in_order() {
+    /// A handshake over a pipe holding at most `capacity` bytes each way.
+    async fn connect(
+        server: &Arc<rustls::ServerConfig>,
+        client: &Arc<rustls::ClientConfig>,
+        capacity: usize,
+    ) -> (TlsClient, io::Result<TlsConn<MemConn>>) {
+        let (c, s) = mem::pair(capacity);
+        let client = TlsClient::new(c, client.clone());
+        let accept = tokio::task::spawn_local(TlsConn::accept(s, server.clone(), Rc::default()));
+        client.handshake().await;
+        (client, accept.await.unwrap())
+    }
+
+    /// Writes `spans` through `server` the way the reactor's writer does: partial writes
+    /// keep the rest for the next call.
+    async fn write_spans(server: &TlsConn<MemConn>, mut spans: Vec<Span>) -> usize {
+        let mut calls = 0;
+        while !spans.is_empty() {
+            let (n, mut left) = server.writev(spans).await;
+            super::super::advance(&mut left, n.unwrap());
+            spans = left;
+            calls += 1;
+        }
+        calls
+    }
+
+    /// 1,000 frames of 1 to 600 bytes, each its own span, through 1,000-byte partial writes,
+    /// read by a client in pieces of `read_sizes`: they arrive whole and in order, sealed
+    /// into full records, not one record per frame.
+    fn thousand_frames_through_partial_writes(read_sizes: Vec<usize>) {
         run(async {
             let (server_config, client_config) = mem::tls_configs();
-            // 1,000 bytes in flight at most: every record crosses in several writes.
-            let (c, s) = mem::pair(1000);
-            let client = TlsClient::new(c, client_config);
-            let accept = tokio::task::spawn_local(TlsConn::accept(s, server_config, Rc::default()));
-            client.handshake().await;
-            let server = accept.await.unwrap().unwrap();
-
-            let parts: Vec<Vec<u8>> =
-                vec![b"first".to_vec(), vec![b'x'; 100_000], b"last".to_vec()];
-            let expected = parts.concat();
-            let writer = tokio::task::spawn_local(async move {
-                let mut spans: Vec<Span> = parts
-                    .into_iter()
-                    .map(|p| Span::from(Bytes::from(p)))
-                    .collect();
-                while !spans.is_empty() {
-                    let (n, mut left) = server.writev(spans).await;
-                    super::super::advance(&mut left, n.unwrap());
-                    spans = left;
-                }
-                server
+            let (client, server) = connect(&server_config, &client_config, 1000).await;
+            let server = Rc::new(server.unwrap());
+            client.read_in(read_sizes);
+            let frames: Vec<Vec<u8>> = (0..1000u32)
+                .map(|i| vec![b'a' + (i % 26) as u8; 1 + (i as usize * 7919) % 600])
+                .collect();
+            let expected = frames.concat();
+            let spans = frames
+                .into_iter()
+                .map(|f| Span::from(Bytes::from(f)))
+                .collect();
+            let writer = tokio::task::spawn_local({
+                let server = server.clone();
+                async move { write_spans(&server, spans).await }
             });
             assert_eq!(client.read_plain(expected.len()).await, expected);
-            let server = writer.await.unwrap();
+            let calls = writer.await.unwrap();
+            assert_eq!(
+                calls,
+                expected.len().div_ceil(WRITE_MAX),
+                "one call per 64 KiB"
+            );
+            // Application-data records (TLS 1.3 seals the tickets as such too).
+            let sealed: Vec<usize> = client
+                .records()
+                .into_iter()
+                .filter(|&(kind, _)| kind == 23)
+                .map(|(_, len)| len)
+                .collect();
+            let full = sealed.iter().filter(|&&len| len == 16 * 1024 + 17).count();
+            assert!(
+                sealed.len() <= expected.len().div_ceil(16 * 1024) + calls + 2
+                    && full >= expected.len() / (16 * 1024) - calls,
+                "{} bytes in records of {sealed:?}",
+                expected.len()
+            );
 
             // And the other way, then the client's close_notify reads as the end.
             client.write(b"ping").await;
@@ -447,6 +494,164 @@ mod tests {
             client.close_notify().await;
             let (n, _) = server.read(Vec::with_capacity(64)).await;
             assert_eq!(n.unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn frames_are_sealed_into_full_records_and_survive_partial_writes() {
+        thousand_frames_through_partial_writes(vec![16 * 1024]);
+    }
+
+    #[test]
+    fn a_client_reading_in_pieces_of_any_size_gets_the_same_bytes() {
+        thousand_frames_through_partial_writes(vec![1, 7, 100, 999, 5000, 17 * 1024, 3]);
+    }
+
+    #[test]
+    fn a_record_split_across_reads_is_kept_until_whole_then_nothing_is_held() {
+        run(async {
+            let (server_config, client_config) = mem::tls_configs();
+            let (client, server) = connect(&server_config, &client_config, 64 * 1024).await;
+            let server = Rc::new(server.unwrap());
+            let reader = tokio::task::spawn_local({
+                let server = server.clone();
+                async move {
+                    let scratch = RefCell::new(vec![0; 17 * 1024]);
+                    let n = server.read_ready(&scratch).await.unwrap();
+                    let got = scratch.borrow()[..n].to_vec();
+                    got
+                }
+            });
+            let record = client.seal(b"half and half");
+            write_all(client.conn(), Bytes::copy_from_slice(&record[..9]))
+                .await
+                .unwrap();
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(
+                server.partial.borrow().len(),
+                9,
+                "the start, waiting for the rest"
+            );
+            write_all(client.conn(), Bytes::copy_from_slice(&record[9..]))
+                .await
+                .unwrap();
+            assert_eq!(reader.await.unwrap(), b"half and half");
+            for cell in [&server.partial, &server.plain, &server.queued] {
+                assert_eq!(
+                    cell.borrow().capacity(),
+                    0,
+                    "an idle connection holds no buffer"
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn sessions_resume_with_a_ticket_until_its_key_has_rotated_out() {
+        run(async {
+            let dir = tempfile::tempdir().unwrap();
+            let pem = dir.path().join("cert.pem");
+            let tls = ServerTls::new(certs::self_signed(&pem).unwrap().0, false).unwrap();
+            let client_config = certs::client_config_trusting(&pem).unwrap();
+
+            let (first, server) = connect(&tls.config, &client_config, 64 * 1024).await;
+            assert_eq!(first.handshake_kind(), Some(rustls::HandshakeKind::Full));
+            // Reading brings the client the tickets sent after the handshake.
+            write_all(&server.unwrap(), Bytes::from_static(b"hi"))
+                .await
+                .unwrap();
+            assert_eq!(first.read_plain(2).await, b"hi");
+
+            tls.tickets.rotate(); // the ticket's key is now the previous one: still opens
+            let (second, server) = connect(&tls.config, &client_config, 64 * 1024).await;
+            assert_eq!(
+                second.handshake_kind(),
+                Some(rustls::HandshakeKind::Resumed)
+            );
+            server.unwrap();
+
+            tls.tickets.rotate(); // and now gone
+            let (third, server) = connect(&tls.config, &client_config, 64 * 1024).await;
+            assert_eq!(third.handshake_kind(), Some(rustls::HandshakeKind::Full));
+            server.unwrap();
+        });
+    }
+
+    #[test]
+    fn tls12_clients_work_unless_the_relay_takes_tls13_only() {
+        run(async {
+            let dir = tempfile::tempdir().unwrap();
+            let pem = dir.path().join("cert.pem");
+            let (cert, _) = certs::self_signed(&pem).unwrap();
+            let tls12 = {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in rustls_pemfile::certs(&mut &std::fs::read(&pem).unwrap()[..]) {
+                    roots.add(c.unwrap()).unwrap();
+                }
+                let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_protocol_versions(&[&rustls::version::TLS12])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+                Arc::new(cfg)
+            };
+            let both = ServerTls::new(cert.clone(), false).unwrap();
+            let (client, server) = connect(&both.config, &tls12, 1000).await;
+            let server = server.unwrap();
+            let payload = vec![b'z'; 50_000];
+            let span = Span::from(Bytes::from(payload.clone()));
+            let (_, got) = tokio::join!(
+                write_spans(&server, vec![span]),
+                client.read_plain(payload.len())
+            );
+            assert_eq!(got, payload);
+
+            let only13 = ServerTls::new(cert, true).unwrap();
+            let (c, s) = mem::pair(64 * 1024);
+            let client = TlsClient::new(c, tls12);
+            let accept = TlsConn::accept(s, only13.config.clone(), Rc::default());
+            let (refused, ()) = tokio::join!(accept, async {
+                client.write(b"").await;
+            });
+            assert_eq!(refused.err().unwrap().kind(), io::ErrorKind::InvalidData);
+        });
+    }
+
+    #[test]
+    fn a_new_certificate_serves_new_handshakes_and_established_streams_keep_flowing() {
+        run(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (old_pem, new_pem) = (dir.path().join("old.pem"), dir.path().join("new.pem"));
+            let tls = ServerTls::new(certs::self_signed(&old_pem).unwrap().0, false).unwrap();
+            let (new_cert, _) = certs::self_signed(&new_pem).unwrap();
+            let both = dir.path().join("both.pem");
+            let pems = [
+                std::fs::read(&old_pem).unwrap(),
+                std::fs::read(&new_pem).unwrap(),
+            ];
+            std::fs::write(&both, pems.concat()).unwrap();
+            let client_config = certs::client_config_trusting(&both).unwrap();
+
+            let (old_client, old_server) = connect(&tls.config, &client_config, 64 * 1024).await;
+            let old_server = old_server.unwrap();
+            tls.set_certificate(new_cert);
+            let (new_client, new_server) = connect(&tls.config, &client_config, 64 * 1024).await;
+            new_server.unwrap();
+            let der = |pem: &std::path::Path| {
+                let pem = std::fs::read(pem).unwrap();
+                let first = rustls_pemfile::certs(&mut &pem[..]).next();
+                first.unwrap().unwrap().to_vec()
+            };
+            assert_eq!(old_client.peer_certificate(), der(&old_pem));
+            assert_eq!(new_client.peer_certificate(), der(&new_pem));
+            write_all(&old_server, Bytes::from_static(b"still here"))
+                .await
+                .unwrap();
+            assert_eq!(old_client.read_plain(10).await, b"still here");
         });
     }
 

@@ -233,6 +233,15 @@ impl Relay {
         self.dir.path()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the relay has logged so far (started with `start_logged`).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("relay.log")).unwrap_or_default()
+    }
+
     /// Runs a `krux-relay` command against this relay's data dir.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin())
