@@ -31,9 +31,11 @@ use rustls::unbuffered::{
 use super::{write_all, Conn};
 use crate::frame::Span;
 
-/// Plaintext sealed per gathered write: four full records. Bounds the reactor's buffers
-/// and what a backed-up subscriber's connection holds.
-pub const WRITE_MAX: usize = 64 * 1024;
+/// Plaintext sealed per gathered write (16 full records). Large writes are what keep the
+/// kernel's per-packet costs as low as plaintext's (measured: 64 KiB wrote ~125 frames a
+/// call against plaintext's ~340, and cost 25% more CPU per delivery); it bounds the
+/// reactor's buffers and what a backed-up subscriber's connection holds.
+pub const WRITE_MAX: usize = 256 * 1024;
 
 fn tls_err(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
