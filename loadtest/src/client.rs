@@ -61,6 +61,9 @@ pub struct Counters {
     pub reconnects: AtomicU64,
     pub reconnect_latency: Mutex<Histogram<u64>>,
     pub duplicates: AtomicU64,
+    /// TLS handshakes made in full, and resumed with a session ticket.
+    pub tls_full: AtomicU64,
+    pub tls_resumed: AtomicU64,
 }
 
 /// What the run tells its tasks.
@@ -90,6 +93,8 @@ impl Shared {
                     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
                 ),
                 duplicates: AtomicU64::new(0),
+                tls_full: AtomicU64::new(0),
+                tls_resumed: AtomicU64::new(0),
             },
             control: Control {
                 measuring: AtomicBool::new(false),
@@ -124,6 +129,7 @@ pub async fn connect(
     query: &str,
     tls: Option<&tokio_rustls::TlsConnector>,
     since: Option<u64>,
+    counts: &Counters,
 ) -> anyhow::Result<(Box<dyn Stream>, Vec<u8>, Duration)> {
     let t0 = Instant::now();
     let tcp = TcpStream::connect(ws)
@@ -134,7 +140,15 @@ pub async fn connect(
         None => Box::new(tcp),
         Some(c) => {
             let name = rustls::pki_types::ServerName::IpAddress(ws.ip().into());
-            Box::new(c.connect(name, tcp).await.context("TLS handshake")?)
+            let tls = c.connect(name, tcp).await.context("TLS handshake")?;
+            let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            let counter = if resumed {
+                &counts.tls_resumed
+            } else {
+                &counts.tls_full
+            };
+            counter.fetch_add(1, Relaxed);
+            Box::new(tls)
         }
     };
     let mut q = query.to_string();
@@ -222,13 +236,11 @@ pub async fn start_subscribers(
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut connecting = tokio::task::JoinSet::new();
     for (i, q) in queries.iter().enumerate() {
-        let (sem, q, ep) = (sem.clone(), q.clone(), ep.clone());
+        let (sem, q, ep, shared) = (sem.clone(), q.clone(), ep.clone(), shared.clone());
         connecting.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
-            (
-                i,
-                connect(ep.ws, &ep.token, &q, ep.tls.as_ref(), None).await,
-            )
+            let c = connect(ep.ws, &ep.token, &q, ep.tls.as_ref(), None, &shared.counts);
+            (i, c.await)
         });
     }
     let mut hs = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
@@ -334,6 +346,7 @@ pub async fn subscribe(
             &r.query,
             r.ep.tls.as_ref(),
             Some(counter.last_seq),
+            &shared.counts,
         )
         .await
         {

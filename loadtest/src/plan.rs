@@ -82,7 +82,7 @@ impl Threshold {
     }
 }
 
-fn metric_names() -> [&'static str; 13] {
+fn metric_names() -> [&'static str; 16] {
     [
         "loss",
         "duplicates",
@@ -94,6 +94,9 @@ fn metric_names() -> [&'static str; 13] {
         "handshake_p99_ms",
         "closes",
         "reconnects",
+        "reconnect_max_ms",
+        "tls_full_handshakes",
+        "tls_resumed_handshakes",
         "server_cpu_pct",
         "deliveries_per_server_cpu_s",
         "server_rss_mib",
@@ -115,6 +118,9 @@ fn metric(r: &Report, name: &str) -> Option<f64> {
         "handshake_p99_ms" => ms(r.handshake_p99_us),
         "closes" => r.closes_by_code.values().sum::<u64>() as f64,
         "reconnects" => r.reconnects as f64,
+        "reconnect_max_ms" => ms(r.reconnect_max_us),
+        "tls_full_handshakes" => r.tls_full_handshakes as f64,
+        "tls_resumed_handshakes" => r.tls_resumed_handshakes as f64,
         "server_cpu_pct" => server(r.server_cpu_pct)?,
         "deliveries_per_server_cpu_s" => server(r.deliveries_per_server_cpu_s)?,
         "server_rss_mib" => server(r.server_rss_bytes as f64 / 1048576.0)?,

@@ -42,6 +42,14 @@ pub struct Report {
     pub stalled_closes: BTreeMap<u16, u64>,
     pub duplicates: u64,
     pub reconnect_p99_us: u64,
+    /// The slowest reconnect: in a storm, about how long until every subscriber was back.
+    #[serde(default)]
+    pub reconnect_max_us: u64,
+    /// TLS handshakes made in full and resumed with a ticket (connects and reconnects).
+    #[serde(default)]
+    pub tls_full_handshakes: u64,
+    #[serde(default)]
+    pub tls_resumed_handshakes: u64,
     /// Server CPU over the measured interval: seconds and share of one core.
     /// Ended early by Ctrl-C: the figures cover the window until then.
     #[serde(default)]
@@ -104,8 +112,14 @@ impl Report {
         );
         if self.reconnects > 0 {
             s += &format!(
-                "\n  reconnects with since: {} (p99 {} µs), duplicates {}",
-                self.reconnects, self.reconnect_p99_us, self.duplicates
+                "\n  reconnects with since: {} (p99 {} µs, slowest {} µs), duplicates {}",
+                self.reconnects, self.reconnect_p99_us, self.reconnect_max_us, self.duplicates
+            );
+        }
+        if self.tls_full_handshakes + self.tls_resumed_handshakes > 0 {
+            s += &format!(
+                "\n  TLS handshakes: {} full, {} resumed",
+                self.tls_full_handshakes, self.tls_resumed_handshakes
             );
         }
         if !self.stalled_closes.is_empty() {
@@ -187,6 +201,17 @@ impl Report {
             ),
             ("closes by code", format!("{:?}", self.closes_by_code)),
             ("reconnects with since", self.reconnects.to_string()),
+            (
+                "slowest reconnect",
+                format!("{:.1} ms", self.reconnect_max_us as f64 / 1000.0),
+            ),
+            (
+                "TLS handshakes (full / resumed)",
+                format!(
+                    "{} / {}",
+                    self.tls_full_handshakes, self.tls_resumed_handshakes
+                ),
+            ),
             (
                 "measured",
                 format!(

@@ -123,6 +123,7 @@ impl<'a> Connected<'a> {
                 ws: t.ws,
                 token: t.token.clone(),
                 ca_pem: t.ca_pem.clone(),
+                resume: t.resume,
                 queries,
                 sample_every: sc.sample_every,
                 reconnect,
@@ -168,7 +169,8 @@ impl<'a> Connected<'a> {
         };
         let mut stalled = Vec::new();
         for _ in 0..sc.stalled {
-            let (s, _, _) = client::connect(t.ws, &t.token, "", t.tls.as_ref(), None).await?;
+            let (s, _, _) =
+                client::connect(t.ws, &t.token, "", t.tls.as_ref(), None, &shared.counts).await?;
             stalled.push(s);
         }
         Ok(Connected {
@@ -406,10 +408,13 @@ impl Measured<'_> {
         report.closes_by_code = counts.closes.lock().expect("closes lock").clone();
         report.reconnects = counts.reconnects.load(Relaxed);
         report.duplicates = counts.duplicates.load(Relaxed);
-        report.reconnect_p99_us = percentile(
-            &counts.reconnect_latency.lock().expect("latency lock"),
-            0.99,
-        );
+        {
+            let reconnects = counts.reconnect_latency.lock().expect("latency lock");
+            report.reconnect_p99_us = percentile(&reconnects, 0.99);
+            report.reconnect_max_us = reconnects.max();
+        }
+        report.tls_full_handshakes = counts.tls_full.load(Relaxed);
+        report.tls_resumed_handshakes = counts.tls_resumed.load(Relaxed);
         if let (Some(a), Some(b)) = (start.server, end.server) {
             report.server_measured = true;
             report.server_cpu_s = b.cpu_s - a.cpu_s;

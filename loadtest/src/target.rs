@@ -1,14 +1,18 @@
 //! The server under test: attached to by address, or spawned on port 0 (relay, baseline or
 //! limit server) with a fresh data dir and token. Also its CPU time and RSS from /proc.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use krux_testkit::wait_ready_file;
+use rustls::client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue};
+use rustls::pki_types::ServerName;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,13 +65,84 @@ pub struct TargetArgs {
     /// Trust this certificate (PEM) for TLS to a running relay (implies --tls).
     #[arg(long)]
     pub ca_cert: Option<PathBuf>,
+    /// TLS: keep no session tickets, so every handshake is a full one (by default a
+    /// subscriber that reconnects resumes its session with a ticket, as browsers do).
+    #[arg(long)]
+    pub no_resume: bool,
 }
 
-/// A TLS connector trusting exactly the certificates in `pem`.
-pub fn tls_connector(pem: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
-    Ok(tokio_rustls::TlsConnector::from(
-        krux_relay::io::certs::client_config_trusting(pem)?,
-    ))
+/// A TLS connector trusting exactly the certificates in `pem`; with `resume`, reconnects
+/// resume sessions with the tickets earlier connections received.
+pub fn tls_connector(
+    pem: &std::path::Path,
+    resume: bool,
+) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let mut config = (*krux_relay::io::certs::client_config_trusting(pem)?).clone();
+    config.resumption = if resume {
+        rustls::client::Resumption::store(Arc::new(TicketPool::default()))
+    } else {
+        rustls::client::Resumption::disabled()
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Session tickets for every subscriber of a run: rustls's own cache keeps a handful per
+/// server, too few for thousands of subscribers reconnecting at once.
+#[derive(Debug, Default)]
+struct TicketPool {
+    tls13: Mutex<HashMap<ServerName<'static>, VecDeque<Tls13ClientSessionValue>>>,
+    /// Key-exchange hints and TLS 1.2 sessions: rustls's cache does these well.
+    rest: Mutex<Option<rustls::client::ClientSessionMemoryCache>>,
+}
+
+/// Tickets kept per server: two per subscriber of the largest runs.
+const TICKETS: usize = 200_000;
+
+impl TicketPool {
+    fn rest<T>(&self, f: impl FnOnce(&rustls::client::ClientSessionMemoryCache) -> T) -> T {
+        let mut rest = self.rest.lock().expect("ticket pool lock");
+        f(rest.get_or_insert_with(|| rustls::client::ClientSessionMemoryCache::new(TICKETS)))
+    }
+}
+
+impl ClientSessionStore for TicketPool {
+    fn set_kx_hint(&self, server: ServerName<'static>, group: rustls::NamedGroup) {
+        self.rest(|r| r.set_kx_hint(server, group));
+    }
+
+    fn kx_hint(&self, server: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.rest(|r| r.kx_hint(server))
+    }
+
+    fn set_tls12_session(&self, server: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.rest(|r| r.set_tls12_session(server, value));
+    }
+
+    fn tls12_session(&self, server: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.rest(|r| r.tls12_session(server))
+    }
+
+    fn remove_tls12_session(&self, server: &ServerName<'static>) {
+        self.rest(|r| r.remove_tls12_session(server));
+    }
+
+    fn insert_tls13_ticket(&self, server: ServerName<'static>, value: Tls13ClientSessionValue) {
+        let mut all = self.tls13.lock().expect("ticket pool lock");
+        let tickets = all.entry(server).or_default();
+        if tickets.len() == TICKETS {
+            tickets.pop_front();
+        }
+        tickets.push_back(value);
+    }
+
+    fn take_tls13_ticket(&self, server: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+        // The newest: the likeliest to be under the server's current ticket key.
+        self.tls13
+            .lock()
+            .expect("ticket pool lock")
+            .get_mut(server)?
+            .pop_back()
+    }
 }
 
 /// A server ready for traffic.
@@ -80,6 +155,8 @@ pub struct Target {
     pub tls: Option<tokio_rustls::TlsConnector>,
     /// The certificate `tls` trusts (worker processes build their own connector from it).
     pub ca_pem: Option<std::path::PathBuf>,
+    /// Whether TLS sessions resume (`--no-resume` says no).
+    pub resume: bool,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -138,8 +215,13 @@ impl Target {
                 ingest: args.ingest,
                 token,
                 pid: args.pid,
-                tls: args.ca_cert.as_deref().map(tls_connector).transpose()?,
+                tls: args
+                    .ca_cert
+                    .as_deref()
+                    .map(|pem| tls_connector(pem, !args.no_resume))
+                    .transpose()?,
                 ca_pem: args.ca_cert.clone(),
+                resume: !args.no_resume,
                 child: None,
                 _dir: None,
             });
@@ -211,7 +293,10 @@ impl Target {
             (true, Kind::Relay) => Some(dir.path().join("tls-self-signed.pem")),
             (true, other) => bail!("--tls: the {} has no TLS", other.binary()),
         };
-        let tls = ca_pem.as_deref().map(tls_connector).transpose()?;
+        let tls = ca_pem
+            .as_deref()
+            .map(|pem| tls_connector(pem, !args.no_resume))
+            .transpose()?;
         let addr = |k: &str| -> anyhow::Result<SocketAddr> {
             info[k]
                 .as_str()
@@ -227,6 +312,7 @@ impl Target {
             pid: Some(child.id()),
             tls,
             ca_pem,
+            resume: !args.no_resume,
             child: Some(child),
             _dir: Some(dir),
         })

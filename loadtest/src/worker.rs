@@ -34,6 +34,8 @@ pub struct Config {
     pub ws: SocketAddr,
     pub token: String,
     pub ca_pem: Option<PathBuf>,
+    /// TLS sessions resume on reconnect.
+    pub resume: bool,
     /// One filter query per subscriber of this worker.
     pub queries: Vec<String>,
     pub sample_every: u64,
@@ -51,6 +53,10 @@ struct Done {
     closes: std::collections::BTreeMap<u16, u64>,
     duplicates: u64,
     reconnects: u64,
+    #[serde(default)]
+    tls_full: u64,
+    #[serde(default)]
+    tls_resumed: u64,
     /// Reconnect times, as `<hist>`.
     reconnect_latency: String,
 }
@@ -99,7 +105,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let tls = cfg
         .ca_pem
         .as_deref()
-        .map(crate::target::tls_connector)
+        .map(|pem| crate::target::tls_connector(pem, cfg.resume))
         .transpose()?;
     let n = cfg.queries.len();
     let shared = Shared::new(n);
@@ -180,6 +186,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         closes: shared.counts.closes.lock().expect("closes lock").clone(),
         duplicates: shared.counts.duplicates.load(Relaxed),
         reconnects: shared.counts.reconnects.load(Relaxed),
+        tls_full: shared.counts.tls_full.load(Relaxed),
+        tls_resumed: shared.counts.tls_resumed.load(Relaxed),
         reconnect_latency: encode(
             &shared
                 .counts
@@ -234,6 +242,7 @@ impl Workers {
                 ws: template.ws,
                 token: template.token.clone(),
                 ca_pem: template.ca_pem.clone(),
+                resume: template.resume,
                 queries: template.queries[first..first + len].to_vec(),
                 sample_every: template.sample_every,
                 reconnect: template.reconnect,
@@ -287,6 +296,11 @@ impl Workers {
                             }
                             shared.counts.duplicates.fetch_add(done.duplicates, Relaxed);
                             shared.counts.reconnects.fetch_add(done.reconnects, Relaxed);
+                            shared.counts.tls_full.fetch_add(done.tls_full, Relaxed);
+                            shared
+                                .counts
+                                .tls_resumed
+                                .fetch_add(done.tls_resumed, Relaxed);
                             merge(
                                 &mut shared
                                     .counts

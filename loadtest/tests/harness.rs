@@ -313,6 +313,59 @@ fn run_counts_every_delivery_and_writes_its_report() {
     assert!(svg.contains("<svg"), "the plot is an SVG");
 }
 
+/// A TLS reconnect storm: every subscriber comes back with `since`, nothing lost or seen
+/// twice, and every reconnect resumes its session with a ticket — unless the client keeps
+/// none (`--no-resume`), when every handshake is a full one.
+#[test]
+fn a_tls_storm_resumes_every_session_unless_told_not_to() {
+    relay_bin();
+    for resume in [true, false] {
+        let out = tempfile::tempdir().unwrap();
+        let mut args = vec![
+            "run",
+            "--spawn",
+            "relay",
+            "--tls",
+            "--subscribers",
+            "30",
+            "--storm",
+            "--rate",
+            "200",
+            "--warmup",
+            "300ms",
+            "--duration",
+            "2s",
+            "--fail-on-loss",
+            "--out",
+            out.path().to_str().unwrap(),
+        ];
+        if !resume {
+            args.push("--no-resume");
+        }
+        let res = loadtest(&args);
+        assert_success(&res);
+        let r = read_json(&out.path().join("run.json"));
+        assert_eq!(
+            (r["reconnects"].as_u64(), r["lost"].as_u64()),
+            (Some(30), Some(0))
+        );
+        assert_eq!(r["duplicates"], 0);
+        let (full, resumed) = (
+            r["tls_full_handshakes"].as_u64().unwrap(),
+            r["tls_resumed_handshakes"].as_u64().unwrap(),
+        );
+        assert_eq!(full + resumed, 60, "30 connects and 30 reconnects");
+        if resume {
+            assert!(
+                resumed >= 30,
+                "every reconnect resumed: {full} full, {resumed} resumed"
+            );
+        } else {
+            assert_eq!(resumed, 0);
+        }
+    }
+}
+
 #[test]
 fn compare_runs_all_three_and_reports_medians_and_ratios() {
     relay_bin();
