@@ -4,7 +4,7 @@
 //! between two runs of N and 2N iterations is N iterations of steady state.
 //!
 //! ```sh
-//! target/release/examples/instruction_counts <ingest_batch|validate_frame|index_match|enqueue_1k> N
+//! target/release/examples/instruction_counts <ingest_batch|validate_frame|index_match|enqueue_1k|seal_64> N
 //! ```
 
 use std::hint::black_box;
@@ -13,10 +13,12 @@ use std::sync::Arc;
 use krux_relay::event::{FilterKeys, Validator};
 use krux_relay::filter::SubscriberIndex;
 use krux_relay::fleet::Fleet;
-use krux_relay::frame::FrameArena;
+use krux_relay::frame::{FrameArena, Span};
 use krux_relay::ingest::{LineSplitter, Pipeline, SeqAllocator};
+use krux_relay::io::{certs, tls};
 use krux_relay::reactor::Outbox;
 use krux_relay::ring::FrameRing;
+use rustls::server::UnbufferedServerConnection;
 
 #[path = "../benches/support/mod.rs"]
 mod support;
@@ -115,6 +117,57 @@ impl Step for Enqueue1k {
     }
 }
 
+/// A TLS subscriber's write: 64 frames, each its own span (gathered, the costlier case),
+/// sealed into records in the reactor's buffer.
+struct Seal64(UnbufferedServerConnection, tls::Buffers, Vec<Span>);
+
+impl Step for Seal64 {
+    fn run(&mut self, _i: u64) {
+        black_box(self.1.seal(&mut self.0, &[], &self.2).expect("sealed"));
+    }
+}
+
+/// A server connection past its handshake with an in-memory rustls client.
+fn established() -> UnbufferedServerConnection {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pem = dir.path().join("cert.pem");
+    let (cert, _) = certs::self_signed(&pem).expect("certificate");
+    let config = certs::ServerTls::new(cert, false).expect("config").config;
+    let trust = certs::client_config_trusting(&pem).expect("trust");
+    let name = "localhost".try_into().expect("name");
+    let mut client = rustls::ClientConnection::new(trust, name).expect("client");
+    let mut server = UnbufferedServerConnection::new(config).expect("server");
+    let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+    let (mut plain, mut closed) = (Vec::new(), false);
+    loop {
+        while client.wants_write() {
+            client.write_tls(&mut to_server).expect("client flight");
+        }
+        let done = tls::handshake(
+            &mut server,
+            &mut to_server,
+            &mut to_client,
+            &mut plain,
+            &mut closed,
+        )
+        .expect("handshake");
+        client.read_tls(&mut &to_client[..]).expect("server flight");
+        client.process_new_packets().expect("server flight");
+        to_client.clear();
+        if done {
+            return server;
+        }
+    }
+}
+
+fn seal_64() -> Seal64 {
+    let mut arena = FrameArena::new();
+    let spans = (0..64u64)
+        .map(|i| Span::event(&arena.event_frame(LINE.as_bytes(), None, i + 1)))
+        .collect();
+    Seal64(established(), tls::Buffers::default(), spans)
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let name = args.next().unwrap_or_default();
@@ -128,9 +181,10 @@ fn main() {
             FrameArena::new(),
             Vec::new(),
         )),
+        "seal_64" => Box::new(seal_64()),
         other => {
             eprintln!(
-                "unknown step `{other}`: ingest_batch, validate_frame, index_match, enqueue_1k"
+                "unknown step `{other}`: ingest_batch, validate_frame, index_match, enqueue_1k, seal_64"
             );
             std::process::exit(2);
         }

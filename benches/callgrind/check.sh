@@ -32,7 +32,7 @@ cpu=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx2|avx512f|avx
 
 declare -A per
 # step and N: enough iterations that one costs a stable share of the difference.
-for spec in ingest_batch:40 validate_frame:2000 index_match:2000 enqueue_1k:640; do
+for spec in ingest_batch:40 validate_frame:2000 index_match:2000 enqueue_1k:640 seal_64:200; do
   step=${spec%%:*} n=${spec##*:}
   one=$(count "$step" "$n")
   two=$(count "$step" $((2 * n)))
@@ -51,7 +51,7 @@ if [ "${1:-}" = --update ]; then
   {
     [ -n "$others" ] && echo "$others"
     echo "cpu $cpu"
-    for step in ingest_batch validate_frame index_match enqueue_1k; do echo "$step ${per[$step]}"; done
+    for step in ingest_batch validate_frame index_match enqueue_1k seal_64; do echo "$step ${per[$step]}"; done
   } >"$tmp/baseline"
   mv "$tmp/baseline" "$baseline"
   echo "baseline written:"; cat "$baseline"

@@ -168,6 +168,30 @@ fn step(
     }
 }
 
+/// Feeds the handshake the records at the start of `incoming` (consumed from it): what
+/// to send is appended to `outgoing` (on a failure, the alert saying why), plaintext that
+/// came with the client's last flight to `plain`. Returns whether the handshake is done.
+pub fn handshake(
+    tls: &mut UnbufferedServerConnection,
+    incoming: &mut Vec<u8>,
+    outgoing: &mut Vec<u8>,
+    plain: &mut Vec<u8>,
+    closed: &mut bool,
+) -> io::Result<bool> {
+    let mut out = Out {
+        used: outgoing.len(),
+        buf: outgoing,
+    };
+    let (consumed, next) = step(tls, incoming, plain, &mut out, closed);
+    incoming.drain(..consumed);
+    if next.is_err() {
+        alert(tls, &mut out);
+    }
+    let used = out.used;
+    outgoing.truncate(used);
+    Ok(matches!(next?, Next::Ready) && !tls.is_handshaking())
+}
+
 /// After a failure: the alert rustls queued saying why.
 fn alert(tls: &mut UnbufferedServerConnection, out: &mut Out<'_>) {
     while let Ok(ConnectionState::EncodeTlsData(mut s)) = tls.process_tls_records(&mut []).state {
@@ -220,21 +244,17 @@ impl<C: Conn> TlsConn<C> {
         let (mut incoming, mut outgoing) = (Vec::with_capacity(4096), Vec::new());
         let (mut plain, mut closed) = (Vec::new(), false);
         loop {
-            let mut out = Out {
-                buf: &mut outgoing,
-                used: 0,
-            };
-            let (consumed, next) = step(&mut tls, &mut incoming, &mut plain, &mut out, &mut closed);
-            incoming.drain(..consumed);
-            if next.is_err() {
-                alert(&mut tls, &mut out);
-            }
-            let used = out.used;
-            if used > 0 {
-                outgoing.truncate(used);
+            let done = handshake(
+                &mut tls,
+                &mut incoming,
+                &mut outgoing,
+                &mut plain,
+                &mut closed,
+            );
+            if !outgoing.is_empty() {
                 write_all(&inner, Bytes::from(std::mem::take(&mut outgoing))).await?;
             }
-            if matches!(next?, Next::Ready) && !tls.is_handshaking() {
+            if done? {
                 break;
             }
             let (res, buf) = inner.read(incoming).await;
@@ -315,7 +335,27 @@ impl<C: Conn> TlsConn<C> {
     /// writes them without waiting. Returns the plaintext bytes taken, and the ciphertext
     /// the socket did not take (copied out of the reactor's buffer).
     fn seal_and_send(&self, bufs: &[Span]) -> io::Result<(usize, Option<Vec<u8>>)> {
-        let mut staged = self.buffers.plain.borrow_mut();
+        let queued = std::mem::take(&mut *self.queued.borrow_mut());
+        let (taken, len) = self
+            .buffers
+            .seal(&mut self.tls.borrow_mut(), &queued, bufs)?;
+        let sealed = self.buffers.sealed(len);
+        let sent = self.inner.try_write(&sealed)?;
+        Ok((taken, (sent < len).then(|| sealed[sent..].to_vec())))
+    }
+}
+
+impl Buffers {
+    /// Seals up to `WRITE_MAX` bytes of `bufs` for `tls` into the ciphertext buffer, after
+    /// `queued` (records already made). Returns the plaintext bytes taken and the length of
+    /// the ciphertext. No I/O: the instruction-count gate measures it.
+    pub fn seal(
+        &self,
+        tls: &mut UnbufferedServerConnection,
+        queued: &[u8],
+        bufs: &[Span],
+    ) -> io::Result<(usize, usize)> {
+        let mut staged = self.plain.borrow_mut();
         // One run (the common case: consecutive frames of one chunk) needs no gathering.
         let plain: &[u8] = if bufs.len() == 1 || bufs[0].len() >= WRITE_MAX {
             &bufs[0][..bufs[0].len().min(WRITE_MAX)]
@@ -330,28 +370,27 @@ impl<C: Conn> TlsConn<C> {
             }
             &staged
         };
-        let mut cipher = self.buffers.cipher.borrow_mut();
+        let mut cipher = self.cipher.borrow_mut();
         let mut out = Out {
             buf: &mut cipher,
             used: 0,
         };
-        let queued = std::mem::take(&mut *self.queued.borrow_mut());
         if !queued.is_empty() {
             out.put(|b| match b.get_mut(..queued.len()) {
                 Some(b) => {
-                    b.copy_from_slice(&queued);
+                    b.copy_from_slice(queued);
                     Ok(queued.len())
                 }
                 None => Err(Some(queued.len())),
             })?;
         }
-        seal(&mut self.tls.borrow_mut(), plain, &mut out)?;
-        let sealed = &out.buf[..out.used];
-        let sent = self.inner.try_write(sealed)?;
-        Ok((
-            plain.len(),
-            (sent < sealed.len()).then(|| sealed[sent..].to_vec()),
-        ))
+        seal(tls, plain, &mut out)?;
+        Ok((plain.len(), out.used))
+    }
+
+    /// The ciphertext `seal` made.
+    pub fn sealed(&self, len: usize) -> std::cell::Ref<'_, [u8]> {
+        std::cell::Ref::map(self.cipher.borrow(), |c| &c[..len])
     }
 }
 
