@@ -119,7 +119,7 @@ impl Step for Enqueue1k {
 
 /// A TLS subscriber's write: 64 frames, each its own span (gathered, the costlier case),
 /// sealed into records in the reactor's buffer.
-struct Seal64(UnbufferedServerConnection, tls::Buffers, Vec<Span>);
+struct Seal64(tls::Session, tls::Buffers, Vec<Span>);
 
 impl Step for Seal64 {
     fn run(&mut self, _i: u64) {
@@ -165,7 +165,12 @@ fn seal_64() -> Seal64 {
     let spans = (0..64u64)
         .map(|i| Span::event(&arena.event_frame(LINE.as_bytes(), None, i + 1)))
         .collect();
-    Seal64(established(), tls::Buffers::default(), spans)
+    let session = tls::Session::established(established()).expect("established");
+    assert!(
+        matches!(session, tls::Session::Own(_)),
+        "TLS 1.3 records are the relay's"
+    );
+    Seal64(session, tls::Buffers::default(), spans)
 }
 
 fn main() {

@@ -46,6 +46,8 @@ impl ServerTls {
         // Resumption state lives in the tickets the clients hold, not in the relay.
         config.ticketer = tickets.clone();
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        // TLS 1.3 records are the relay's own once the handshake is done (`io::tls13`).
+        config.enable_secret_extraction = true;
         Ok(ServerTls {
             config: Arc::new(config),
             cert: live,

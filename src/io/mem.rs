@@ -239,6 +239,12 @@ impl TlsClient {
         out
     }
 
+    /// Sends a KeyUpdate asking the server to update its key too.
+    pub async fn refresh_traffic_keys(&self) {
+        self.tls.borrow_mut().refresh_traffic_keys().unwrap();
+        self.flush().await;
+    }
+
     pub fn conn(&self) -> &MemConn {
         &self.conn
     }
@@ -267,8 +273,12 @@ impl TlsClient {
         }
         self.raw.borrow_mut().extend_from_slice(&cipher);
         let mut tls = self.tls.borrow_mut();
-        tls.read_tls(&mut &cipher[..]).unwrap();
-        tls.process_new_packets().unwrap();
+        // read_tls may take part of what it is given.
+        let mut rest = &cipher[..];
+        while !rest.is_empty() {
+            tls.read_tls(&mut rest).unwrap();
+            tls.process_new_packets().unwrap();
+        }
         true
     }
 

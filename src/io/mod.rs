@@ -12,6 +12,7 @@ pub mod epoll;
 #[cfg(test)]
 pub mod mem;
 pub mod tls;
+pub mod tls13;
 pub mod uring;
 
 use std::cell::RefCell;

@@ -1,18 +1,20 @@
-//! TLS for port 7701: rustls's unbuffered (sans-IO, caller-buffered) server connection over
-//! any `Conn`, so it works the same on both backends. The reactor owns the socket; rustls
-//! owns the TLS state and nothing else: an idle TLS subscriber holds its session keys and
-//! state, and no buffer. The certificates and configs come from `io::certs`.
+//! TLS for port 7701, over any `Conn`, so it works the same on both backends. The reactor
+//! owns the socket; rustls's unbuffered (sans-IO, caller-buffered) server connection runs
+//! the handshake. Once a TLS 1.3 handshake is done, the records are the relay's own over
+//! the keys rustls negotiated (`io::tls13`); TLS 1.2 stays with rustls. Either way an idle
+//! TLS subscriber holds its session keys and state, and no buffer. The certificates and
+//! configs come from `io::certs`.
 //!
-//! Writing: a gathered write's frames (shared, as for plaintext) are copied into the
-//! reactor's plaintext buffer, up to `WRITE_MAX`, and sealed into as few records as the
-//! 16 KiB record limit allows, in the reactor's ciphertext buffer: both buffers are reused
-//! by every subscriber of the reactor, so a write allocates nothing. The records go out
-//! with one write that does not wait; only what the socket did not take is copied into a
-//! buffer of the connection's own, written before the call returns (a backed-up socket).
+//! Writing: a gathered write's frames (shared, as for plaintext) are sealed, up to
+//! `WRITE_MAX`, into as few records as the 16 KiB record limit allows, in the reactor's
+//! ciphertext buffer, reused by every subscriber of the reactor, so a write allocates
+//! nothing. The records go out with one write that does not wait; only what the socket did
+//! not take is copied into a buffer of the connection's own, written before the call
+//! returns (a backed-up socket).
 //!
-//! Reading: ciphertext lands in the reactor's shared read buffer and is decrypted from
-//! there; only an incomplete record is kept (copied) by the connection until the rest
-//! arrives. TLS messages the read side produces (a key update's answer, an alert) are
+//! Reading: ciphertext lands in the reactor's shared read buffer and is decrypted there;
+//! only an incomplete record is kept (copied) by the connection until the rest arrives.
+//! TLS messages the read side produces (rustls's answer to a key update, an alert) are
 //! queued on the connection and go out first with the writer's next write, so records are
 //! only ever written by one task, in order.
 
@@ -28,6 +30,7 @@ use rustls::unbuffered::{
     ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
 };
 
+use super::tls13::Records;
 use super::{write_all, Conn};
 use crate::frame::Span;
 
@@ -218,9 +221,28 @@ fn seal(tls: &mut UnbufferedServerConnection, plain: &[u8], out: &mut Out<'_>) -
     }
 }
 
+/// A connection's TLS state: rustls's connection (for the handshake, and for TLS 1.2 for
+/// the connection's life) or, once a TLS 1.3 handshake is done, the relay's own record
+/// layer over the keys rustls negotiated (`io::tls13`).
+pub enum Session {
+    Rustls(Box<UnbufferedServerConnection>),
+    Own(Box<Records>),
+}
+
+impl Session {
+    /// What an established connection runs on: its records taken over when it can.
+    pub fn established(tls: UnbufferedServerConnection) -> io::Result<Session> {
+        Ok(if Records::can_take_over(&tls) {
+            Session::Own(Box::new(Records::take_over(tls)?))
+        } else {
+            Session::Rustls(Box::new(tls))
+        })
+    }
+}
+
 pub struct TlsConn<C> {
     inner: C,
-    tls: RefCell<UnbufferedServerConnection>,
+    tls: RefCell<Session>,
     buffers: Rc<Buffers>,
     /// The start of a record whose end has not arrived (empty and unallocated otherwise).
     partial: RefCell<Vec<u8>>,
@@ -265,7 +287,7 @@ impl<C: Conn> TlsConn<C> {
         }
         Ok(TlsConn {
             inner,
-            tls: RefCell::new(tls),
+            tls: RefCell::new(Session::established(tls)?),
             buffers,
             partial: RefCell::new(incoming.as_slice().to_vec()),
             plain: RefCell::new(plain),
@@ -276,32 +298,39 @@ impl<C: Conn> TlsConn<C> {
 
     /// Decrypts what `fresh` completes (after the connection's partial record, if any).
     fn absorb(&self, fresh: &mut [u8]) -> io::Result<()> {
-        let (mut tls, mut partial) = (self.tls.borrow_mut(), self.partial.borrow_mut());
+        let (mut session, mut partial) = (self.tls.borrow_mut(), self.partial.borrow_mut());
         let (mut plain, mut queued) = (self.plain.borrow_mut(), self.queued.borrow_mut());
         let mut closed = self.closed.get();
         let mut out = Out {
             used: queued.len(),
             buf: &mut queued,
         };
-        let next = if partial.is_empty() {
-            let (consumed, next) = step(&mut tls, fresh, &mut plain, &mut out, &mut closed);
+        let mut process = |buf: &mut [u8]| match &mut *session {
+            Session::Rustls(tls) => {
+                let (consumed, next) = step(tls, buf, &mut plain, &mut out, &mut closed);
+                (consumed, next.map(drop))
+            }
+            Session::Own(records) => records.open(buf, &mut plain, &mut closed),
+        };
+        let res = if partial.is_empty() {
+            let (consumed, res) = process(fresh);
             if consumed < fresh.len() {
                 *partial = fresh[consumed..].to_vec();
             }
-            next
+            res
         } else {
             partial.extend_from_slice(fresh);
-            let (consumed, next) = step(&mut tls, &mut partial, &mut plain, &mut out, &mut closed);
+            let (consumed, res) = process(&mut partial);
             partial.drain(..consumed);
             if partial.is_empty() {
                 *partial = Vec::new(); // an idle connection keeps no buffer
             }
-            next
+            res
         };
         let used = out.used;
         queued.truncate(used);
         self.closed.set(closed);
-        next.map(drop)
+        res
     }
 
     /// Waits until there is plaintext to read, or the end (false).
@@ -351,10 +380,33 @@ impl Buffers {
     /// the ciphertext. No I/O: the instruction-count gate measures it.
     pub fn seal(
         &self,
-        tls: &mut UnbufferedServerConnection,
+        session: &mut Session,
         queued: &[u8],
         bufs: &[Span],
     ) -> io::Result<(usize, usize)> {
+        let mut cipher = self.cipher.borrow_mut();
+        let mut out = Out {
+            buf: &mut cipher,
+            used: 0,
+        };
+        if !queued.is_empty() {
+            out.put(|b| match b.get_mut(..queued.len()) {
+                Some(b) => {
+                    b.copy_from_slice(queued);
+                    Ok(queued.len())
+                }
+                None => Err(Some(queued.len())),
+            })?;
+        }
+        let tls = match session {
+            // Frames go straight into their records.
+            Session::Own(records) => {
+                let plain = bufs.iter().map(|b| &b[..]);
+                let at = out.used;
+                return records.seal(plain, WRITE_MAX, out.buf, at);
+            }
+            Session::Rustls(tls) => tls,
+        };
         let mut staged = self.plain.borrow_mut();
         // One run (the common case: consecutive frames of one chunk) needs no gathering.
         let plain: &[u8] = if bufs.len() == 1 || bufs[0].len() >= WRITE_MAX {
@@ -370,20 +422,6 @@ impl Buffers {
             }
             &staged
         };
-        let mut cipher = self.cipher.borrow_mut();
-        let mut out = Out {
-            buf: &mut cipher,
-            used: 0,
-        };
-        if !queued.is_empty() {
-            out.put(|b| match b.get_mut(..queued.len()) {
-                Some(b) => {
-                    b.copy_from_slice(queued);
-                    Ok(queued.len())
-                }
-                None => Err(Some(queued.len())),
-            })?;
-        }
         seal(tls, plain, &mut out)?;
         Ok((plain.len(), out.used))
     }
@@ -493,6 +531,10 @@ mod tests {
             let (server_config, client_config) = mem::tls_configs();
             let (client, server) = connect(&server_config, &client_config, 1000).await;
             let server = Rc::new(server.unwrap());
+            assert!(
+                matches!(*server.tls.borrow(), Session::Own(_)),
+                "TLS 1.3: the relay's records"
+            );
             client.read_in(read_sizes);
             let frames: Vec<Vec<u8>> = (0..1000u32)
                 .map(|i| vec![b'a' + (i % 26) as u8; 1 + (i as usize * 7919) % 600])
@@ -590,6 +632,54 @@ mod tests {
     }
 
     #[test]
+    fn key_updates_either_way_keep_the_stream_whole() {
+        run(async {
+            let (server_config, client_config) = mem::tls_configs();
+            let (client, server) = connect(&server_config, &client_config, 64 * 1024).await;
+            let server = Rc::new(server.unwrap());
+            // Our side updates its key before every write (a tiny confidentiality limit).
+            if let Session::Own(records) = &mut *server.tls.borrow_mut() {
+                records.limit = 3;
+            }
+            let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+            for round in 0..3 {
+                // The client asks for an update of both keys, then writes under its new one.
+                client.refresh_traffic_keys().await;
+                client.write(format!("ping {round}").as_bytes()).await;
+                let (n, got) = server.read(Vec::with_capacity(64)).await;
+                assert_eq!(&got[..n.unwrap()], format!("ping {round}").as_bytes());
+                let span = Span::from(Bytes::from(payload.clone()));
+                let (_, got) = tokio::join!(
+                    write_spans(&server, vec![span]),
+                    client.read_plain(payload.len())
+                );
+                assert_eq!(got, payload, "round {round}");
+            }
+        });
+    }
+
+    #[test]
+    fn records_that_do_not_decrypt_or_break_the_rules_end_the_connection() {
+        run(async {
+            let (server_config, client_config) = mem::tls_configs();
+            for (what, at, flip) in [
+                ("a flipped bit", 9, 0x40),
+                ("a wrong record type", 0, 0x40),
+                ("a length over 16 KiB + 256", 3, 0xff),
+            ] {
+                let (client, server) = connect(&server_config, &client_config, 64 * 1024).await;
+                let server = server.unwrap();
+                let mut record = client.seal(b"hello");
+                record[at] ^= flip;
+                write_all(client.conn(), Bytes::from(record)).await.unwrap();
+                let scratch = RefCell::new(vec![0; 17 * 1024]);
+                let err = server.read_ready(&scratch).await.expect_err(what);
+                assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{what}: {err}");
+            }
+        });
+    }
+
+    #[test]
     fn sessions_resume_with_a_ticket_until_its_key_has_rotated_out() {
         run(async {
             let dir = tempfile::tempdir().unwrap();
@@ -643,6 +733,10 @@ mod tests {
             let both = ServerTls::new(cert.clone(), false).unwrap();
             let (client, server) = connect(&both.config, &tls12, 1000).await;
             let server = server.unwrap();
+            assert!(
+                matches!(*server.tls.borrow(), Session::Rustls(_)),
+                "TLS 1.2 stays with rustls"
+            );
             let payload = vec![b'z'; 50_000];
             let span = Span::from(Bytes::from(payload.clone()));
             let (_, got) = tokio::join!(
