@@ -15,10 +15,9 @@ use krux_relay::filter::SubscriberIndex;
 use krux_relay::fleet::Fleet;
 use krux_relay::frame::{FrameArena, Span};
 use krux_relay::ingest::{LineSplitter, Pipeline, SeqAllocator};
-use krux_relay::io::{certs, tls};
+use krux_relay::io::tls;
 use krux_relay::reactor::Outbox;
 use krux_relay::ring::FrameRing;
-use rustls::server::UnbufferedServerConnection;
 
 #[path = "../benches/support/mod.rs"]
 mod support;
@@ -127,45 +126,15 @@ impl Step for Seal64 {
     }
 }
 
-/// A server connection past its handshake with an in-memory rustls client.
-fn established() -> UnbufferedServerConnection {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let pem = dir.path().join("cert.pem");
-    let (cert, _) = certs::self_signed(&pem).expect("certificate");
-    let config = certs::ServerTls::new(cert, false).expect("config").config;
-    let trust = certs::client_config_trusting(&pem).expect("trust");
-    let name = "localhost".try_into().expect("name");
-    let mut client = rustls::ClientConnection::new(trust, name).expect("client");
-    let mut server = UnbufferedServerConnection::new(config).expect("server");
-    let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
-    let (mut plain, mut closed) = (Vec::new(), false);
-    loop {
-        while client.wants_write() {
-            client.write_tls(&mut to_server).expect("client flight");
-        }
-        let done = tls::handshake(
-            &mut server,
-            &mut to_server,
-            &mut to_client,
-            &mut plain,
-            &mut closed,
-        )
-        .expect("handshake");
-        client.read_tls(&mut &to_client[..]).expect("server flight");
-        client.process_new_packets().expect("server flight");
-        to_client.clear();
-        if done {
-            return server;
-        }
-    }
-}
-
 fn seal_64() -> Seal64 {
     let mut arena = FrameArena::new();
     let spans = (0..64u64)
         .map(|i| Span::event(&arena.event_frame(LINE.as_bytes(), None, i + 1)))
         .collect();
-    let session = tls::Session::established(established()).expect("established");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (server, client) = support::tls_configs(dir.path());
+    let (tls, _) = support::tls_handshake(&server, &client);
+    let session = tls::Session::established(tls).expect("established");
     assert!(
         matches!(session, tls::Session::Own(_)),
         "TLS 1.3 records are the relay's"

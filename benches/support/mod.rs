@@ -39,3 +39,62 @@ pub fn sample_keys() -> FilterKeys {
         data_session: None,
     }
 }
+
+/// The relay's TLS server config (a fresh self-signed certificate written into `dir`) and
+/// a client config trusting it.
+pub fn tls_configs(
+    dir: &std::path::Path,
+) -> (
+    std::sync::Arc<rustls::ServerConfig>,
+    std::sync::Arc<rustls::ClientConfig>,
+) {
+    use krux_relay::io::certs;
+    let pem = dir.join("cert.pem");
+    let (cert, _) = certs::self_signed(&pem).expect("certificate");
+    let server = certs::ServerTls::new(cert, false).expect("config").config;
+    (server, certs::client_config_trusting(&pem).expect("trust"))
+}
+
+/// A handshake between the relay's server side and an in-memory rustls client (which
+/// resumes when `client` holds a ticket from an earlier one). Returns the established
+/// server connection and the time spent in the server's side alone.
+pub fn tls_handshake(
+    server: &std::sync::Arc<rustls::ServerConfig>,
+    client: &std::sync::Arc<rustls::ClientConfig>,
+) -> (
+    rustls::server::UnbufferedServerConnection,
+    std::time::Duration,
+) {
+    use std::time::{Duration, Instant};
+    let name = "localhost".try_into().expect("name");
+    let mut c = rustls::ClientConnection::new(client.clone(), name).expect("client");
+    let t = Instant::now();
+    let mut s = rustls::server::UnbufferedServerConnection::new(server.clone()).expect("server");
+    let mut server_time = t.elapsed();
+    let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+    let (mut plain, mut closed) = (Vec::new(), false);
+    loop {
+        while c.wants_write() {
+            c.write_tls(&mut to_server).expect("client flight");
+        }
+        let t = Instant::now();
+        let done = krux_relay::io::tls::handshake(
+            &mut s,
+            &mut to_server,
+            &mut to_client,
+            &mut plain,
+            &mut closed,
+        )
+        .expect("handshake");
+        server_time += t.elapsed();
+        let mut flight = &to_client[..];
+        while !flight.is_empty() {
+            c.read_tls(&mut flight).expect("server flight");
+            c.process_new_packets().expect("server flight");
+        }
+        to_client.clear();
+        if done {
+            return (s, server_time.max(Duration::from_nanos(1)));
+        }
+    }
+}
