@@ -42,6 +42,9 @@ pub struct Metrics {
     /// Closes started, by reason (`CloseReason::KINDS`).
     closes: [AtomicU64; CloseReason::KINDS.len()],
     handshakes: [AtomicU64; STATUSES.len()],
+    /// TLS handshakes completed: full, and resumed with a session ticket.
+    pub tls_full: AtomicU64,
+    pub tls_resumed: AtomicU64,
     /// Cluster mode (`--nats`); `None` standalone.
     pub cluster: Option<ClusterMetrics>,
 }
@@ -262,6 +265,19 @@ impl Metrics {
                 self.handshakes[i].load(Relaxed)
             );
         }
+        let _ = writeln!(out, "# HELP krux_tls_handshakes_total TLS handshakes completed on port 7701, full or resumed with a session ticket.\n# TYPE krux_tls_handshakes_total counter");
+        for (kind, n) in [("full", &self.tls_full), ("resumed", &self.tls_resumed)] {
+            let _ = writeln!(
+                out,
+                "krux_tls_handshakes_total{{kind=\"{kind}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP krux_build_info The relay's version.\n# TYPE krux_build_info gauge\nkrux_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         out
     }
 }
@@ -356,6 +372,10 @@ mod tests {
         assert!(text.contains("krux_slow_consumer_closes_total 2"));
         assert!(text.contains("krux_events_in_total{type=\"health_alert\"} 1"));
         assert!(text.contains("krux_handshakes_total{status=\"401\"} 1"));
+        assert!(text.contains(&format!(
+            "krux_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
         assert!(text.contains("krux_reactor_subscribers{reactor=\"1\"} 1"));
         assert!(text.contains("krux_subscribers 1"));
         m.observe_ingest_to_write(std::time::Duration::from_micros(300));

@@ -209,6 +209,17 @@ async fn renewed_certificate_files_serve_new_handshakes_without_a_restart() {
     // A second connection resumes the session with the ticket the first one got.
     let (_, _, resumed) = subscribe_tls(&relay, resuming.clone()).await;
     assert!(resumed, "the relay's ticket resumes the session");
+    let scrape = metrics(&relay).await;
+    let tls_handshakes = |kind: &str| {
+        metric_value(
+            &scrape,
+            &format!("krux_tls_handshakes_total{{kind=\"{kind}\"}}"),
+        )
+    };
+    assert_eq!(
+        (tls_handshakes("full"), tls_handshakes("resumed")),
+        (Some(1), Some(1))
+    );
 
     // Renewal: the certificate first, its key a moment later (a mismatched pair between).
     replace(&cert, &b.0);

@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::ingest::{block, publish, publish_split};
-use crate::target::{proc_sample, READY_WITHIN};
+use crate::target::{admin_get, proc_sample, READY_WITHIN};
 use krux_testkit::wait_ready_file;
 use krux_testkit::FrameCounter;
 
@@ -107,19 +107,6 @@ pub struct ClusterReport {
 }
 
 /// `GET path` on a node's admin port: the whole response.
-fn admin_get(admin: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(admin).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    Some(text)
-}
-
 /// Waits (at most 30 s) until a node's `/readyz` answers 200: it consumes the stream.
 fn wait_ready(admin: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);

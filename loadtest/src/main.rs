@@ -156,6 +156,7 @@ fn main() -> anyhow::Result<()> {
                         "--token",
                         "--pid",
                         "--ca-cert",
+                        "--admin",
                         "--spawn",
                     ]
                     .contains(&a.as_str())

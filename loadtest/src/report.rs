@@ -12,11 +12,26 @@ pub struct Point {
     pub t_s: f64,
     pub deliveries_per_s: f64,
     pub p99_us: u64,
+    /// What happened in that second: `storm`, `churn N`, `N closed by the server`.
+    #[serde(default)]
+    pub marks: Vec<String>,
+}
+
+/// Deliveries for one group of subscribers.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Split {
+    pub subscribers: usize,
+    pub expected: u64,
+    pub received: u64,
+    pub lost: u64,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     pub target: String,
+    /// Addresses, TLS, and the relay's version when its admin port answered.
+    #[serde(default)]
+    pub target_info: crate::target::TargetInfo,
     pub scenario: serde_json::Value,
     pub subscribers_connected: usize,
     pub handshakes_per_s: f64,
@@ -26,8 +41,15 @@ pub struct Report {
     pub deliveries_per_s: f64,
     pub expected_deliveries: u64,
     pub received_deliveries: u64,
-    /// Expected minus received, over subscribers that were not closed by the server.
+    /// Expected minus received, over every subscriber (one the server closed included).
     pub lost: u64,
+    /// The same per filter class (`all`, `type`, `agent`, `session`)…
+    #[serde(default)]
+    pub by_filter: BTreeMap<String, Split>,
+    /// …and for subscribers that reconnected (`churning`: churn, storm) and the rest
+    /// (`healthy`).
+    #[serde(default)]
+    pub by_health: BTreeMap<String, Split>,
     pub rejected_events: u64,
     pub latency_p50_us: u64,
     pub latency_p99_us: u64,
@@ -142,12 +164,16 @@ impl Report {
         if !self.timeline.is_empty() {
             self.plot(&dir.join(format!("{stem}.svg")))?;
             // The per-second timeline, for a spreadsheet.
-            let csv: String = std::iter::once("t_s,deliveries_per_s,p99_us\n".to_string())
-                .chain(
-                    self.timeline
-                        .iter()
-                        .map(|p| format!("{:.3},{:.1},{}\n", p.t_s, p.deliveries_per_s, p.p99_us)),
-                )
+            let csv: String = std::iter::once("t_s,deliveries_per_s,p99_us,marks\n".to_string())
+                .chain(self.timeline.iter().map(|p| {
+                    format!(
+                        "{:.3},{:.1},{},{}\n",
+                        p.t_s,
+                        p.deliveries_per_s,
+                        p.p99_us,
+                        p.marks.join("; ")
+                    )
+                }))
                 .collect();
             std::fs::write(dir.join(format!("{stem}.csv")), csv)?;
             // One file to open or attach: the figures and the plots inline.
@@ -164,8 +190,41 @@ impl Report {
                 .replace('<', "&lt;")
                 .replace('>', "&gt;")
         };
+        let info = &self.target_info;
+        let split = |m: &BTreeMap<String, Split>| {
+            m.iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k}: {} subscribers, loss {} ({}/{})",
+                        v.subscribers, v.lost, v.received, v.expected
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
         let rows = [
             ("target", self.target.clone()),
+            (
+                "addresses",
+                format!(
+                    "{}{} (ingest {}{})",
+                    if info.tls { "wss://" } else { "ws://" },
+                    info.ws,
+                    info.ingest,
+                    info.admin
+                        .as_ref()
+                        .map(|a| format!(", admin {a}"))
+                        .unwrap_or_default()
+                ),
+            ),
+            (
+                "relay version",
+                info.relay_version
+                    .clone()
+                    .unwrap_or_else(|| "unknown (no admin port)".into()),
+            ),
+            ("by filter", split(&self.by_filter)),
+            ("healthy / churning", split(&self.by_health)),
             ("subscribers", self.subscribers_connected.to_string()),
             ("events/s in", format!("{:.0}", self.events_in_per_s)),
             ("deliveries/s out", format!("{:.0}", self.deliveries_per_s)),
@@ -240,6 +299,36 @@ impl Report {
         )
     }
 
+    /// A grey line with its label at each second where a storm, churn or closes happened.
+    fn draw_marks<DB: DrawingBackend>(
+        &self,
+        c: &mut ChartContext<
+            '_,
+            DB,
+            Cartesian2d<
+                plotters::coord::types::RangedCoordf64,
+                plotters::coord::types::RangedCoordf64,
+            >,
+        >,
+        y_max: f64,
+    ) -> anyhow::Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        let marked = || self.timeline.iter().filter(|p| !p.marks.is_empty());
+        c.draw_series(
+            marked().map(|p| PathElement::new(vec![(p.t_s, 0.0), (p.t_s, y_max)], BLACK.mix(0.35))),
+        )?;
+        c.draw_series(marked().map(|p| {
+            Text::new(
+                p.marks.join(", "),
+                (p.t_s, y_max * 0.97),
+                ("sans-serif", 12).into_font().color(&BLACK.mix(0.7)),
+            )
+        }))?;
+        Ok(())
+    }
+
     fn plot(&self, path: &Path) -> anyhow::Result<()> {
         let root = SVGBackend::new(path, (900, 900)).into_drawing_area();
         root.fill(&WHITE)?;
@@ -271,6 +360,7 @@ impl Report {
             self.timeline.iter().map(|p| (p.t_s, p.deliveries_per_s)),
             &BLUE,
         ))?;
+        self.draw_marks(&mut c, d_max)?;
 
         let ms = |us: u64| us as f64 / 1000.0;
         let l_max = ms(self
@@ -300,6 +390,7 @@ impl Report {
             self.timeline.iter().map(|p| (p.t_s, ms(p.p99_us))),
             &RED,
         ))?;
+        self.draw_marks(&mut c, l_max)?;
 
         // The distribution with its tail spread out: x is the number of nines of the
         // percentile (0 = 0%, 1 = 90%, 2 = 99%, 3 = 99.9%…), y the latency.
@@ -390,11 +481,13 @@ mod tests {
                     t_s: 1.0,
                     deliveries_per_s: 10.0,
                     p99_us: 50,
+                    marks: vec![],
                 },
                 Point {
                     t_s: 2.0,
                     deliveries_per_s: 12.0,
                     p99_us: 40,
+                    marks: vec!["storm".into(), "3 closed by the server".into()],
                 },
             ],
             cdf: vec![(10, 0.5), (50, 0.99), (80, 1.0)],
@@ -406,7 +499,12 @@ mod tests {
             svg.contains("<svg") && svg.contains("latency by percentile"),
             "{svg}"
         );
-        for label in ["deliveries/s", "99.9%", "seconds into the measured window"] {
+        for label in [
+            "deliveries/s",
+            "99.9%",
+            "seconds into the measured window",
+            "storm, 3 closed by the server",
+        ] {
             assert!(svg.contains(label), "no {label}");
         }
         let html = std::fs::read_to_string(dir.path().join("run.html")).unwrap();
@@ -417,7 +515,7 @@ mod tests {
         let csv = std::fs::read_to_string(dir.path().join("run.csv")).unwrap();
         assert_eq!(
             csv,
-            "t_s,deliveries_per_s,p99_us\n1.000,10.0,50\n2.000,12.0,40\n"
+            "t_s,deliveries_per_s,p99_us,marks\n1.000,10.0,50,\n2.000,12.0,40,storm; 3 closed by the server\n"
         );
         let back: Report =
             serde_json::from_slice(&std::fs::read(dir.path().join("run.json")).unwrap()).unwrap();

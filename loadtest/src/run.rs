@@ -89,6 +89,8 @@ struct Connected<'a> {
     stalled: Vec<Box<dyn Stream>>,
     rss_before: u64,
     report: Report,
+    /// Per subscriber: asked to reconnect at least once (churn, storm).
+    churned: Vec<bool>,
 }
 
 impl<'a> Connected<'a> {
@@ -160,6 +162,7 @@ impl<'a> Connected<'a> {
         let connect_s = started.elapsed().as_secs_f64();
         let report = Report {
             target: label.clone(),
+            target_info: t.info(),
             scenario: serde_json::to_value(sc)?,
             subscribers_connected: filters.len(),
             handshakes_per_s: filters.len() as f64 / connect_s.max(1e-9),
@@ -177,6 +180,7 @@ impl<'a> Connected<'a> {
             sc,
             t,
             label,
+            churned: vec![false; filters.len()],
             filters,
             work,
             shared,
@@ -282,12 +286,16 @@ impl<'a> Publishing<'a> {
         let mut last_published = start.published;
         let mut stormed = false;
         let mut pick = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut closes_seen = 0;
         while start.at.elapsed() < sc.duration && !interrupted() {
             let left = sc.duration.saturating_sub(start.at.elapsed());
             sleep_unless_interrupted(Duration::from_secs(1).min(left)).await;
+            let mut marks = Vec::new();
             if sc.storm && !stormed && start.at.elapsed() >= sc.duration / 2 {
                 stormed = true;
                 c.subs.storm(&shared).await?;
+                c.churned.iter_mut().for_each(|x| *x = true);
+                marks.push("storm".to_string());
             }
             for _ in 0..sc.churn {
                 pick = pick
@@ -295,6 +303,10 @@ impl<'a> Publishing<'a> {
                     .wrapping_add(1442695040888963407);
                 let i = (pick >> 33) as usize % c.filters.len();
                 c.subs.churn(&shared, i).await?;
+                c.churned[i] = true;
+            }
+            if sc.churn > 0 {
+                marks.push(format!("churn {}", sc.churn));
             }
             let d = shared.counts.delivered.load(Relaxed);
             let rate_now = (d - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-9);
@@ -305,11 +317,6 @@ impl<'a> Publishing<'a> {
                 p
             };
             last = (d, Instant::now());
-            c.report.timeline.push(Point {
-                t_s: start.at.elapsed().as_secs_f64(),
-                deliveries_per_s: rate_now,
-                p99_us: p99,
-            });
             let published = shared.counts.published.load(Relaxed);
             let expected = shared.counts.expected.load(Relaxed);
             let closes: u64 = shared
@@ -319,6 +326,16 @@ impl<'a> Publishing<'a> {
                 .expect("closes lock")
                 .values()
                 .sum();
+            if closes > closes_seen {
+                marks.push(format!("{} closed by the server", closes - closes_seen));
+                closes_seen = closes;
+            }
+            c.report.timeline.push(Point {
+                t_s: start.at.elapsed().as_secs_f64(),
+                deliveries_per_s: rate_now,
+                p99_us: p99,
+                marks,
+            });
             let line = format!(
                 "{:.0}/{:.0} s, {} subscribers, {:.0} events/s, {rate_now:.0} deliveries/s, p99 {p99} µs, {} deliveries in flight, {closes} closed by the server",
                 start.at.elapsed().as_secs_f64(),
@@ -376,10 +393,25 @@ impl Measured<'_> {
         // What each subscriber was owed and did not get is lost, whether the server closed
         // it or not: a run whose subscribers were all dropped lost everything after.
         let mut lost = 0;
-        for (i, (frames, _closed)) in c.subs.finish(&c.shared).await?.into_iter().enumerate() {
-            lost += published.expected(&c.filters[i]).saturating_sub(frames);
-        }
         let mut report = c.report;
+        for (i, (frames, _closed)) in c.subs.finish(&c.shared).await?.into_iter().enumerate() {
+            let expected = published.expected(&c.filters[i]);
+            let missing = expected.saturating_sub(frames);
+            lost += missing;
+            let health = if c.churned[i] { "churning" } else { "healthy" };
+            for split in [
+                report
+                    .by_filter
+                    .entry(c.filters[i].class().into())
+                    .or_default(),
+                report.by_health.entry(health.into()).or_default(),
+            ] {
+                split.subscribers += 1;
+                split.expected += expected;
+                split.received += frames.min(expected);
+                split.lost += missing;
+            }
+        }
         for s in c.stalled {
             let code = client::final_close(s).await;
             *report.stalled_closes.entry(code).or_default() += 1;

@@ -112,6 +112,16 @@ pub enum SubFilter {
 }
 
 impl SubFilter {
+    /// The filter's class, for the report's split.
+    pub fn class(&self) -> &'static str {
+        match self {
+            SubFilter::All => "all",
+            SubFilter::Type(_) => "type",
+            SubFilter::Agent(_) => "agent",
+            SubFilter::Session(_) => "session",
+        }
+    }
+
     pub fn query(&self) -> String {
         match self {
             SubFilter::All => String::new(),

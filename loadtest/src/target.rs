@@ -65,6 +65,9 @@ pub struct TargetArgs {
     /// Trust this certificate (PEM) for TLS to a running relay (implies --tls).
     #[arg(long)]
     pub ca_cert: Option<PathBuf>,
+    /// Admin address of a running relay, for its version in the report.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
     /// TLS: keep no session tickets, so every handshake is a full one (by default a
     /// subscriber that reconnects resumes its session with a ticket, as browsers do).
     #[arg(long)]
@@ -145,6 +148,34 @@ impl ClientSessionStore for TicketPool {
     }
 }
 
+/// `GET path` on an admin port: the whole response, or `None` if it cannot be had.
+pub fn admin_get(admin: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// Where a run went, for its report.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct TargetInfo {
+    pub ws: String,
+    pub ingest: String,
+    pub admin: Option<String>,
+    pub tls: bool,
+    /// TLS sessions resumed on reconnect (false with `--no-resume`).
+    pub tls_resume: bool,
+    /// From the relay's `krux_build_info` (needs its admin port).
+    pub relay_version: Option<String>,
+}
+
 /// A server ready for traffic.
 pub struct Target {
     pub kind: Option<Kind>,
@@ -157,6 +188,8 @@ pub struct Target {
     pub ca_pem: Option<std::path::PathBuf>,
     /// Whether TLS sessions resume (`--no-resume` says no).
     pub resume: bool,
+    /// The relay's admin port, when known (spawned, or `--admin`).
+    pub admin: Option<SocketAddr>,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -198,6 +231,26 @@ fn bin_dir(args: &TargetArgs) -> anyhow::Result<PathBuf> {
 }
 
 impl Target {
+    /// Where this target is, and the relay's version when its admin port answers.
+    pub fn info(&self) -> TargetInfo {
+        let relay_version = self
+            .admin
+            .and_then(|a| admin_get(a, "/metrics"))
+            .and_then(|m| {
+                let line = m.lines().find(|l| l.starts_with("krux_build_info{"))?;
+                let v = line.split("version=\"").nth(1)?.split('"').next()?;
+                Some(v.to_string())
+            });
+        TargetInfo {
+            ws: self.ws.to_string(),
+            ingest: self.ingest.to_string(),
+            admin: self.admin.map(|a| a.to_string()),
+            tls: self.tls.is_some(),
+            tls_resume: self.tls.is_some() && self.resume,
+            relay_version,
+        }
+    }
+
     pub fn open(args: &TargetArgs, kind: Option<Kind>) -> anyhow::Result<Target> {
         let Some(kind) = kind.or(args.spawn) else {
             if args.tls && args.ca_cert.is_none() {
@@ -222,6 +275,7 @@ impl Target {
                     .transpose()?,
                 ca_pem: args.ca_cert.clone(),
                 resume: !args.no_resume,
+                admin: args.admin,
                 child: None,
                 _dir: None,
             });
@@ -313,6 +367,7 @@ impl Target {
             tls,
             ca_pem,
             resume: !args.no_resume,
+            admin: info["admin"].as_str().and_then(|a| a.parse().ok()),
             child: Some(child),
             _dir: Some(dir),
         })

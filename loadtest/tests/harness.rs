@@ -311,6 +311,33 @@ fn run_counts_every_delivery_and_writes_its_report() {
     assert!(!r["timeline"].as_array().unwrap().is_empty());
     let svg = std::fs::read_to_string(out.path().join("run.svg")).unwrap();
     assert!(svg.contains("<svg"), "the plot is an SVG");
+    // Where it ran, and the relay's version from its admin port.
+    let info = &r["target_info"];
+    assert!(
+        info["ws"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{info}"
+    );
+    assert_eq!(info["tls"], false);
+    assert_eq!(info["relay_version"], env!("CARGO_PKG_VERSION"));
+    // Per filter class (the mix drawn 40/20/20/20), each class's figures adding up.
+    let by = &r["by_filter"];
+    let count = |k: &str| by[k]["subscribers"].as_u64().unwrap();
+    let counts = [
+        count("all"),
+        count("type"),
+        count("agent"),
+        count("session"),
+    ];
+    assert!(
+        counts.iter().sum::<u64>() == 40 && counts.iter().all(|&n| n >= 5),
+        "{counts:?}"
+    );
+    let received: u64 = ["all", "type", "agent", "session"]
+        .iter()
+        .map(|k| by[*k]["received"].as_u64().unwrap())
+        .sum();
+    assert_eq!(received, expected);
+    assert_eq!(r["by_health"]["healthy"]["subscribers"], 40);
 }
 
 /// A TLS reconnect storm: every subscriber comes back with `since`, nothing lost or seen
@@ -355,6 +382,23 @@ fn a_tls_storm_resumes_every_session_unless_told_not_to() {
             r["tls_resumed_handshakes"].as_u64().unwrap(),
         );
         assert_eq!(full + resumed, 60, "30 connects and 30 reconnects");
+        assert_eq!(r["target_info"]["tls"], true);
+        assert_eq!(r["target_info"]["tls_resume"], resume);
+        assert_eq!(
+            r["by_health"]["churning"]["subscribers"], 30,
+            "the storm moved them all"
+        );
+        assert_eq!(r["by_health"]["churning"]["lost"], 0);
+        let marks: Vec<&str> = r["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["marks"].as_array().unwrap())
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        assert_eq!(marks, ["storm"], "the storm is marked on the timeline");
+        let csv = std::fs::read_to_string(out.path().join("run.csv")).unwrap();
+        assert!(csv.lines().any(|l| l.ends_with(",storm")), "{csv}");
         if resume {
             assert!(
                 resumed >= 30,
@@ -610,7 +654,7 @@ fn a_passing_plan_exits_0_and_never_overwrites_a_report() {
         assert_eq!(steady["lost"], 0);
         assert_eq!(steady["server_measured"], true);
         let csv = std::fs::read_to_string(out.path().join(expect).join("steady.csv")).unwrap();
-        assert!(csv.starts_with("t_s,deliveries_per_s,p99_us\n") && csv.lines().count() > 1);
+        assert!(csv.starts_with("t_s,deliveries_per_s,p99_us,marks\n") && csv.lines().count() > 1);
     }
     // The two runs side by side.
     let a = out.path().join("reports/steady.json");

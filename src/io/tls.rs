@@ -253,6 +253,8 @@ pub struct TlsConn<C> {
     queued: RefCell<Vec<u8>>,
     /// The peer's close_notify arrived.
     closed: Cell<bool>,
+    /// The handshake resumed a session (with a ticket).
+    resumed: bool,
 }
 
 impl<C: Conn> TlsConn<C> {
@@ -285,8 +287,10 @@ impl<C: Conn> TlsConn<C> {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }
+        let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         Ok(TlsConn {
             inner,
+            resumed,
             tls: RefCell::new(Session::established(tls)?),
             buffers,
             partial: RefCell::new(incoming.as_slice().to_vec()),
@@ -294,6 +298,11 @@ impl<C: Conn> TlsConn<C> {
             queued: RefCell::new(Vec::new()),
             closed: Cell::new(closed),
         })
+    }
+
+    /// Whether the handshake resumed a session with a ticket.
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     /// Decrypts what `fresh` completes (after the connection's partial record, if any).

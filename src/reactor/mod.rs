@@ -218,7 +218,15 @@ async fn serve_tls<C: crate::io::Conn>(
         TlsConn::accept(conn, config, r.tls_buffers.clone()),
     ));
     match hs.await {
-        Ok(Ok(tls)) => subscriber::serve(r, Rc::new(tls), ip).await,
+        Ok(Ok(tls)) => {
+            let metrics = &r.live.metrics;
+            let kind = match tls.resumed() {
+                true => &metrics.tls_resumed,
+                false => &metrics.tls_full,
+            };
+            kind.fetch_add(1, Ordering::Relaxed);
+            subscriber::serve(r, Rc::new(tls), ip).await
+        }
         Ok(Err(e)) => tracing::debug!(%ip, "TLS handshake failed: {e}"),
         Err(_) => tracing::debug!(%ip, "TLS handshake timed out"),
     }
