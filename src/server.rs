@@ -176,7 +176,6 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
     let stop = Arc::new(AtomicBool::new(false));
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => {
-            crate::datadir::check_key(key)?;
             let tls = Arc::new(ServerTls::new(certs::load_pem(cert, key)?, cfg.tls13_only)?);
             // Renewed files (cert-manager, ACME) go into service without a restart.
             certs::watch(

@@ -149,8 +149,10 @@ impl ProducesTickets for TicketKeys {
     }
 }
 
-/// A certificate chain and its key from PEM files, checked to belong together.
+/// A certificate chain and its key from PEM files, checked to belong together, the key
+/// not readable by group or others (at start and on every renewal alike).
 pub fn load_pem(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
+    crate::datadir::check_key(key)?;
     let certs = rustls_pemfile::certs(&mut io::BufReader::new(
         std::fs::File::open(cert).with_context(|| format!("opening {}", cert.display()))?,
     ))
@@ -231,9 +233,7 @@ pub fn watch(
                         continue;
                     }
                     seen = now;
-                    let loaded =
-                        crate::datadir::check_key(&key).and_then(|()| load_pem(&cert, &key));
-                    match loaded {
+                    match load_pem(&cert, &key) {
                         Ok(pair) => {
                             tls.set_certificate(pair);
                             tracing::info!(certificate = %cert.display(), "TLS certificate loaded; new connections use it");
@@ -299,6 +299,8 @@ mod tests {
         let other = rcgen::KeyPair::generate().unwrap();
         let key = dir.path().join("k.pem");
         std::fs::write(&key, other.serialize_pem()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let err = format!("{:#}", load_pem(&cert, &key).err().unwrap());
         assert!(
             err.contains("c.pem") && err.contains("k.pem") && err.contains("usable pair"),
