@@ -82,7 +82,7 @@ pub fn tls_connector(
 ) -> anyhow::Result<tokio_rustls::TlsConnector> {
     let mut config = (*krux_relay::io::certs::client_config_trusting(pem)?).clone();
     config.resumption = if resume {
-        rustls::client::Resumption::store(Arc::new(TicketPool::default()))
+        rustls::client::Resumption::store(Arc::new(TicketPool::new()))
     } else {
         rustls::client::Resumption::disabled()
     };
@@ -91,42 +91,44 @@ pub fn tls_connector(
 
 /// Session tickets for every subscriber of a run: rustls's own cache keeps a handful per
 /// server, too few for thousands of subscribers reconnecting at once.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TicketPool {
     tls13: Mutex<HashMap<ServerName<'static>, VecDeque<Tls13ClientSessionValue>>>,
     /// Key-exchange hints and TLS 1.2 sessions: rustls's cache does these well.
-    rest: Mutex<Option<rustls::client::ClientSessionMemoryCache>>,
+    rest: rustls::client::ClientSessionMemoryCache,
 }
 
 /// Tickets kept per server: two per subscriber of the largest runs.
 const TICKETS: usize = 200_000;
 
 impl TicketPool {
-    fn rest<T>(&self, f: impl FnOnce(&rustls::client::ClientSessionMemoryCache) -> T) -> T {
-        let mut rest = self.rest.lock().expect("ticket pool lock");
-        f(rest.get_or_insert_with(|| rustls::client::ClientSessionMemoryCache::new(TICKETS)))
+    fn new() -> TicketPool {
+        TicketPool {
+            tls13: Mutex::default(),
+            rest: rustls::client::ClientSessionMemoryCache::new(TICKETS),
+        }
     }
 }
 
 impl ClientSessionStore for TicketPool {
     fn set_kx_hint(&self, server: ServerName<'static>, group: rustls::NamedGroup) {
-        self.rest(|r| r.set_kx_hint(server, group));
+        self.rest.set_kx_hint(server, group);
     }
 
     fn kx_hint(&self, server: &ServerName<'_>) -> Option<rustls::NamedGroup> {
-        self.rest(|r| r.kx_hint(server))
+        self.rest.kx_hint(server)
     }
 
     fn set_tls12_session(&self, server: ServerName<'static>, value: Tls12ClientSessionValue) {
-        self.rest(|r| r.set_tls12_session(server, value));
+        self.rest.set_tls12_session(server, value);
     }
 
     fn tls12_session(&self, server: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
-        self.rest(|r| r.tls12_session(server))
+        self.rest.tls12_session(server)
     }
 
     fn remove_tls12_session(&self, server: &ServerName<'static>) {
-        self.rest(|r| r.remove_tls12_session(server));
+        self.rest.remove_tls12_session(server);
     }
 
     fn insert_tls13_ticket(&self, server: ServerName<'static>, value: Tls13ClientSessionValue) {
