@@ -8,33 +8,37 @@ use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-fn client_trusting(pem: &std::path::Path) -> tokio_tungstenite::Connector {
-    tokio_tungstenite::Connector::Rustls(
-        krux_relay::io::certs::client_config_trusting(pem).unwrap(),
+/// Opens `wss://…/events?{query}` with the relay's token as a bearer and `config`'s
+/// trust; the handshake must end within 10 s.
+async fn connect_tls(
+    relay: &Relay,
+    query: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let url = format!("wss://127.0.0.1:{}/events?{query}", relay.ws.port());
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", relay.token).parse().unwrap(),
+    );
+    let connector = tokio_tungstenite::Connector::Rustls(config);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector)),
     )
+    .await
+    .expect("the handshake ends")
+    .map(|(ws, _)| ws)
 }
 
 #[tokio::test]
 async fn wss_with_a_trusted_self_signed_certificate() {
     let relay = Relay::start_with(&["--tls-self-signed"]).await;
     let pem = relay.data_dir().join("tls-self-signed.pem");
-    let url = format!(
-        "wss://127.0.0.1:{}/events?type=health_alert,approval_requested",
-        relay.ws.port()
-    );
-    let mut req = url.as_str().into_client_request().unwrap();
-    req.headers_mut().insert(
-        "Authorization",
-        format!("Bearer {}", relay.token).parse().unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
-        req,
-        None,
-        false,
-        Some(client_trusting(&pem)),
-    )
-    .await
-    .expect("TLS handshake and upgrade");
+    let trust = krux_relay::io::certs::client_config_trusting(&pem).unwrap();
+    let mut ws = connect_tls(&relay, "type=health_alert,approval_requested", trust)
+        .await
+        .expect("TLS handshake and upgrade");
 
     // A client that does not trust the certificate fails the handshake.
     let untrusted =
@@ -134,20 +138,9 @@ async fn subscribe_tls(
     relay: &Relay,
     config: std::sync::Arc<rustls::ClientConfig>,
 ) -> (Ws, Vec<u8>, bool) {
-    let url = format!("wss://127.0.0.1:{}/events", relay.ws.port());
-    let mut req = url.as_str().into_client_request().unwrap();
-    req.headers_mut().insert(
-        "Authorization",
-        format!("Bearer {}", relay.token).parse().unwrap(),
-    );
-    let connector = tokio_tungstenite::Connector::Rustls(config);
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector)),
-    )
-    .await
-    .expect("the handshake finishes")
-    .expect("TLS handshake and upgrade");
+    let ws = connect_tls(relay, "", config)
+        .await
+        .expect("TLS handshake and upgrade");
     let tokio_tungstenite::MaybeTlsStream::Rustls(tls) = ws.get_ref() else {
         panic!("not TLS")
     };
@@ -291,21 +284,9 @@ async fn tls13_only_refuses_tls12_clients_that_the_default_accepts() {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let url = format!("wss://127.0.0.1:{}/events", relay.ws.port());
-        let mut req = url.as_str().into_client_request().unwrap();
-        req.headers_mut().insert(
-            "Authorization",
-            format!("Bearer {}", relay.token).parse().unwrap(),
-        );
-        let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls12));
-        let res = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector)),
-        )
-        .await
-        .expect("the handshake ends");
+        let res = connect_tls(&relay, "", std::sync::Arc::new(tls12)).await;
         assert_eq!(res.is_ok(), !only13, "TLS 1.2 with --tls13-only={only13}");
-        if let Ok((mut ws, _)) = res {
+        if let Ok(mut ws) = res {
             relay.publish(SEED).await;
             assert!(next_event(&mut ws).await["seq"].as_u64().is_some());
         }
