@@ -224,11 +224,13 @@ impl TlsClient {
     }
 
     pub async fn write(&self, plain: &[u8]) {
-        self.tls.borrow_mut().writer().write_all(plain).unwrap();
-        self.flush().await;
+        let out = self.seal(plain);
+        if !out.is_empty() {
+            write_all(&self.conn, Bytes::from(out)).await.unwrap();
+        }
     }
 
-    /// The records `plain` is sealed into, not sent.
+    /// The records `plain` is sealed into (after anything rustls had queued), not sent.
     pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
         let mut tls = self.tls.borrow_mut();
         tls.writer().write_all(plain).unwrap();
@@ -254,14 +256,9 @@ impl TlsClient {
         self.flush().await;
     }
 
+    /// Sends whatever rustls has queued.
     async fn flush(&self) {
-        let mut out = Vec::new();
-        while self.tls.borrow().wants_write() {
-            self.tls.borrow_mut().write_tls(&mut out).unwrap();
-        }
-        if !out.is_empty() {
-            write_all(&self.conn, Bytes::from(out)).await.unwrap();
-        }
+        self.write(b"").await;
     }
 
     /// Takes in what the server sent; false at EOF.
