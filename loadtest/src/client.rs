@@ -64,6 +64,9 @@ pub struct Counters {
     /// TLS handshakes made in full, and resumed with a session ticket.
     pub tls_full: AtomicU64,
     pub tls_resumed: AtomicU64,
+    /// Per subscriber slot: frames its current connection has received (duplicates
+    /// excluded), read at the quiet point so that loss covers the measured window alone.
+    pub frames: Vec<AtomicU64>,
 }
 
 /// What the run tells its tasks.
@@ -73,8 +76,16 @@ pub struct Control {
     /// Publishers stop at this flag, subscribers at `stop` (after the drain).
     pub stop_publishing: AtomicBool,
     pub stop: AtomicBool,
+    /// Publishers hold while this is set (the quiet point before the measured window).
+    pub paused: AtomicBool,
+    /// Events per second over all publishers; 0: as fast as the window allows.
+    pub rate: AtomicU64,
     /// Raised per subscriber to make it reconnect (churn, storm).
     pub churn: Vec<AtomicBool>,
+    /// Per subscriber slot: the life of the connection that holds it. A connection whose
+    /// life is no longer its slot's leaves for good (a stage ramping down); a subscriber
+    /// that joins the slot later starts a new life.
+    pub life: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -95,12 +106,16 @@ impl Shared {
                 duplicates: AtomicU64::new(0),
                 tls_full: AtomicU64::new(0),
                 tls_resumed: AtomicU64::new(0),
+                frames: (0..subscribers).map(|_| AtomicU64::new(0)).collect(),
             },
             control: Control {
                 measuring: AtomicBool::new(false),
                 stop_publishing: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
+                paused: AtomicBool::new(false),
+                rate: AtomicU64::new(0),
                 churn: (0..subscribers).map(|_| AtomicBool::new(false)).collect(),
+                life: (0..subscribers).map(|_| AtomicU64::new(0)).collect(),
             },
         })
     }
@@ -117,12 +132,20 @@ impl Counters {
     }
 }
 
-/// Opens a subscriber: TCP connect and WebSocket upgrade. Returns the stream, the bytes
-/// that followed the 101 head, and the handshake time.
 /// A subscriber's byte stream: plain TCP, or TLS over it.
 pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
+/// A subscription made: the stream, the bytes that followed the 101 head, the handshake
+/// time, and the 101's `Krux-Seq` (the last seq published before it began).
+pub struct Opened {
+    pub stream: Box<dyn Stream>,
+    pub leftover: Vec<u8>,
+    pub took: Duration,
+    pub krux_seq: Option<u64>,
+}
+
+/// Opens a subscriber: TCP connect and WebSocket upgrade.
 pub async fn connect(
     ws: SocketAddr,
     token: &str,
@@ -130,7 +153,7 @@ pub async fn connect(
     tls: Option<&tokio_rustls::TlsConnector>,
     since: Option<u64>,
     counts: &Counters,
-) -> anyhow::Result<(Box<dyn Stream>, Vec<u8>, Duration)> {
+) -> anyhow::Result<Opened> {
     let t0 = Instant::now();
     let tcp = TcpStream::connect(ws)
         .await
@@ -179,7 +202,17 @@ pub async fn connect(
                         .unwrap_or("")
                 );
             }
-            return Ok((s, buf.split_off(end + 4), t0.elapsed()));
+            let krux_seq = String::from_utf8_lossy(&buf[..end]).lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("krux-seq")
+                    .then(|| value.trim().parse().ok())?
+            });
+            return Ok(Opened {
+                stream: s,
+                leftover: buf.split_off(end + 4),
+                took: t0.elapsed(),
+                krux_seq,
+            });
         }
         if buf.len() > 16 * 1024 {
             bail!("handshake response too long");
@@ -219,11 +252,31 @@ pub struct Reconnect {
     pub query: String,
 }
 
-pub type Readers = tokio::task::JoinSet<(usize, (u64, bool))>;
+/// How one subscriber connection (one slot's life) ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SubEnd {
+    /// Frames received (duplicates excluded); once the run is over, those after the
+    /// quiet point that starts the window…
+    pub frames: u64,
+    /// …and those before it (connected before the warm-up).
+    #[serde(default)]
+    pub before: u64,
+    /// The server closed it (or a resume failed).
+    pub closed: bool,
+    /// Joined during the measured window: the 101's `Krux-Seq` (owed what came after).
+    pub joined_after: Option<u64>,
+    /// Left during the window (a stage ramping down): owed what came up to `last_seq`.
+    pub left: bool,
+    /// The seq of its last frame (0 unless seqs are tracked).
+    pub last_seq: u64,
+}
+
+/// Subscriber tasks; each yields its slot and how it ended.
+pub type Readers = tokio::task::JoinSet<(usize, SubEnd)>;
 
 /// Connects one subscriber per filter query, `concurrency` handshakes at a time (calling
-/// `on_connected` after each), then starts reading them all. Returns the readers (each
-/// yields its index and what `subscribe` returns) and the handshake times.
+/// `on_connected` after each), then starts reading them all. Returns the readers and the
+/// handshake times.
 pub async fn start_subscribers(
     ep: &Endpoint,
     queries: &[String],
@@ -247,44 +300,89 @@ pub async fn start_subscribers(
     let mut conns = Vec::with_capacity(queries.len());
     while let Some(r) = connecting.join_next().await {
         let (i, res) = r?;
-        let (s, leftover, took) = res.with_context(|| format!("subscriber {i}"))?;
-        let _ = hs.record((took.as_micros() as u64).max(1));
-        conns.push((i, s, leftover));
+        let opened = res.with_context(|| format!("subscriber {i}"))?;
+        let _ = hs.record((opened.took.as_micros() as u64).max(1));
+        conns.push((i, opened));
         on_connected();
     }
     let mut readers = Readers::new();
-    for (i, s, leftover) in conns {
+    for (i, opened) in conns {
         let reconnect = reconnect.then(|| Reconnect {
             ep: ep.clone(),
             query: queries[i].clone(),
         });
         let shared = shared.clone();
         readers.spawn(async move {
-            let got = subscribe(s, leftover, shared, sample_every, i, reconnect).await;
+            let got = subscribe(opened, shared, sample_every, i, 0, reconnect).await;
             (i, got)
         });
     }
     Ok((readers, hs))
 }
 
-/// Reads one subscriber until it is closed or the run stops; returns the frames received
-/// (duplicates excluded) and whether the server closed the stream. With `reconnect`, it
-/// drops its connection whenever `shared.control.churn[idx]` is raised and resumes with `since`.
+/// A subscriber that joins while the load runs (a stage ramping up) in slot `i`: it
+/// connects, then reads like the others. It tracks seqs, so it can leave with an account.
+pub fn join(readers: &mut Readers, r: Reconnect, shared: Arc<Shared>, sample_every: u64, i: usize) {
+    let life = shared.control.life[i].fetch_add(1, Relaxed) + 1;
+    readers.spawn(async move {
+        let c = connect(
+            r.ep.ws,
+            &r.ep.token,
+            &r.query,
+            r.ep.tls.as_ref(),
+            None,
+            &shared.counts,
+        );
+        match c.await {
+            Ok(opened) => {
+                let joined_after = Some(opened.krux_seq.unwrap_or(0));
+                let end = subscribe(opened, shared, sample_every, i, life, Some(r)).await;
+                (
+                    i,
+                    SubEnd {
+                        joined_after,
+                        ..end
+                    },
+                )
+            }
+            Err(_) => {
+                shared.counts.count_close(0);
+                let end = SubEnd {
+                    closed: true,
+                    joined_after: Some(u64::MAX), // never subscribed: owed nothing
+                    ..SubEnd::default()
+                };
+                (i, end)
+            }
+        }
+    });
+}
+
+/// Reads the subscriber in slot `idx` until it is closed, its `life` is over (it leaves),
+/// or the run stops. With `reconnect`, it tracks seqs, and drops its connection whenever
+/// `shared.control.churn[idx]` is raised and resumes with `since`.
 pub async fn subscribe(
-    mut s: Box<dyn Stream>,
-    leftover: Vec<u8>,
+    opened: Opened,
     shared: Arc<Shared>,
     sample_every: u64,
     idx: usize,
+    life: u64,
     reconnect: Option<Reconnect>,
-) -> (u64, bool) {
+) -> SubEnd {
+    let Opened {
+        stream: mut s,
+        leftover,
+        ..
+    } = opened;
     let mut counter = FrameCounter::new(sample_every, reconnect.is_some());
     let mut buf = vec![0u8; 64 * 1024];
     let mut closed = false;
     let handle = |data: &[u8], counter: &mut FrameCounter, closed: &mut bool| {
         let before = (counter.frames, counter.duplicates);
         counter.feed(data, &mut |seen| match seen {
-            Seen::Text(Some(p)) if shared.control.measuring.load(Relaxed) => {
+            Seen::Text {
+                sample: Some(p), ..
+            } if shared.control.measuring.load(Relaxed) => {
                 if let Some(t) = sent_at(p) {
                     let us = now_ns().saturating_sub(t) / 1000;
                     let mut l = shared.counts.latency.lock().expect("latency lock");
@@ -292,7 +390,7 @@ pub async fn subscribe(
                     let _ = l.interval.record(us.max(1));
                 }
             }
-            Seen::Text(_) => {}
+            Seen::Text { .. } => {}
             Seen::Close(code, _) => {
                 shared.counts.count_close(code);
                 *closed = true;
@@ -304,6 +402,7 @@ pub async fn subscribe(
             .duplicates
             .fetch_add(counter.duplicates - before.1, Relaxed);
         if n > 0 {
+            shared.counts.frames[idx].fetch_add(n, Relaxed);
             shared.counts.delivered.fetch_add(n, Relaxed);
             shared.counts.progress.notify_waiters();
         }
@@ -313,9 +412,14 @@ pub async fn subscribe(
     // read would insert a timer entry per read.
     let tick = tokio::time::sleep(Duration::from_millis(100));
     tokio::pin!(tick);
+    let mut left = false;
     loop {
         let mut asked = false;
         while !closed && !shared.control.stop.load(Relaxed) {
+            if shared.control.life[idx].load(Relaxed) != life {
+                left = true;
+                break;
+            }
             if reconnect.is_some() && shared.control.churn[idx].swap(false, Relaxed) {
                 asked = true;
                 break;
@@ -336,8 +440,15 @@ pub async fn subscribe(
                 Err(_) => {} // idle: re-check stop and churn
             }
         }
+        let end = SubEnd {
+            frames: counter.frames,
+            closed,
+            left,
+            last_seq: counter.last_seq,
+            ..SubEnd::default()
+        };
         let Some(r) = reconnect.as_ref().filter(|_| asked) else {
-            return (counter.frames, closed);
+            return end;
         };
         drop(s);
         match connect(
@@ -350,8 +461,8 @@ pub async fn subscribe(
         )
         .await
         {
-            Ok((next, leftover, took)) => {
-                s = next;
+            Ok(next) => {
+                s = next.stream;
                 counter.new_stream();
                 shared.counts.reconnects.fetch_add(1, Relaxed);
                 let _ = shared
@@ -359,14 +470,86 @@ pub async fn subscribe(
                     .reconnect_latency
                     .lock()
                     .expect("latency lock")
-                    .record((took.as_micros() as u64).max(1));
-                handle(&leftover, &mut counter, &mut closed);
+                    .record((next.took.as_micros() as u64).max(1));
+                handle(&next.leftover, &mut counter, &mut closed);
             }
             Err(_) => {
                 shared.counts.count_close(0);
-                return (counter.frames, true);
+                return SubEnd {
+                    closed: true,
+                    ..end
+                };
             }
         }
+    }
+}
+
+/// What the observer saw: per event, in seq order, its seq and its index in the pool.
+#[derive(Debug, Default)]
+pub struct Observed {
+    pub events: Vec<(u64, u32)>,
+    /// The observer's own stream had a hole (a `replay_gap`) or a frame it could not
+    /// place: counts built on it would be wrong.
+    pub broken: bool,
+}
+
+/// An extra subscriber without filters that records which event every seq carries, so
+/// that a subscriber that joined or left during the window can be told what it was owed
+/// (`Krux-Seq` at its start, its last seq at its end). Its frames are not counted as
+/// deliveries. `last_seq` follows what it has received.
+pub async fn observe(ep: Endpoint, shared: Arc<Shared>, last_seq: Arc<AtomicU64>) -> Observed {
+    let mut seen = Observed::default();
+    let mut counter = FrameCounter::new(1, true);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut since = None;
+    while !shared.control.stop.load(Relaxed) {
+        let Ok(opened) =
+            connect(ep.ws, &ep.token, "", ep.tls.as_ref(), since, &shared.counts).await
+        else {
+            seen.broken = true;
+            break;
+        };
+        let mut s = opened.stream;
+        counter.new_stream();
+        let mut open = seen.feed(&mut counter, &opened.leftover);
+        while open && !shared.control.stop.load(Relaxed) {
+            last_seq.store(counter.last_seq, Relaxed);
+            match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => open = false,
+                Ok(Ok(n)) => open = seen.feed(&mut counter, &buf[..n]),
+                Err(_) => {} // idle: re-check stop
+            }
+        }
+        // Closed by the server: resume where it was.
+        since = Some(counter.last_seq);
+    }
+    seen
+}
+
+impl Observed {
+    /// Records the events in `data`; false once a close frame came.
+    fn feed(&mut self, counter: &mut FrameCounter, data: &[u8]) -> bool {
+        static LI: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"li\":"));
+        let mut open = true;
+        counter.feed(data, &mut |f| match f {
+            Seen::Text { sample, seq } => {
+                let idx = sample.and_then(|p| {
+                    let at = LI.find(p)? + 5;
+                    let digits = p[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+                    std::str::from_utf8(&p[at..at + digits]).ok()?.parse().ok()
+                });
+                match (seq, idx) {
+                    (Some(seq), Some(idx)) => self.events.push((seq, idx)),
+                    // Another publisher's event: nobody here is owed it.
+                    (Some(_), None) => {}
+                    // A `replay_gap`: what it skipped is unknown.
+                    (None, _) => self.broken = true,
+                }
+            }
+            Seen::Close(..) => open = false,
+        });
+        open
     }
 }
 
@@ -398,8 +581,8 @@ pub struct PublisherConfig {
     pub ingest: SocketAddr,
     /// Where in the pool this publisher starts (so publishers send different events).
     pub offset: usize,
-    /// This publisher's events/s; `None`: as fast as the window allows.
-    pub rate: Option<u64>,
+    /// Publishers sharing `shared.control.rate`: this one sends its share.
+    pub publishers: u64,
     /// Events in flight (published, not yet delivered) that all publishers allow.
     pub window: u64,
 }
@@ -407,12 +590,20 @@ pub struct PublisherConfig {
 /// What is published and who should get it, shared by the publishers.
 pub struct Workload {
     pub pool: Pool,
-    pub fanout: Fanout,
-    /// Per filter key, how many events went out (the expected deliveries, afterwards).
-    pub published: Mutex<Published>,
+    pub book: Mutex<Book>,
 }
 
-/// Publishes until `stop_publishing`: at its rate, or as fast as the window allows.
+/// The publishers' accounts, under one lock.
+pub struct Book {
+    /// How many subscribers an event reaches (the window and progress; changes as
+    /// stages add and remove subscribers).
+    pub fanout: Fanout,
+    /// Per filter key, how many events went out (the expected deliveries, afterwards).
+    pub published: Published,
+}
+
+/// Publishes until `stop_publishing`: at the shared rate, or as fast as the window allows;
+/// holds while `paused`.
 pub async fn publish(
     cfg: PublisherConfig,
     work: Arc<Workload>,
@@ -421,10 +612,10 @@ pub async fn publish(
     let PublisherConfig {
         ingest,
         offset,
-        rate,
+        publishers,
         window,
     } = cfg;
-    let (pool, fanout) = (&work.pool, &work.fanout);
+    let pool = &work.pool;
     let s = TcpStream::connect(ingest)
         .await
         .with_context(|| format!("connecting a publisher to {ingest}"))?;
@@ -442,60 +633,72 @@ pub async fn publish(
     });
     let mut i = offset;
     let mut batch = Vec::with_capacity(64 * 1024);
-    let started = Instant::now();
-    let mut sent = 0u64;
+    // At a fixed rate: events owed so far, topped up from the clock (at most a second's
+    // worth, so that a slow write is caught up but a pause is not).
+    let mut credit = 0.0f64;
+    let mut last = Instant::now();
     while !shared.control.stop_publishing.load(Relaxed) {
-        let n = match rate {
-            Some(r) => {
-                let due = (started.elapsed().as_secs_f64() * r as f64) as u64;
-                if due <= sent {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    continue;
-                }
-                (due - sent).min(256)
+        let control = &shared.control;
+        if control.paused.load(Relaxed) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            (credit, last) = (0.0, Instant::now());
+            continue;
+        }
+        let rate = control.rate.load(Relaxed);
+        let n = if rate > 0 {
+            let r = (rate as f64 / publishers as f64).max(1.0);
+            credit = (credit + r * last.elapsed().as_secs_f64()).min(r.max(1.0));
+            last = Instant::now();
+            if credit < 1.0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
             }
-            None => {
-                let expected = shared.counts.expected.load(Relaxed) as f64;
-                let published = shared.counts.published.load(Relaxed) as f64;
-                let delivered = shared.counts.delivered.load(Relaxed) as f64;
-                let avg_fanout = if published > 0.0 {
-                    (expected / published).max(1e-9)
-                } else {
-                    1.0
-                };
-                let in_flight = (expected - delivered) / avg_fanout;
-                let room = window as f64 - in_flight;
-                if room < 1.0 {
-                    // Wait for deliveries (or at most 1 ms, so a stalled run still ends).
-                    let _ = tokio::time::timeout(
-                        Duration::from_millis(1),
-                        shared.counts.progress.notified(),
-                    )
-                    .await;
-                    continue;
-                }
-                (room as u64).min(256)
+            let n = (credit as u64).min(256);
+            credit -= n as f64;
+            n
+        } else {
+            let expected = shared.counts.expected.load(Relaxed) as f64;
+            let published = shared.counts.published.load(Relaxed) as f64;
+            let delivered = shared.counts.delivered.load(Relaxed) as f64;
+            let avg_fanout = if published > 0.0 {
+                (expected / published).max(1e-9)
+            } else {
+                1.0
+            };
+            let in_flight = (expected - delivered) / avg_fanout;
+            let room = window as f64 - in_flight;
+            if room < 1.0 {
+                // Wait for deliveries (or at most 1 ms, so a stalled run still ends).
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(1),
+                    shared.counts.progress.notified(),
+                )
+                .await;
+                continue;
             }
+            (room as u64).min(256)
         };
         batch.clear();
         let mut expected = 0;
         {
-            let mut p = work.published.lock().expect("published lock");
+            let mut book = work.book.lock().expect("book lock");
             for _ in 0..n {
-                let ev = &pool.events[i % pool.events.len()];
+                let at = i % pool.events.len();
+                let ev = &pool.events[at];
                 i += 1;
                 batch.extend_from_slice(b"{\"lt\":");
                 batch.extend_from_slice(now_ns().to_string().as_bytes());
+                batch.extend_from_slice(b",\"li\":");
+                batch.extend_from_slice(at.to_string().as_bytes());
                 batch.push(b',');
                 batch.extend_from_slice(&ev.rest);
                 batch.push(b'\n');
-                expected += fanout.of(&ev.keys);
-                p.add(&ev.keys);
+                expected += book.fanout.of(&ev.keys);
+                book.published.add(&ev.keys);
             }
         }
         shared.counts.expected.fetch_add(expected, Relaxed);
         shared.counts.published.fetch_add(n, Relaxed);
-        sent += n;
         wr.write_all(&batch).await.context("publishing")?;
     }
     wr.shutdown().await?;

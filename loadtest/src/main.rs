@@ -131,8 +131,8 @@ fn main() -> anyhow::Result<()> {
             if report.interrupted {
                 std::process::exit(130);
             }
-            if fail_on_loss && report.lost > 0 {
-                eprintln!("krux-loadtest: {} deliveries lost", report.lost);
+            if fail_on_loss && report.lost_in_run() > 0 {
+                eprintln!("krux-loadtest: {} deliveries lost", report.lost_in_run());
                 std::process::exit(1);
             }
         }
@@ -249,7 +249,7 @@ fn compare(
                 "server_cpu_pct": med(k, |r| r.server_cpu_pct),
                 "client_cpu_pct": med(k, |r| r.client_cpu_pct),
                 "deliveries_per_server_cpu_s": med(k, |r| r.deliveries_per_server_cpu_s),
-                "lost": all[k].iter().map(|r| r.lost).sum::<u64>(),
+                "lost": all[k].iter().map(Report::lost_in_run).sum::<u64>(),
             })
         })
         .collect();

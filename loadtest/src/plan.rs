@@ -108,7 +108,7 @@ fn metric(r: &Report, name: &str) -> Option<f64> {
     let ms = |us: u64| us as f64 / 1000.0;
     let server = |v: f64| r.server_measured.then_some(v);
     Some(match name {
-        "loss" => r.lost as f64,
+        "loss" => (!r.loss_unknown).then_some(r.lost_in_run() as f64)?,
         "duplicates" => r.duplicates as f64,
         "events_per_s" => r.events_in_per_s,
         "deliveries_per_s" => r.deliveries_per_s,
@@ -116,7 +116,7 @@ fn metric(r: &Report, name: &str) -> Option<f64> {
         "latency_p99_ms" => ms(r.latency_p99_us),
         "latency_max_ms" => ms(r.latency_max_us),
         "handshake_p99_ms" => ms(r.handshake_p99_us),
-        "closes" => r.closes_by_code.values().sum::<u64>() as f64,
+        "closes" => r.closes_in_run().values().sum::<u64>() as f64,
         "reconnects" => r.reconnects as f64,
         "reconnect_max_ms" => ms(r.reconnect_max_us),
         "tls_full_handshakes" => r.tls_full_handshakes as f64,
@@ -126,7 +126,7 @@ fn metric(r: &Report, name: &str) -> Option<f64> {
         "server_rss_mib" => server(r.server_rss_bytes as f64 / 1048576.0)?,
         other => {
             let code: u16 = other.strip_prefix("closes_")?.parse().ok()?;
-            r.closes_by_code.get(&code).copied().unwrap_or(0) as f64
+            r.closes_in_run().get(&code).copied().unwrap_or(0) as f64
         }
     })
 }
@@ -159,7 +159,8 @@ pub struct TargetFlags {
     pub target: TargetArgs,
 }
 
-/// A TOML table as the flags it stands for (`key = v` → `--key v`, `true` → `--key`).
+/// A TOML table as the flags it stands for (`key = v` → `--key v`, `true` → `--key`, a
+/// list → the flag once per item).
 fn flags(table: &toml::Table, skip: &[&str], what: &str) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     for (key, value) in table {
@@ -173,8 +174,21 @@ fn flags(table: &toml::Table, skip: &[&str], what: &str) -> anyhow::Result<Vec<S
             toml::Value::String(s) => out.extend([flag, s.clone()]),
             toml::Value::Integer(i) => out.extend([flag, i.to_string()]),
             toml::Value::Float(f) => out.extend([flag, f.to_string()]),
+            toml::Value::Array(items) => {
+                for item in items {
+                    let v = match item {
+                        toml::Value::String(s) => s.clone(),
+                        toml::Value::Integer(i) => i.to_string(),
+                        other => bail!(
+                            "{what}: the items of `{key}` are strings or numbers, not {}",
+                            other.type_str()
+                        ),
+                    };
+                    out.extend([flag.clone(), v]);
+                }
+            }
             other => bail!(
-                "{what}: `{key}` must be a string, number or boolean, not {}",
+                "{what}: `{key}` must be a string, number, boolean or list, not {}",
                 other.type_str()
             ),
         }

@@ -12,9 +12,15 @@ pub struct Point {
     pub t_s: f64,
     pub deliveries_per_s: f64,
     pub p99_us: u64,
-    /// What happened in that second: `storm`, `churn N`, `N closed by the server`.
+    /// What happened in that second: `storm`, `churn N`, `N closed by the server`,
+    /// `stage N: …`.
     #[serde(default)]
     pub marks: Vec<String>,
+    /// Subscribers connected (or connecting) at its end, and events published in it.
+    #[serde(default)]
+    pub subscribers: usize,
+    #[serde(default)]
+    pub events_per_s: f64,
 }
 
 /// Deliveries for one group of subscribers.
@@ -41,8 +47,17 @@ pub struct Report {
     pub deliveries_per_s: f64,
     pub expected_deliveries: u64,
     pub received_deliveries: u64,
-    /// Expected minus received, over every subscriber (one the server closed included).
+    /// Expected minus received, over every subscriber (one the server closed included),
+    /// for the events published in the measured window.
     pub lost: u64,
+    /// Deliveries owed for events published in the warm-up and not received by the quiet
+    /// point that starts the window (a subscriber closed in the warm-up, say).
+    #[serde(default)]
+    pub warmup_lost: u64,
+    /// A stage run's observer missed events: the loss of subscribers that joined or left
+    /// is not known (a `loss` threshold fails as unmeasured).
+    #[serde(default)]
+    pub loss_unknown: bool,
     /// The same per filter class (`all`, `type`, `agent`, `session`)…
     #[serde(default)]
     pub by_filter: BTreeMap<String, Split>,
@@ -56,7 +71,11 @@ pub struct Report {
     pub latency_p999_us: u64,
     pub latency_max_us: u64,
     pub latency_samples: u64,
+    /// Closes in the measured window (and the drain after it), by code…
     pub closes_by_code: BTreeMap<u16, u64>,
+    /// …and those before it, in the warm-up.
+    #[serde(default)]
+    pub warmup_closes_by_code: BTreeMap<u16, u64>,
     /// Churn and storm runs: reconnects made (each resuming with `since`), frames seen
     /// twice, and the reconnect handshake's p99.
     pub reconnects: u64,
@@ -93,6 +112,21 @@ pub struct Report {
 }
 
 impl Report {
+    /// Loss over the whole run: in the window and in the warm-up. Thresholds judge this
+    /// (an event lost while warming up is still lost).
+    pub fn lost_in_run(&self) -> u64 {
+        self.lost + self.warmup_lost
+    }
+
+    /// Closes over the whole run, by code.
+    pub fn closes_in_run(&self) -> BTreeMap<u16, u64> {
+        let mut all = self.closes_by_code.clone();
+        for (code, n) in &self.warmup_closes_by_code {
+            *all.entry(*code).or_default() += n;
+        }
+        all
+    }
+
     pub fn summary(&self) -> String {
         let mut s = format!(
             "{target}: {subs} subscribers, {ein:.0} events/s in, {dout:.0} deliveries/s out, loss {lost} ({recv}/{exp})\n",
@@ -132,6 +166,12 @@ impl Report {
             self.handshake_p99_us,
             self.closes_by_code
         );
+        if self.warmup_lost > 0 || !self.warmup_closes_by_code.is_empty() {
+            s += &format!(
+                "\n  in the warm-up: loss {}, closes {:?}",
+                self.warmup_lost, self.warmup_closes_by_code
+            );
+        }
         if self.reconnects > 0 {
             s += &format!(
                 "\n  reconnects with since: {} (p99 {} µs, slowest {} µs), duplicates {}",
@@ -164,11 +204,14 @@ impl Report {
         if !self.timeline.is_empty() {
             self.plot(&dir.join(format!("{stem}.svg")))?;
             // The per-second timeline, for a spreadsheet.
-            let csv: String = std::iter::once("t_s,deliveries_per_s,p99_us,marks\n".to_string())
+            let head = "t_s,subscribers,events_per_s,deliveries_per_s,p99_us,marks\n";
+            let csv: String = std::iter::once(head.to_string())
                 .chain(self.timeline.iter().map(|p| {
                     format!(
-                        "{:.3},{:.1},{},{}\n",
+                        "{:.3},{},{:.1},{:.1},{},{}\n",
                         p.t_s,
+                        p.subscribers,
+                        p.events_per_s,
                         p.deliveries_per_s,
                         p.p99_us,
                         p.marks.join("; ")
@@ -259,6 +302,13 @@ impl Report {
                 },
             ),
             ("closes by code", format!("{:?}", self.closes_by_code)),
+            (
+                "in the warm-up",
+                format!(
+                    "loss {}, closes by code {:?}",
+                    self.warmup_lost, self.warmup_closes_by_code
+                ),
+            ),
             ("reconnects with since", self.reconnects.to_string()),
             (
                 "slowest reconnect",
@@ -481,13 +531,17 @@ mod tests {
                     t_s: 1.0,
                     deliveries_per_s: 10.0,
                     p99_us: 50,
-                    marks: vec![],
+                    subscribers: 10,
+                    events_per_s: 1.0,
+                    ..Point::default()
                 },
                 Point {
                     t_s: 2.0,
                     deliveries_per_s: 12.0,
                     p99_us: 40,
                     marks: vec!["storm".into(), "3 closed by the server".into()],
+                    subscribers: 12,
+                    events_per_s: 1.0,
                 },
             ],
             cdf: vec![(10, 0.5), (50, 0.99), (80, 1.0)],
@@ -515,7 +569,7 @@ mod tests {
         let csv = std::fs::read_to_string(dir.path().join("run.csv")).unwrap();
         assert_eq!(
             csv,
-            "t_s,deliveries_per_s,p99_us,marks\n1.000,10.0,50,\n2.000,12.0,40,storm; 3 closed by the server\n"
+            "t_s,subscribers,events_per_s,deliveries_per_s,p99_us,marks\n1.000,10,1.0,10.0,50,\n2.000,12,1.0,12.0,40,storm; 3 closed by the server\n"
         );
         let back: Report =
             serde_json::from_slice(&std::fs::read(dir.path().join("run.json")).unwrap()).unwrap();

@@ -11,19 +11,20 @@
 //! at both ends of the measured window; the drain waits for what is in flight, counts
 //! what each subscriber is owed and lacks, and fills in the report.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
-use crate::client::{self, PublisherConfig, Shared, Stream, Workload};
+use crate::client::{self, Book, Observed, PublisherConfig, Shared, Stream, SubEnd, Workload};
 use crate::report::{Point, Report};
-use crate::scenario::{Fanout, Pool, Published, Scenario, SubFilter};
+use crate::scenario::{Fanout, Pool, Published, Ramp, Rate, Scenario, SeqIndex, SubFilter};
 use crate::target::{proc_sample, ProcSample, Target};
 use crate::worker;
 
@@ -81,10 +82,14 @@ struct Connected<'a> {
     sc: &'a Scenario,
     t: &'a Target,
     label: String,
+    /// One per subscriber slot, up to the stages' peak; slots `..active` are taken.
     filters: Vec<SubFilter>,
+    active: usize,
     work: Arc<Workload>,
     shared: Arc<Shared>,
     subs: Subscribers,
+    /// Stage runs: the observer, and the last seq it has seen.
+    observer: Option<(JoinHandle<Observed>, Arc<AtomicU64>)>,
     /// Connected, then never read until the end (to see how the server closed them).
     stalled: Vec<Box<dyn Stream>>,
     rss_before: u64,
@@ -98,12 +103,16 @@ impl<'a> Connected<'a> {
         let label = t
             .kind
             .map_or("attached".to_string(), |k| format!("{k:?}").to_lowercase());
+        sc.window_len()?;
         let pool = Pool::generate(sc, 4096)?;
         let filters = pool.filters(sc)?;
+        let initial = sc.subscribers;
         let work = Arc::new(Workload {
-            fanout: Fanout::new(&filters),
+            book: Mutex::new(Book {
+                fanout: Fanout::new(&filters[..initial]),
+                published: Published::default(),
+            }),
             pool,
-            published: Mutex::new(Published::default()),
         });
         let shared = Shared::new(filters.len());
         let rss_before = server_sample(t.pid).map_or(0, |p| p.rss);
@@ -113,14 +122,23 @@ impl<'a> Connected<'a> {
         } else {
             0
         });
-        let reconnect = sc.churn > 0 || sc.storm;
+        let staged = !sc.stages.is_empty();
+        anyhow::ensure!(
+            !(staged && workers > 0),
+            "--stages keeps its subscribers in this process (at most {} at the peak): they cannot be split over --workers",
+            worker::PER_WORKER
+        );
+        // Subscribers that may leave in a stage track seqs, to be told what they were owed.
+        let reconnect = sc.churn > 0 || sc.storm || staged;
         let started = Instant::now();
-        let queries: Vec<String> = filters.iter().map(|f| f.query()).collect();
+        let queries: Vec<String> = filters[..initial].iter().map(|f| f.query()).collect();
+        let ep = client::Endpoint {
+            ws: t.ws,
+            token: t.token.clone(),
+            tls: t.tls.clone(),
+        };
         let (subs, hs) = if workers > 0 {
-            eprintln!(
-                "{label}: connecting {} subscribers from {workers} worker processes",
-                filters.len()
-            );
+            eprintln!("{label}: connecting {initial} subscribers from {workers} worker processes");
             let cfg = worker::Config {
                 ws: t.ws,
                 token: t.token.clone(),
@@ -135,17 +153,12 @@ impl<'a> Connected<'a> {
             let (w, hs) = worker::Workers::start(workers, cfg, shared.clone()).await?;
             (Subscribers::Workers(w), hs)
         } else {
-            let bar = ProgressBar::new(filters.len() as u64)
+            let bar = ProgressBar::new(initial as u64)
                 .with_style(
                     ProgressStyle::with_template("{prefix} connecting {pos}/{len} {wide_bar}")
                         .expect("template"),
                 )
                 .with_prefix(label.clone());
-            let ep = client::Endpoint {
-                ws: t.ws,
-                token: t.token.clone(),
-                tls: t.tls.clone(),
-            };
             let (readers, hs) = client::start_subscribers(
                 &ep,
                 &queries,
@@ -157,24 +170,35 @@ impl<'a> Connected<'a> {
             )
             .await?;
             bar.finish_and_clear();
-            (Subscribers::Local(readers), hs)
+            (
+                Subscribers::Local {
+                    readers,
+                    mark: Vec::new(),
+                },
+                hs,
+            )
         };
         let connect_s = started.elapsed().as_secs_f64();
+        let observer = staged.then(|| {
+            let seq = Arc::new(AtomicU64::new(0));
+            let task = tokio::spawn(client::observe(ep, shared.clone(), seq.clone()));
+            (task, seq)
+        });
         let report = Report {
             target: label.clone(),
             target_info: t.info(),
             scenario: serde_json::to_value(sc)?,
-            subscribers_connected: filters.len(),
-            handshakes_per_s: filters.len() as f64 / connect_s.max(1e-9),
+            subscribers_connected: initial,
+            handshakes_per_s: initial as f64 / connect_s.max(1e-9),
             handshake_p50_us: percentile(&hs, 0.5),
             handshake_p99_us: percentile(&hs, 0.99),
             ..Report::default()
         };
         let mut stalled = Vec::new();
         for _ in 0..sc.stalled {
-            let (s, _, _) =
+            let opened =
                 client::connect(t.ws, &t.token, "", t.tls.as_ref(), None, &shared.counts).await?;
-            stalled.push(s);
+            stalled.push(opened.stream);
         }
         Ok(Connected {
             sc,
@@ -182,9 +206,11 @@ impl<'a> Connected<'a> {
             label,
             churned: vec![false; filters.len()],
             filters,
+            active: initial,
             work,
             shared,
             subs,
+            observer,
             stalled,
             rss_before,
             report,
@@ -207,14 +233,14 @@ impl<'a> Connected<'a> {
 
     /// Starts the publishers, the rate split evenly between them.
     fn publish(self) -> anyhow::Result<Publishing<'a>> {
-        let rate = self.sc.rate()?;
+        self.set_rate(self.sc.rate()?);
         let n = self.sc.publishers.max(1);
         let mut publishers = JoinSet::new();
         for p in 0..n {
             let cfg = PublisherConfig {
                 ingest: self.t.ingest,
                 offset: p * 997,
-                rate: rate.map(|r| (r / n as u64).max(1)),
+                publishers: n as u64,
                 window: self.sc.window,
             };
             publishers.spawn(client::publish(cfg, self.work.clone(), self.shared.clone()));
@@ -223,6 +249,43 @@ impl<'a> Connected<'a> {
             connected: self,
             publishers,
         })
+    }
+
+    fn set_rate(&self, rate: Rate) {
+        let r = match rate {
+            Rate::Max => 0,
+            Rate::PerSecond(r) => r,
+        };
+        self.shared.control.rate.store(r, Relaxed);
+    }
+
+    /// A stage moves the subscribers to `target`: new ones join live, the last ones leave.
+    fn ramp_subscribers(&mut self, target: usize) {
+        let target = target.min(self.filters.len());
+        let Subscribers::Local { readers, .. } = &mut self.subs else {
+            return; // refused in `connect`
+        };
+        let mut book = self.work.book.lock().expect("book lock");
+        while self.active < target {
+            let i = self.active;
+            let r = client::Reconnect {
+                ep: client::Endpoint {
+                    ws: self.t.ws,
+                    token: self.t.token.clone(),
+                    tls: self.t.tls.clone(),
+                },
+                query: self.filters[i].query(),
+            };
+            client::join(readers, r, self.shared.clone(), self.sc.sample_every, i);
+            book.fanout.add(&self.filters[i], 1);
+            self.active += 1;
+        }
+        while self.active > target {
+            self.active -= 1;
+            let i = self.active;
+            self.shared.control.life[i].fetch_add(1, Relaxed);
+            book.fanout.add(&self.filters[i], -1);
+        }
     }
 
     /// CPU seconds of this process and its worker processes.
@@ -264,13 +327,24 @@ impl Mark {
     }
 }
 
+/// What was owed at the quiet point that starts the window: the window's counts are
+/// the end's minus these.
+struct QuietPoint {
+    published: Published,
+    closes: BTreeMap<u16, u64>,
+    /// The last seq the observer had seen (stage runs).
+    seq: u64,
+}
+
 impl<'a> Publishing<'a> {
-    /// Warm-up, then the measured window: one timeline point a second, churn and storm
-    /// as the scenario asks.
+    /// Warm-up, the quiet point, then the measured window: one timeline point a second,
+    /// churn, storm and stages as the scenario asks.
     async fn measure(mut self) -> anyhow::Result<Measured<'a>> {
-        let c = &mut self.connected;
-        let (sc, shared) = (c.sc, c.shared.clone());
+        let (sc, shared) = (self.connected.sc, self.connected.shared.clone());
+        let window = sc.window_len()?;
         sleep_unless_interrupted(sc.warmup).await;
+        let quiet = self.quiet_point().await?;
+        let c = &mut self.connected;
         {
             let mut l = shared.counts.latency.lock().expect("latency lock");
             l.total.reset();
@@ -278,30 +352,57 @@ impl<'a> Publishing<'a> {
         }
         shared.control.measuring.store(true, Relaxed);
         let start = Mark::take(c);
+        shared.control.paused.store(false, Relaxed);
         // Progress once a second: a spinner on a terminal, a line otherwise (CI logs).
         let on_terminal = std::io::stderr().is_terminal();
         let live = ProgressBar::new_spinner().with_prefix(c.label.clone());
         live.set_style(ProgressStyle::with_template("{prefix} {spinner} {msg}").expect("template"));
-        let mut last = (start.delivered, Instant::now());
-        let mut last_published = start.published;
+        let ramp = Ramp::new(sc.subscribers, sc.rate()?, &sc.stages);
+        let mut stage = None;
+        let mut marks = Vec::new();
+        let mut last = (start.delivered, start.published, Instant::now());
         let mut stormed = false;
         let mut pick = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut closes_seen = 0;
-        while start.at.elapsed() < sc.duration && !interrupted() {
-            let left = sc.duration.saturating_sub(start.at.elapsed());
-            sleep_unless_interrupted(Duration::from_secs(1).min(left)).await;
-            let mut marks = Vec::new();
-            if sc.storm && !stormed && start.at.elapsed() >= sc.duration / 2 {
+        let mut closes_seen = quiet.closes.values().sum::<u64>();
+        let mut next_point = Duration::from_secs(1).min(window);
+        while start.at.elapsed() < window && !interrupted() {
+            let left = next_point.min(window).saturating_sub(start.at.elapsed());
+            // Stages move in steps of 100 ms; points are a second apart.
+            let step = if sc.stages.is_empty() { 1000 } else { 100 };
+            sleep_unless_interrupted(left.min(Duration::from_millis(step))).await;
+            if let Some((i, subs, rate)) = ramp.at(start.at.elapsed()) {
+                c.ramp_subscribers(subs);
+                c.set_rate(rate);
+                if stage != Some(i) {
+                    stage = Some(i);
+                    let s = &sc.stages[i];
+                    let rate = match s.rate {
+                        Some(Rate::PerSecond(r)) => format!(", {r} events/s"),
+                        Some(Rate::Max) => ", max rate".into(),
+                        None => String::new(),
+                    };
+                    marks.push(format!(
+                        "stage {}: to {} subscribers{rate}",
+                        i + 1,
+                        s.subscribers
+                    ));
+                }
+            }
+            if start.at.elapsed() < next_point && start.at.elapsed() < window {
+                continue;
+            }
+            next_point += Duration::from_secs(1);
+            if sc.storm && !stormed && start.at.elapsed() >= window / 2 {
                 stormed = true;
                 c.subs.storm(&shared).await?;
-                c.churned.iter_mut().for_each(|x| *x = true);
+                c.churned[..c.active].iter_mut().for_each(|x| *x = true);
                 marks.push("storm".to_string());
             }
-            for _ in 0..sc.churn {
+            for _ in 0..sc.churn.min(c.active) {
                 pick = pick
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
-                let i = (pick >> 33) as usize % c.filters.len();
+                let i = (pick >> 33) as usize % c.active;
                 c.subs.churn(&shared, i).await?;
                 c.churned[i] = true;
             }
@@ -309,15 +410,19 @@ impl<'a> Publishing<'a> {
                 marks.push(format!("churn {}", sc.churn));
             }
             let d = shared.counts.delivered.load(Relaxed);
-            let rate_now = (d - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-9);
+            let published = shared.counts.published.load(Relaxed);
+            let secs = last.2.elapsed().as_secs_f64().max(1e-9);
+            let (rate_now, events_now) = (
+                (d - last.0) as f64 / secs,
+                (published - last.1) as f64 / secs,
+            );
+            last = (d, published, Instant::now());
             let p99 = {
                 let mut l = shared.counts.latency.lock().expect("latency lock");
                 let p = percentile(&l.interval, 0.99);
                 l.interval.reset();
                 p
             };
-            last = (d, Instant::now());
-            let published = shared.counts.published.load(Relaxed);
             let expected = shared.counts.expected.load(Relaxed);
             let closes: u64 = shared
                 .counts
@@ -334,17 +439,17 @@ impl<'a> Publishing<'a> {
                 t_s: start.at.elapsed().as_secs_f64(),
                 deliveries_per_s: rate_now,
                 p99_us: p99,
-                marks,
+                marks: std::mem::take(&mut marks),
+                subscribers: c.active,
+                events_per_s: events_now,
             });
             let line = format!(
-                "{:.0}/{:.0} s, {} subscribers, {:.0} events/s, {rate_now:.0} deliveries/s, p99 {p99} µs, {} deliveries in flight, {closes} closed by the server",
+                "{:.0}/{:.0} s, {} subscribers, {events_now:.0} events/s, {rate_now:.0} deliveries/s, p99 {p99} µs, {} deliveries in flight, {closes} closed by the server",
                 start.at.elapsed().as_secs_f64(),
-                sc.duration.as_secs_f64(),
-                c.filters.len(),
-                (published - last_published) as f64,
+                window.as_secs_f64(),
+                c.active,
                 expected.saturating_sub(d),
             );
-            last_published = published;
             if on_terminal {
                 live.set_message(line);
                 live.tick();
@@ -361,8 +466,38 @@ impl<'a> Publishing<'a> {
         }
         Ok(Measured {
             connected: self.connected,
+            quiet,
             start,
             end,
+        })
+    }
+
+    /// Holds the publishers until what is in flight has arrived (or nothing has for 1 s,
+    /// at most 10 s), then notes what each subscriber has: the window's loss is counted
+    /// from here, over the same interval as its rates.
+    async fn quiet_point(&mut self) -> anyhow::Result<QuietPoint> {
+        let c = &mut self.connected;
+        let counts = &c.shared.counts;
+        c.shared.control.paused.store(true, Relaxed);
+        // A batch being written when the flag went up still counts: let it land.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut progress = (counts.delivered.load(Relaxed), Instant::now());
+        while counts.delivered.load(Relaxed) < counts.expected.load(Relaxed)
+            && Instant::now() < until
+            && progress.1.elapsed() < Duration::from_secs(1)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let d = counts.delivered.load(Relaxed);
+            if d != progress.0 {
+                progress = (d, Instant::now());
+            }
+        }
+        c.subs.mark(&c.shared, c.active).await?;
+        Ok(QuietPoint {
+            published: c.work.book.lock().expect("book lock").published.clone(),
+            closes: counts.closes.lock().expect("closes lock").clone(),
+            seq: c.observer.as_ref().map_or(0, |(_, s)| s.load(Relaxed)),
         })
     }
 }
@@ -370,16 +505,19 @@ impl<'a> Publishing<'a> {
 /// The window measured; publishers stopped.
 struct Measured<'a> {
     connected: Connected<'a>,
+    quiet: QuietPoint,
     start: Mark,
     end: Mark,
 }
 
 impl Measured<'_> {
     /// Waits (at most 10 s) for everything published to arrive, stops the subscribers,
-    /// counts what each lacks, reads the stalled sockets' closes, and reports.
+    /// counts what each lacks of what was published in the window, reads the stalled
+    /// sockets' closes, and reports.
     async fn drain(self) -> anyhow::Result<Report> {
         let Measured {
             connected: c,
+            quiet,
             start,
             end,
         } = self;
@@ -389,26 +527,58 @@ impl Measured<'_> {
         while counts.delivered.load(Relaxed) < expected_total && Instant::now() < drain_until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let published = c.work.published.lock().expect("published lock").clone();
-        // What each subscriber was owed and did not get is lost, whether the server closed
-        // it or not: a run whose subscribers were all dropped lost everything after.
-        let mut lost = 0;
+        let published = c.work.book.lock().expect("book lock").published.clone();
+        let ends = c.subs.finish(&c.shared).await?;
+        let seqs = match c.observer {
+            Some((task, _)) => {
+                let seen = task.await?;
+                if seen.broken {
+                    eprintln!("{}: the observer's stream had a hole: the loss of subscribers that joined or left during the window is not known", c.label);
+                }
+                Some((SeqIndex::new(&seen.events, &c.work.pool), seen.broken))
+            }
+            None => None,
+        };
+        // What each subscriber was owed from the window and did not get is lost, whether
+        // the server closed it or not: a run whose subscribers were all dropped lost
+        // everything after.
         let mut report = c.report;
-        for (i, (frames, _closed)) in c.subs.finish(&c.shared).await?.into_iter().enumerate() {
-            let expected = published.expected(&c.filters[i]);
-            let missing = expected.saturating_sub(frames);
+        let mut lost = 0;
+        let mut owed_total = 0;
+        for (i, e) in ends {
+            let f = &c.filters[i];
+            if e.joined_after.is_none() {
+                report.warmup_lost += quiet.published.expected(f).saturating_sub(e.before);
+            }
+            let owed = match (e.joined_after, e.left, &seqs) {
+                (None, false, _) => published.expected(f) - quiet.published.expected(f),
+                (Some(u64::MAX), ..) => 0, // never subscribed
+                (after, left, Some((ix, broken))) => {
+                    report.loss_unknown |= *broken;
+                    let until = if left { e.last_seq } else { u64::MAX };
+                    ix.count(f, after.unwrap_or(quiet.seq), until)
+                }
+                (_, _, None) => unreachable!("only stage runs join and leave"),
+            };
+            let missing = owed.saturating_sub(e.frames);
             lost += missing;
-            let health = if c.churned[i] { "churning" } else { "healthy" };
+            owed_total += owed;
+            let health = if e.left {
+                "left"
+            } else if e.joined_after.is_some() {
+                "joined"
+            } else if c.churned[i] {
+                "churning"
+            } else {
+                "healthy"
+            };
             for split in [
-                report
-                    .by_filter
-                    .entry(c.filters[i].class().into())
-                    .or_default(),
+                report.by_filter.entry(f.class().into()).or_default(),
                 report.by_health.entry(health.into()).or_default(),
             ] {
                 split.subscribers += 1;
-                split.expected += expected;
-                split.received += frames.min(expected);
+                split.expected += owed;
+                split.received += e.frames.min(owed);
                 split.lost += missing;
             }
         }
@@ -422,8 +592,8 @@ impl Measured<'_> {
         let delivered = end.delivered - start.delivered;
         report.events_in_per_s = (end.published - start.published) as f64 / measured_s;
         report.deliveries_per_s = delivered as f64 / measured_s;
-        report.expected_deliveries = expected_total;
-        report.received_deliveries = counts.delivered.load(Relaxed);
+        report.expected_deliveries = owed_total;
+        report.received_deliveries = owed_total - lost;
         report.lost = lost;
         report.rejected_events = counts.rejected.load(Relaxed);
         let lat = counts.latency.lock().expect("latency lock");
@@ -437,7 +607,17 @@ impl Measured<'_> {
             .iter_quantiles(1)
             .map(|v| (v.value_iterated_to(), v.quantile_iterated_to()))
             .collect();
-        report.closes_by_code = counts.closes.lock().expect("closes lock").clone();
+        // Closes from the quiet point on; those before it are reported apart.
+        let mut closes = counts.closes.lock().expect("closes lock").clone();
+        for (code, n) in &quiet.closes {
+            let left = closes.entry(*code).or_default();
+            *left -= n;
+            if *left == 0 {
+                closes.remove(code);
+            }
+        }
+        report.closes_by_code = closes;
+        report.warmup_closes_by_code = quiet.closes;
         report.reconnects = counts.reconnects.load(Relaxed);
         report.duplicates = counts.duplicates.load(Relaxed);
         {
@@ -462,9 +642,13 @@ impl Measured<'_> {
     }
 }
 
-/// Where the subscriber sockets live: tasks of this process, or worker processes.
+/// Where the subscriber sockets live: tasks of this process (and the frames each had at
+/// the quiet point), or worker processes.
 enum Subscribers {
-    Local(client::Readers),
+    Local {
+        readers: client::Readers,
+        mark: Vec<u64>,
+    },
     Workers(worker::Workers),
 }
 
@@ -472,7 +656,7 @@ impl Subscribers {
     /// Subscriber `i` drops its connection and resumes with `since`.
     async fn churn(&mut self, shared: &Shared, i: usize) -> anyhow::Result<()> {
         match self {
-            Subscribers::Local(_) => {
+            Subscribers::Local { .. } => {
                 shared.control.churn[i].store(true, Relaxed);
                 Ok(())
             }
@@ -483,7 +667,7 @@ impl Subscribers {
     /// Every subscriber reconnects at once.
     async fn storm(&mut self, shared: &Shared) -> anyhow::Result<()> {
         match self {
-            Subscribers::Local(_) => {
+            Subscribers::Local { .. } => {
                 shared
                     .control
                     .churn
@@ -495,16 +679,36 @@ impl Subscribers {
         }
     }
 
-    /// Stops every subscriber; per subscriber (in order): frames received, closed by the server.
-    async fn finish(self, shared: &Shared) -> anyhow::Result<Vec<(u64, bool)>> {
+    /// The quiet point: notes the frames each of the first `active` subscribers has.
+    async fn mark(&mut self, shared: &Shared, active: usize) -> anyhow::Result<()> {
         match self {
-            Subscribers::Local(mut readers) => {
+            Subscribers::Local { mark, .. } => {
+                *mark = shared.counts.frames[..active]
+                    .iter()
+                    .map(|f| f.load(Relaxed))
+                    .collect();
+                Ok(())
+            }
+            Subscribers::Workers(w) => w.mark().await,
+        }
+    }
+
+    /// Stops every subscriber; per connection (a slot and how it ended), with the frames
+    /// counted from the quiet point.
+    async fn finish(self, shared: &Shared) -> anyhow::Result<Vec<(usize, SubEnd)>> {
+        match self {
+            Subscribers::Local { mut readers, mark } => {
                 shared.control.stop.store(true, Relaxed);
-                let mut out = vec![(0, false); shared.control.churn.len()];
+                let mut out = Vec::new();
                 while let Some(r) = readers.join_next().await {
-                    let (i, res) = r?;
-                    out[i] = res;
+                    let (i, mut end) = r?;
+                    if end.joined_after.is_none() {
+                        end.before = mark.get(i).copied().unwrap_or(0);
+                        end.frames -= end.before;
+                    }
+                    out.push((i, end));
                 }
+                out.sort_by_key(|(i, e)| (*i, e.joined_after.is_some()));
                 Ok(out)
             }
             Subscribers::Workers(w) => w.finish().await,

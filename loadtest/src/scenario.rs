@@ -36,10 +36,17 @@ pub struct Scenario {
     #[arg(long, default_value = "2s", value_parser = krux_relay::config::parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub warmup: Duration,
-    /// The measured window.
-    #[arg(long, default_value = "10s", value_parser = krux_relay::config::parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub duration: Duration,
+    /// The measured window (default 10s; with --stages, their total).
+    #[arg(long, value_parser = krux_relay::config::parse_duration)]
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub duration: Option<Duration>,
+    /// Ramps during the measured window, `DURATION:SUBSCRIBERS[:RATE]`, comma-separated or
+    /// repeated: over each stage, subscribers and the rate (events/s or `max`) move
+    /// linearly from where the one before left them (at first: --subscribers, --rate) to
+    /// its targets; without a RATE the rate stays. Subscribers added connect live (owed
+    /// what is published after their subscription), those removed leave in reverse order.
+    #[arg(long, value_delimiter = ',', value_parser = Stage::parse)]
+    pub stages: Vec<Stage>,
     /// Handshakes in flight while connecting.
     #[arg(long, default_value_t = 200)]
     pub connect_concurrency: usize,
@@ -71,16 +78,134 @@ fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
     s.serialize_f64(d.as_secs_f64())
 }
 
-impl Scenario {
-    pub fn rate(&self) -> anyhow::Result<Option<u64>> {
-        if self.rate == "max" {
-            return Ok(None);
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// Events per second, or as fast as the window allows.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub enum Rate {
+    Max,
+    PerSecond(u64),
+}
+
+impl Rate {
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        match text.trim() {
+            "max" => Ok(Rate::Max),
+            n => n
+                .parse::<u64>()
+                .map(|r| Rate::PerSecond(r.max(1)))
+                .map_err(|_| format!("`{n}`: a rate is `max` or events per second")),
         }
-        let r: u64 = self
-            .rate
+    }
+}
+
+/// One stage of a ramp (`--stages`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Stage {
+    #[serde(serialize_with = "ser_duration")]
+    pub duration: Duration,
+    pub subscribers: usize,
+    /// `None`: the rate the stage before ended at.
+    pub rate: Option<Rate>,
+}
+
+impl Stage {
+    pub fn parse(text: &str) -> Result<Stage, String> {
+        let parts: Vec<&str> = text.split(':').collect();
+        let usage = || format!("`{text}`: a stage is DURATION:SUBSCRIBERS[:RATE]");
+        let [duration, subscribers, rest @ ..] = &parts[..] else {
+            return Err(usage());
+        };
+        let duration = krux_relay::config::parse_duration(duration.trim())
+            .map_err(|e| format!("`{text}`: {e}"))?;
+        if duration.is_zero() {
+            return Err(format!("`{text}`: a stage lasts longer than 0 s"));
+        }
+        let subscribers = subscribers
+            .trim()
             .parse()
-            .map_err(|_| anyhow::anyhow!("--rate is `max` or events per second"))?;
-        Ok(Some(r.max(1)))
+            .map_err(|_| format!("`{text}`: `{subscribers}` is not a number of subscribers"))?;
+        let rate = match rest {
+            [] => None,
+            [r] => Some(Rate::parse(r)?),
+            _ => return Err(usage()),
+        };
+        Ok(Stage {
+            duration,
+            subscribers,
+            rate,
+        })
+    }
+}
+
+/// Where the stages put subscribers and the rate at a time into the measured window.
+pub struct Ramp {
+    /// Per stage: its start, the subscribers and rate it starts from, and the stage.
+    stages: Vec<(Duration, usize, Rate, Stage)>,
+}
+
+impl Ramp {
+    pub fn new(subscribers: usize, rate: Rate, stages: &[Stage]) -> Ramp {
+        let (mut at, mut subs, mut r) = (Duration::ZERO, subscribers, rate);
+        let mut out = Vec::new();
+        for s in stages {
+            out.push((at, subs, r, s.clone()));
+            at += s.duration;
+            subs = s.subscribers;
+            r = s.rate.unwrap_or(r);
+        }
+        Ramp { stages: out }
+    }
+
+    /// The stage `t` falls in (its index), and the subscribers and rate there.
+    pub fn at(&self, t: Duration) -> Option<(usize, usize, Rate)> {
+        let (i, (start, subs, rate, s)) = self
+            .stages
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, (start, ..))| *start <= t)?;
+        let f = ((t - *start).as_secs_f64() / s.duration.as_secs_f64()).min(1.0);
+        let lerp = |a: f64, b: f64| a + (b - a) * f;
+        let n = lerp(*subs as f64, s.subscribers as f64).round() as usize;
+        let r = match (rate, s.rate.unwrap_or(*rate)) {
+            (Rate::PerSecond(a), Rate::PerSecond(b)) => {
+                Rate::PerSecond(lerp(*a as f64, b as f64).round().max(1.0) as u64)
+            }
+            // From or to `max` there is nothing to interpolate: the new rate holds at once.
+            (_, to) => to,
+        };
+        Some((i, n, r))
+    }
+}
+
+impl Scenario {
+    pub fn rate(&self) -> anyhow::Result<Rate> {
+        Rate::parse(&self.rate).map_err(|e| anyhow::anyhow!("--rate: {e}"))
+    }
+
+    /// The measured window: the stages' total, or --duration (default 10 s).
+    pub fn window_len(&self) -> anyhow::Result<Duration> {
+        match (self.stages.is_empty(), self.duration) {
+            (true, d) => Ok(d.unwrap_or(Duration::from_secs(10))),
+            (false, None) => Ok(self.stages.iter().map(|s| s.duration).sum()),
+            (false, Some(_)) => {
+                anyhow::bail!("--duration and --stages: the stages' durations make the window")
+            }
+        }
+    }
+
+    /// The most subscribers the run has at once.
+    pub fn peak_subscribers(&self) -> usize {
+        self.stages
+            .iter()
+            .map(|s| s.subscribers)
+            .fold(self.subscribers, usize::max)
     }
 
     fn mix(&self) -> anyhow::Result<[u32; 4]> {
@@ -133,7 +258,7 @@ impl SubFilter {
 }
 
 /// A pre-generated event: the line after its opening `{` (the publisher prepends
-/// `{"lt":<send time>,`), and its filter keys.
+/// `{"lt":<send time>,"li":<its index in the pool>,`), and its filter keys.
 pub struct PoolEvent {
     pub rest: Vec<u8>,
     pub keys: FilterKeys,
@@ -168,8 +293,9 @@ impl Pool {
                 continue;
             }
             v["timestamp"] = serde_json::Value::String("2026-03-15T10:30:00.123Z".into());
-            let base =
-                v.to_string().len() + r#","pad":"""#.len() + r#"{"lt":1764115200000000000,"#.len();
+            let base = v.to_string().len()
+                + r#","pad":"""#.len()
+                + r#"{"lt":1764115200000000000,"li":4095,"#.len();
             v["pad"] = serde_json::Value::String("x".repeat(sc.event_size.saturating_sub(base)));
             let line = v.to_string();
             let keys = validator
@@ -196,8 +322,8 @@ impl Pool {
                 .wrapping_add(1442695040888963407);
             ((rng_state >> 33) as usize) % n.max(1)
         };
-        let mut out = Vec::with_capacity(sc.subscribers);
-        for i in 0..sc.subscribers {
+        let mut out = Vec::with_capacity(sc.peak_subscribers());
+        for i in 0..sc.peak_subscribers() {
             // Deterministic proportions: subscriber i falls in the bucket of (i mod total).
             let mut slot = (i as u32 * 7919) % total;
             let kind = w
@@ -277,15 +403,19 @@ impl Fanout {
             by_agent: HashMap::new(),
             by_session: HashMap::new(),
         };
-        for s in filters {
-            match s {
-                SubFilter::All => f.all += 1,
-                SubFilter::Type(t) => f.by_type[t.index()] += 1,
-                SubFilter::Agent(a) => *f.by_agent.entry(a.clone()).or_default() += 1,
-                SubFilter::Session(x) => *f.by_session.entry(x.clone()).or_default() += 1,
-            }
-        }
+        filters.iter().for_each(|s| f.add(s, 1));
         f
+    }
+
+    /// A subscriber with filter `s` joins (`n` = 1) or leaves (`n` = -1).
+    pub fn add(&mut self, s: &SubFilter, n: i64) {
+        let slot = match s {
+            SubFilter::All => &mut self.all,
+            SubFilter::Type(t) => &mut self.by_type[t.index()],
+            SubFilter::Agent(a) => self.by_agent.entry(a.clone()).or_default(),
+            SubFilter::Session(x) => self.by_session.entry(x.clone()).or_default(),
+        };
+        *slot = slot.saturating_add_signed(n);
     }
 
     pub fn of(&self, k: &FilterKeys) -> u64 {
@@ -297,5 +427,133 @@ impl Fanout {
             n += self.by_session.get(s).copied().unwrap_or(0);
         }
         n
+    }
+}
+
+/// The events the observer saw, by seq, indexed by the keys filters use: how many events
+/// matching a filter carry a seq in a range, for subscribers that joined or left during
+/// the window.
+pub struct SeqIndex {
+    seqs: Vec<u64>,
+    by_type: [Vec<u64>; 11],
+    by_agent: HashMap<Box<str>, Vec<u64>>,
+    by_session: HashMap<Box<str>, Vec<u64>>,
+}
+
+impl SeqIndex {
+    /// `events`: (seq, index in `pool`) in seq order.
+    pub fn new(events: &[(u64, u32)], pool: &Pool) -> SeqIndex {
+        let mut ix = SeqIndex {
+            seqs: Vec::with_capacity(events.len()),
+            by_type: Default::default(),
+            by_agent: HashMap::new(),
+            by_session: HashMap::new(),
+        };
+        for &(seq, at) in events {
+            let Some(e) = pool.events.get(at as usize) else {
+                continue;
+            };
+            let k = &e.keys;
+            ix.seqs.push(seq);
+            ix.by_type[k.etype.index()].push(seq);
+            if let Some(a) = &k.agent {
+                ix.by_agent.entry(a.as_str().into()).or_default().push(seq);
+            }
+            for s in k.sessions() {
+                ix.by_session.entry(s.into()).or_default().push(seq);
+            }
+        }
+        ix
+    }
+
+    /// Events matching `f` with `after < seq <= until`.
+    pub fn count(&self, f: &SubFilter, after: u64, until: u64) -> u64 {
+        let seqs: &[u64] = match f {
+            SubFilter::All => &self.seqs,
+            SubFilter::Type(t) => &self.by_type[t.index()],
+            SubFilter::Agent(a) => self.by_agent.get(a.as_str()).map_or(&[], |v| v),
+            SubFilter::Session(s) => self.by_session.get(s.as_str()).map_or(&[], |v| v),
+        };
+        let lo = seqs.partition_point(|&s| s <= after);
+        let hi = seqs.partition_point(|&s| s <= until);
+        hi.saturating_sub(lo) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario(args: &[&str]) -> Scenario {
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            s: Scenario,
+        }
+        let argv = std::iter::once("x").chain(args.iter().copied());
+        <P as clap::Parser>::try_parse_from(argv).unwrap().s
+    }
+
+    #[test]
+    fn stages_ramp_subscribers_and_rate_from_where_the_last_left_off() {
+        let sc = scenario(&[
+            "--subscribers",
+            "10",
+            "--rate",
+            "100",
+            "--stages",
+            "2s:50:300,1s:50,2s:20:max",
+        ]);
+        assert_eq!(sc.window_len().unwrap(), Duration::from_secs(5));
+        assert_eq!(sc.peak_subscribers(), 50);
+        let ramp = Ramp::new(sc.subscribers, sc.rate().unwrap(), &sc.stages);
+        let at = |ms| ramp.at(Duration::from_millis(ms)).unwrap();
+        assert_eq!(at(0), (0, 10, Rate::PerSecond(100)));
+        assert_eq!(at(1000), (0, 30, Rate::PerSecond(200)));
+        assert_eq!(at(2500), (1, 50, Rate::PerSecond(300)), "no rate: it stays");
+        assert_eq!(at(4000), (2, 35, Rate::Max), "to max: at once");
+        assert_eq!(
+            at(9000),
+            (2, 20, Rate::Max),
+            "past the end: the last targets"
+        );
+        for bad in ["2s", "2s:x", "0s:10", "2s:10:fast", "1s:2:3:4"] {
+            assert!(Stage::parse(bad).is_err(), "{bad}");
+        }
+        let both = scenario(&["--duration", "3s", "--stages", "1s:5"]);
+        assert!(both.window_len().is_err());
+    }
+
+    #[test]
+    fn a_seq_index_counts_what_a_filter_was_owed_in_a_range() {
+        let sc = scenario(&["--events", "fleet"]);
+        let pool = Pool::generate(&sc, 64).unwrap();
+        // Seqs 1..=64 carry the pool's events in order, then seqs 101..=164 again.
+        let events: Vec<(u64, u32)> = (0..64u32)
+            .map(|i| (u64::from(i) + 1, i))
+            .chain((0..64u32).map(|i| (u64::from(i) + 101, i)))
+            .collect();
+        let ix = SeqIndex::new(&events, &pool);
+        let mut published = Published::default();
+        pool.events[10..64]
+            .iter()
+            .for_each(|e| published.add(&e.keys));
+        pool.events[..20]
+            .iter()
+            .for_each(|e| published.add(&e.keys));
+        for f in pool
+            .filters(&scenario(&[
+                "--subscribers",
+                "40",
+                "--filters",
+                "all=1,type=1,agent=1,session=1",
+            ]))
+            .unwrap()
+        {
+            // (10, 120]: the first pass from its 11th event, the second's first 20.
+            assert_eq!(ix.count(&f, 10, 120), published.expected(&f), "{f:?}");
+        }
+        assert_eq!(ix.count(&SubFilter::All, 0, u64::MAX), 128);
+        assert_eq!(ix.count(&SubFilter::All, 64, 100), 0);
     }
 }

@@ -3,10 +3,11 @@
 //! processes. The parent keeps the publishers, the window, the clock and the report.
 //!
 //! Protocol, one line per message. Parent → worker (stdin): the `Config` as JSON, then
-//! `c <i>` (subscriber `i` of this worker reconnects with `since`), `storm` (all do) and
-//! `stop`. Worker → parent (stdout): `ready <hist>` once connected (handshake times),
+//! `c <i>` (subscriber `i` of this worker reconnects with `since`), `storm` (all do),
+//! `mark` (note what each subscriber has: the quiet point before the window) and `stop`.
+//! Worker → parent (stdout): `ready <hist>` once connected (handshake times),
 //! `s <delivered> <hist>` every `REPORT` (frames so far, latency samples since the last
-//! report), and `done <json>` (`Done`) after `stop`. `<hist>` is `value:count` pairs
+//! report), `marked` after `mark`, and `done <json>` (`Done`) after `stop`. `<hist>` is `value:count` pairs
 //! joined by commas (`-` when empty).
 
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{ChildStdin, Command};
 use tokio::task::JoinHandle;
 
-use crate::client::{self, Shared};
+use crate::client::{self, Shared, SubEnd};
 
 /// Subscribers per worker when `--workers` is not given: well under the 20,000-file limit.
 pub const PER_WORKER: usize = 15_000;
@@ -48,8 +49,8 @@ pub struct Config {
 /// A worker's final account.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Done {
-    /// Per subscriber: frames received (duplicates excluded) and whether the server closed it.
-    subscribers: Vec<(u64, bool)>,
+    /// Per subscriber: how it ended, its frames counted from the `mark`.
+    subscribers: Vec<SubEnd>,
     closes: std::collections::BTreeMap<u16, u64>,
     duplicates: u64,
     reconnects: u64,
@@ -131,7 +132,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await?;
     out.flush().await?;
 
-    // Commands from the parent.
+    // Commands from the parent; `mark` is answered from the loop below, which owns stdout.
+    let (mark_tx, mut mark_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let commands = {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -152,6 +154,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                         .churn
                         .iter()
                         .for_each(|f| f.store(true, Relaxed)),
+                    _ if line == "mark" => {
+                        let _ = mark_tx.send(());
+                    }
                     _ if line == "stop" => break,
                     _ => {}
                 }
@@ -162,8 +167,19 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
 
     let mut tick = tokio::time::interval(REPORT);
+    let mut mark = vec![0; n];
     while !shared.control.stop.load(Relaxed) {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(()) = mark_rx.recv() => {
+                for (m, f) in mark.iter_mut().zip(&shared.counts.frames) {
+                    *m = f.load(Relaxed);
+                }
+                out.write_all(b"marked\n").await?;
+                out.flush().await?;
+                continue;
+            }
+        }
         let samples = {
             let mut l = shared.counts.latency.lock().expect("latency lock");
             let text = encode(&l.interval);
@@ -175,10 +191,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         out.flush().await?;
     }
     commands.await?;
-    let mut subscribers = vec![(0, false); n];
+    let mut subscribers = vec![SubEnd::default(); n];
     while let Some(r) = readers.join_next().await {
-        let (i, res) = r?;
-        subscribers[i] = res;
+        let (i, end) = r?;
+        subscribers[i] = SubEnd {
+            frames: end.frames - mark[i],
+            before: mark[i],
+            ..end
+        };
     }
     let samples = encode(&shared.counts.latency.lock().expect("latency lock").interval);
     let done = Done {
@@ -209,6 +229,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 /// The parent's handle on its worker processes.
 pub struct Workers {
     procs: Vec<Proc>,
+    /// One message per `marked` line from a worker.
+    marked: tokio::sync::mpsc::UnboundedReceiver<()>,
 }
 
 struct Proc {
@@ -236,6 +258,7 @@ impl Workers {
         let mut procs = Vec::new();
         let mut hs = new_histogram();
         let mut ready = Vec::new();
+        let (marked_tx, marked) = tokio::sync::mpsc::unbounded_channel();
         for first in (0..n).step_by(per.max(1)) {
             let len = per.min(n - first);
             let cfg = Config {
@@ -265,6 +288,7 @@ impl Workers {
             let (tx, rx) = tokio::sync::oneshot::channel();
             ready.push(rx);
             let shared = shared.clone();
+            let marked_tx = marked_tx.clone();
             let collector = tokio::spawn(async move {
                 let mut tx = Some(tx);
                 let mut delivered = 0u64;
@@ -275,6 +299,9 @@ impl Workers {
                             if let Some(tx) = tx.take() {
                                 let _ = tx.send(rest.to_string());
                             }
+                        }
+                        "marked" => {
+                            let _ = marked_tx.send(());
                         }
                         "s" => {
                             let (d, samples) = rest.split_once(' ').context("status line")?;
@@ -331,7 +358,7 @@ impl Workers {
                 .context("a worker process failed while connecting its subscribers")?;
             merge(&mut hs, &hist)?;
         }
-        Ok((Workers { procs }, hs))
+        Ok((Workers { procs, marked }, hs))
     }
 
     pub fn pids(&self) -> Vec<u32> {
@@ -363,16 +390,34 @@ impl Workers {
         Ok(())
     }
 
-    /// Stops every worker and returns, per subscriber (global order), the frames it got
-    /// and whether the server closed it.
-    pub async fn finish(self) -> anyhow::Result<Vec<(u64, bool)>> {
+    /// The quiet point: every worker notes what its subscribers have.
+    pub async fn mark(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.procs {
+            Workers::send(p, "mark\n").await?;
+        }
+        for _ in 0..self.procs.len() {
+            tokio::time::timeout(Duration::from_secs(10), self.marked.recv())
+                .await
+                .context("a worker did not answer `mark` within 10 s")?
+                .context("a worker process ended")?;
+        }
+        Ok(())
+    }
+
+    /// Stops every worker and returns, per subscriber (its global slot), how it ended.
+    pub async fn finish(self) -> anyhow::Result<Vec<(usize, SubEnd)>> {
         let mut all = Vec::new();
         for mut p in self.procs {
             Workers::send(&mut p, "stop\n").await?;
             let done = tokio::time::timeout(Duration::from_secs(60), p.collector)
                 .await
                 .context("a worker did not finish within 60 s")???;
-            all.extend(done.subscribers);
+            all.extend(
+                done.subscribers
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, e)| (p.first + j, e)),
+            );
         }
         Ok(all)
     }

@@ -116,8 +116,12 @@ pub struct FrameCounter {
 const SAMPLE_BYTES: usize = 1024;
 
 pub enum Seen<'a> {
-    /// A text frame completed; its sampled payload prefix if it was sampled.
-    Text(Option<&'a [u8]>),
+    /// A text frame completed: its payload prefix if it was sampled, and its `seq` when
+    /// the counter tracks them.
+    Text {
+        sample: Option<&'a [u8]>,
+        seq: Option<u64>,
+    },
     /// A close frame: its code (1005 if it has none) and reason bytes.
     Close(u16, &'a [u8]),
 }
@@ -240,9 +244,12 @@ impl FrameCounter {
                         }
                         self.last_seq = seq;
                     }
+                    self.frames += 1;
+                    on(Seen::Text { sample, seq });
+                    return;
                 }
                 self.frames += 1;
-                on(Seen::Text(sample));
+                on(Seen::Text { sample, seq: None });
             }
             CLOSE => {
                 let p = sample.unwrap_or_default();
@@ -313,8 +320,10 @@ mod tests {
             let mut close = None;
             for part in stream.chunks(chunk) {
                 c.feed(part, &mut |s| match s {
-                    Seen::Text(Some(p)) => samples.push(lt(p)),
-                    Seen::Text(None) => {}
+                    Seen::Text {
+                        sample: Some(p), ..
+                    } => samples.push(lt(p)),
+                    Seen::Text { .. } => {}
                     Seen::Close(code, reason) => close = Some((code, reason.to_vec())),
                 });
             }
