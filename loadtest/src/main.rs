@@ -80,6 +80,9 @@ enum Command {
         /// overwritten (DIR-2, DIR-3, … instead).
         #[arg(long, default_value = "loadtest-report")]
         out: PathBuf,
+        /// Rounds of every `compare` scenario, instead of the plan's.
+        #[arg(long)]
+        rounds: Option<usize>,
     },
     /// Two reports side by side with ratios (before/after, plain/TLS); can fail on a
     /// regression (exit 99).
@@ -102,12 +105,14 @@ fn main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
-        Command::Plan { file, out, .. } => {
+        Command::Plan {
+            file, out, rounds, ..
+        } => {
             let given = matches
                 .subcommand_matches("plan")
                 .map(given_target_flags)
                 .unwrap_or_default();
-            let passed = run_plan(&file, &given, &out)?;
+            let passed = run_plan(&file, &given, &out, rounds)?;
             if run::interrupted() {
                 eprintln!("krux-loadtest: interrupted: the plan did not run to its end");
                 std::process::exit(130);
@@ -168,8 +173,8 @@ fn main() -> anyhow::Result<()> {
                     attach.join(", ")
                 );
             }
-            let ok = compare(&scenario, &target, rounds, &out)?;
-            if fail_below_baseline && !ok {
+            let judged = compare(&scenario, &target, rounds, &out)?;
+            if fail_below_baseline && judged.ratios[plan::RATIOS[0]] < 1.0 {
                 eprintln!("krux-loadtest: the relay delivered less than the baseline");
                 std::process::exit(1);
             }
@@ -216,14 +221,15 @@ pub fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     })
 }
 
-/// Runs relay, baseline and limit alternately; prints medians and ratios. Returns whether
-/// the relay's median deliveries/s is at least the baseline's.
+/// Runs relay, baseline and limit alternately; prints medians and ratios. Returns the
+/// relay's median round (by deliveries/s) with the ratios, and with loss, duplicates and
+/// closes summed over all the relay's rounds: what a plan's thresholds judge.
 fn compare(
     sc: &Scenario,
     args: &TargetArgs,
     rounds: usize,
     out: &std::path::Path,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Report> {
     let kinds = [Kind::Relay, Kind::Baseline, Kind::Limit];
     let mut all: Vec<Vec<Report>> = vec![Vec::new(); kinds.len()];
     for round in 1..=rounds.max(1) {
@@ -255,11 +261,15 @@ fn compare(
         .collect();
     let d = |k: usize| med(k, |r| r.deliveries_per_s);
     let e = |k: usize| med(k, |r| r.deliveries_per_server_cpu_s);
-    let ratios = serde_json::json!({
-        "relay_over_baseline_deliveries": d(0) / d(1).max(1e-9),
-        "relay_over_limit_deliveries": d(0) / d(2).max(1e-9),
-        "relay_over_baseline_deliveries_per_cpu_s": e(0) / e(1).max(1e-9),
-    });
+    let ratios: std::collections::BTreeMap<String, f64> = plan::RATIOS
+        .iter()
+        .map(|r| r.to_string())
+        .zip([
+            d(0) / d(1).max(1e-9),
+            d(0) / d(2).max(1e-9),
+            e(0) / e(1).max(1e-9),
+        ])
+        .collect();
     let summary =
         serde_json::json!({ "scenario": sc, "rounds": rounds, "medians": rows, "ratios": ratios });
     std::fs::create_dir_all(out)?;
@@ -285,19 +295,27 @@ fn compare(
     }
     println!(
         "relay/baseline {:.2}x deliveries, {:.2}x per CPU-second; relay/limit {:.0}%",
-        ratios["relay_over_baseline_deliveries"]
-            .as_f64()
-            .unwrap_or(0.0),
-        ratios["relay_over_baseline_deliveries_per_cpu_s"]
-            .as_f64()
-            .unwrap_or(0.0),
-        100.0
-            * ratios["relay_over_limit_deliveries"]
-                .as_f64()
-                .unwrap_or(0.0)
+        ratios[plan::RATIOS[0]],
+        ratios[plan::RATIOS[2]],
+        100.0 * ratios[plan::RATIOS[1]]
     );
     println!("report: {}", out.join("compare.json").display());
-    Ok(d(0) >= d(1))
+    let relay = &all[0];
+    let mut by_rate: Vec<&Report> = relay.iter().collect();
+    by_rate.sort_by(|a, b| a.deliveries_per_s.total_cmp(&b.deliveries_per_s));
+    let mut judged = by_rate[by_rate.len() / 2].clone();
+    judged.lost = relay.iter().map(|r| r.lost).sum();
+    judged.warmup_lost = relay.iter().map(|r| r.warmup_lost).sum();
+    judged.duplicates = relay.iter().map(|r| r.duplicates).sum();
+    judged.closes_by_code = relay.iter().fold(Default::default(), |mut all, r| {
+        for (code, n) in r.closes_in_run() {
+            *all.entry(code).or_default() += n;
+        }
+        all
+    });
+    judged.warmup_closes_by_code.clear(); // counted in the line above
+    judged.ratios = ratios;
+    Ok(judged)
 }
 
 /// The target flags given on the command line, as flags again (they win over the plan's).
@@ -323,34 +341,54 @@ fn given_target_flags(m: &clap::ArgMatches) -> Vec<String> {
     out
 }
 
-/// Runs every scenario of the plan at `file` against one target; writes a report per
-/// scenario and `plan.json`; returns whether every threshold held.
+/// Runs every scenario of the plan at `file`; writes a report per scenario and
+/// `plan.json`; returns whether every threshold held.
 fn run_plan(
     file: &std::path::Path,
     given: &[String],
     out: &std::path::Path,
+    rounds: Option<usize>,
 ) -> anyhow::Result<bool> {
     let plan = plan::Plan::load(file)?;
-    // Attaching on the command line (--ws without --spawn) replaces the plan's spawn.
+    // Attaching on the command line (--ws without --spawn) replaces every spawn of the plan.
     let attach = given.iter().any(|a| a == "--ws") && !given.iter().any(|a| a == "--spawn");
-    let mut from_plan = plan.target_args.clone();
-    if attach {
-        if let Some(i) = from_plan.iter().position(|a| a == "--spawn") {
-            from_plan.drain(i..(i + 2).min(from_plan.len()));
+    let target_args = |own: &[String]| -> anyhow::Result<TargetArgs> {
+        let mut argv: Vec<String> = plan.target_args.iter().chain(own).cloned().collect();
+        while let Some(i) = argv.iter().position(|a| attach && a == "--spawn") {
+            argv.drain(i..(i + 2).min(argv.len()));
         }
-    }
-    let argv: Vec<String> = from_plan.iter().chain(given).cloned().collect();
-    let target = plan::TargetFlags::try_parse_from(&argv)
-        .map_err(|e| anyhow::anyhow!("target: {e}"))?
-        .target;
+        argv.extend_from_slice(given);
+        Ok(plan::TargetFlags::try_parse_from(&argv)
+            .map_err(|e| anyhow::anyhow!("target: {e}"))?
+            .target)
+    };
     let out = plan::fresh_dir(out);
     std::fs::create_dir_all(&out)?;
-    let t = Target::open(&target, None)?;
+    // The plan's own target, opened (or spawned) when a scenario first needs it.
+    let mut shared_target: Option<Target> = None;
     let mut results = Vec::new();
     let mut passed = true;
     for s in &plan.scenarios {
         println!("scenario `{}`", s.name);
-        let report = run_once(&s.scenario, &t)?;
+        let args = target_args(&s.target_args)?;
+        let report = match s.compare {
+            Some(_) if attach => {
+                println!("  skipped: `compare` spawns the relay, the baseline and the limit server itself, and this plan runs attached");
+                results.push(serde_json::json!({ "name": s.name, "skipped": "compare runs spawned servers; the plan ran attached" }));
+                continue;
+            }
+            Some(planned) => {
+                let rounds = rounds.unwrap_or(planned);
+                compare(&s.scenario, &args, rounds, &out.join(&s.name))?
+            }
+            None if s.target_args.is_empty() => {
+                if shared_target.is_none() {
+                    shared_target = Some(Target::open(&args, None)?);
+                }
+                run_once(&s.scenario, shared_target.as_ref().expect("opened above"))?
+            }
+            None => run_once(&s.scenario, &Target::open(&args, None)?)?,
+        };
         println!("{}", report.summary());
         report.write(&out, &s.name)?;
         let mut verdicts = Vec::new();
@@ -370,6 +408,7 @@ fn run_plan(
         results.push(serde_json::json!({
             "name": s.name,
             "report": format!("{}.json", s.name),
+            "target": report.target_info,
             "thresholds": verdicts,
             "interrupted": report.interrupted,
         }));
@@ -378,10 +417,13 @@ fn run_plan(
         }
     }
     let interrupted = run::interrupted();
+    let target = shared_target.as_ref().map(|t| {
+        serde_json::json!({ "kind": t.kind, "ws": t.ws.to_string(), "ingest": t.ingest.to_string(), "tls": t.tls.is_some() })
+    });
     let summary = serde_json::json!({
         "plan_file": file.display().to_string(),
         "plan": plan.text,
-        "target": { "kind": t.kind, "ws": t.ws.to_string(), "ingest": t.ingest.to_string(), "tls": t.tls.is_some() },
+        "target": target,
         "scenarios": results,
         "passed": passed,
         "interrupted": interrupted,

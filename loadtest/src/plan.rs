@@ -1,7 +1,10 @@
-//! `plan FILE.toml`: scenarios run in sequence against one target, each judged by its
-//! thresholds. A scenario's keys are `run`'s flag names (`event_size` or `event-size`), so
-//! what works as a flag works in a plan; `[target]` takes the attach and spawn flags, and
-//! the same flags on the command line win over it.
+//! `plan FILE.toml`: scenarios run in sequence, each judged by its thresholds. A
+//! scenario's keys are `run`'s flag names (`event_size` or `event-size`), so what works as
+//! a flag works in a plan; `[target]` takes the attach and spawn flags, a scenario may
+//! override them (`spawn = "baseline"`, `threads = 1`), and the same flags on the command
+//! line win over both. `compare = N` runs a scenario as `compare` does: N rounds of the
+//! relay, the baseline and the limit server, judged on the relay's median round and the
+//! ratios (`relay_over_baseline_deliveries >= 1`).
 //!
 //! ```toml
 //! [target]
@@ -21,7 +24,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use crate::report::Report;
 use crate::scenario::Scenario;
@@ -82,8 +85,18 @@ impl Threshold {
     }
 }
 
-fn metric_names() -> [&'static str; 16] {
+/// Ratios of a `compare` scenario, relay over the others' medians.
+pub const RATIOS: [&str; 3] = [
+    "relay_over_baseline_deliveries",
+    "relay_over_limit_deliveries",
+    "relay_over_baseline_deliveries_per_cpu_s",
+];
+
+fn metric_names() -> [&'static str; 19] {
     [
+        RATIOS[0],
+        RATIOS[1],
+        RATIOS[2],
         "loss",
         "duplicates",
         "events_per_s",
@@ -124,6 +137,7 @@ fn metric(r: &Report, name: &str) -> Option<f64> {
         "server_cpu_pct" => server(r.server_cpu_pct)?,
         "deliveries_per_server_cpu_s" => server(r.deliveries_per_server_cpu_s)?,
         "server_rss_mib" => server(r.server_rss_bytes as f64 / 1048576.0)?,
+        ratio if RATIOS.contains(&ratio) => *r.ratios.get(ratio)?,
         other => {
             let code: u16 = other.strip_prefix("closes_")?.parse().ok()?;
             r.closes_in_run().get(&code).copied().unwrap_or(0) as f64
@@ -136,6 +150,10 @@ pub struct PlannedScenario {
     pub name: String,
     pub scenario: Scenario,
     pub thresholds: Vec<Threshold>,
+    /// Target flags of its own, over the plan's `[target]`.
+    pub target_args: Vec<String>,
+    /// Run as `compare`, with this many rounds.
+    pub compare: Option<usize>,
 }
 
 /// A plan file, parsed: the target's flags and the scenarios.
@@ -235,7 +253,25 @@ impl Plan {
             if scenarios.iter().any(|p: &PlannedScenario| p.name == name) {
                 bail!("{what}: two scenarios share this name");
             }
-            let args = flags(t, &["name", "thresholds"], &what)?;
+            // Target flags (`spawn`, `threads`, …) go with the target, the rest to `run`.
+            let target_keys: Vec<String> = TargetFlags::command()
+                .get_arguments()
+                .filter_map(|a| a.get_long())
+                .map(|l| l.replace('-', "_"))
+                .collect();
+            let (own_target, rest): (toml::Table, toml::Table) = t
+                .clone()
+                .into_iter()
+                .partition(|(k, _)| target_keys.contains(&k.replace('-', "_")));
+            let target_args = flags(&own_target, &[], &what)?;
+            TargetFlags::try_parse_from(&target_args)
+                .map_err(|e| anyhow::anyhow!("{what}: {}", first_line(&e)))?;
+            let compare = match rest.get("compare") {
+                None => None,
+                Some(toml::Value::Integer(n)) if *n >= 1 => Some(*n as usize),
+                Some(_) => bail!("{what}: `compare` is a number of rounds (1 or more)"),
+            };
+            let args = flags(&rest, &["name", "thresholds", "compare"], &what)?;
             let scenario = ScenarioFlags::try_parse_from(&args)
                 .map_err(|e| anyhow::anyhow!("{what}: {}", first_line(&e)))?
                 .scenario;
@@ -256,6 +292,8 @@ impl Plan {
                 name,
                 scenario,
                 thresholds,
+                target_args,
+                compare,
             });
         }
         Ok(Plan {
@@ -342,6 +380,18 @@ mod tests {
         assert_eq!(s.thresholds.len(), 1);
         assert_eq!(plan.scenarios[1].name, "scenario-2");
         assert_eq!(plan.scenarios[1].scenario.rate, "100");
+        assert_eq!((s.compare, s.target_args.len()), (None, 0));
+        // A scenario's own target flags, `compare` rounds and stages as a list.
+        std::fs::write(
+            &file,
+            "[[scenario]]\nspawn = \"baseline\"\nthreads = 1\ncompare = 2\nstages = [\"1s:10\", \"2s:20:max\"]\nthresholds = [\"relay_over_baseline_deliveries >= 1\"]\n",
+        )
+        .unwrap();
+        let plan = Plan::load(&file).unwrap();
+        let s = &plan.scenarios[0];
+        assert_eq!(s.target_args, ["--spawn", "baseline", "--threads", "1"]);
+        assert_eq!(s.compare, Some(2));
+        assert_eq!(s.scenario.stages.len(), 2);
         for (text, says) in [
             ("[[scenario]]\nsubscriberz = 3\n", "subscriberz"),
             (
@@ -350,6 +400,9 @@ mod tests {
             ),
             ("[target]\nspawn = \"nginx\"\n[[scenario]]\n", "nginx"),
             ("[scenarios]\n", "unknown section"),
+            ("[[scenario]]\ncompare = 0\n", "number of rounds"),
+            ("[[scenario]]\nstages = [\"1s\"]\n", "DURATION:SUBSCRIBERS"),
+            ("[[scenario]]\nspawn = \"nginx\"\n", "nginx"),
         ] {
             std::fs::write(&file, text).unwrap();
             let err = format!("{:#}", Plan::load(&file).err().unwrap());

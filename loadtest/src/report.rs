@@ -109,6 +109,10 @@ pub struct Report {
     pub timeline: Vec<Point>,
     /// Latency CDF: (microseconds, fraction of samples at or below).
     pub cdf: Vec<(u64, f64)>,
+    /// A `compare` scenario's judged report (the relay's median round): the relay over
+    /// the baseline's and limit server's medians (`plan::RATIOS`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ratios: BTreeMap<String, f64>,
 }
 
 impl Report {

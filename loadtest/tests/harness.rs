@@ -689,6 +689,50 @@ fn a_passing_plan_exits_0_and_never_overwrites_a_report() {
     );
 }
 
+/// A scenario may bring its own target (`spawn = "baseline"`) and run as `compare`,
+/// judged on the relay's median round and the ratios.
+#[test]
+fn a_plan_compares_servers_and_gives_a_scenario_its_own_target() {
+    relay_bin();
+    let out = tempfile::tempdir().unwrap();
+    let plan = out.path().join("mixed.toml");
+    std::fs::write(
+        &plan,
+        "[target]\nspawn = \"relay\"\n\n[[scenario]]\nname = \"versus\"\ncompare = 1\nsubscribers = 20\nrate = 300\nwarmup = \"300ms\"\nduration = \"1s\"\nthresholds = [\"relay_over_limit_deliveries > 0.5\", \"loss == 0\"]\n\n[[scenario]]\nname = \"baseline-alone\"\nspawn = \"baseline\"\nsubscribers = 20\nrate = 300\nwarmup = \"300ms\"\nduration = \"1s\"\nthresholds = [\"loss == 0\"]\n",
+    )
+    .unwrap();
+    let dir = out.path().join("reports");
+    let res = loadtest(&[
+        "plan",
+        plan.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_success(&res);
+    let p = read_json(&dir.join("plan.json"));
+    let versus = &p["scenarios"][0]["thresholds"];
+    let ratio = versus[0]["value"].as_f64().unwrap();
+    assert!(versus[0]["ok"] == true && ratio > 0.5, "{versus}");
+    // One round of each server, and the medians beside them.
+    for f in [
+        "relay-1.json",
+        "baseline-1.json",
+        "limit-1.json",
+        "compare.json",
+    ] {
+        assert!(dir.join("versus").join(f).exists(), "no {f}");
+    }
+    let judged = read_json(&dir.join("versus.json"));
+    assert_eq!(judged["target"], "relay");
+    assert_eq!(
+        judged["ratios"]["relay_over_limit_deliveries"].as_f64(),
+        Some(ratio)
+    );
+    let alone = read_json(&dir.join("baseline-alone.json"));
+    assert_eq!(alone["target"], "baseline", "the scenario's own target");
+    assert_eq!(alone["lost"], 0);
+}
+
 /// A plan with stages: subscribers and the rate ramp as written, the subscribers that
 /// joined and left during the window are each owed what was published while they were
 /// subscribed, and nothing is lost.
