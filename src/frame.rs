@@ -22,8 +22,15 @@ fn header_len(len: usize) -> usize {
     }
 }
 
+/// RSV1: the frame's payload is compressed (permessage-deflate, RFC 7692).
+const RSV1: u8 = 0x40;
+
 fn put_header(out: &mut BytesMut, opcode: u8, len: usize) {
-    out.put_u8(0x80 | opcode); // FIN + opcode
+    put_header_flags(out, opcode, 0, len);
+}
+
+fn put_header_flags(out: &mut BytesMut, opcode: u8, flags: u8, len: usize) {
+    out.put_u8(0x80 | flags | opcode); // FIN + opcode
     match len {
         0..=125 => out.put_u8(len as u8),
         126..=0xFFFF => {
@@ -70,9 +77,26 @@ impl std::ops::Deref for EventFrame {
     }
 }
 
+impl EventFrame {
+    /// The frame's payload (its bytes after the header).
+    pub fn payload(&self) -> &[u8] {
+        payload(&self.bytes)
+    }
+}
+
 impl FrameArena {
     pub fn new() -> FrameArena {
         FrameArena::default()
+    }
+
+    /// Room for a frame of `total` bytes: a fresh chunk when it does not fit. `BytesMut`
+    /// must never grow (it would reallocate), so frames already handed out stay where
+    /// they are.
+    fn reserve(&mut self, total: usize) {
+        if self.buf.capacity() < total {
+            self.buf = BytesMut::with_capacity(total.max(CHUNK));
+            self.chunk = NEXT_CHUNK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Builds the text frame of one accepted event.
@@ -93,12 +117,7 @@ impl FrameArena {
         let stamp_len = stamp.map_or(0, |s| ",\"timestamp\":\"\"".len() + s.len());
         let len = body.len() + stamp_len + ",\"seq\":}".len() + seq_txt.len();
         let total = header_len(len) + len;
-        // A fresh chunk when this frame does not fit: never let `BytesMut` grow (it would
-        // reallocate), so frames already handed out stay where they are.
-        if self.buf.capacity() < total {
-            self.buf = BytesMut::with_capacity(total.max(CHUNK));
-            self.chunk = NEXT_CHUNK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.reserve(total);
         let out = &mut self.buf;
         put_header(out, OP_TEXT, len);
         out.put_slice(body);
@@ -113,6 +132,18 @@ impl FrameArena {
         debug_assert_eq!(out.len(), total);
         EventFrame {
             bytes: out.split().freeze(),
+            chunk: self.chunk,
+        }
+    }
+
+    /// Builds the frame of an event whose payload was compressed (permessage-deflate):
+    /// a text frame with RSV1 set.
+    pub fn deflated_frame(&mut self, compressed: &[u8]) -> EventFrame {
+        self.reserve(header_len(compressed.len()) + compressed.len());
+        put_header_flags(&mut self.buf, OP_TEXT, RSV1, compressed.len());
+        self.buf.put_slice(compressed);
+        EventFrame {
+            bytes: self.buf.split().freeze(),
             chunk: self.chunk,
         }
     }

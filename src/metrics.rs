@@ -45,6 +45,12 @@ pub struct Metrics {
     /// TLS handshakes completed: full, and resumed with a session ticket.
     pub tls_full: AtomicU64,
     pub tls_resumed: AtomicU64,
+    /// permessage-deflate: subscribers that negotiated it, compressed frames made (one
+    /// per event at most), and the payload bytes they took in and gave out.
+    pub deflate_subscribers: AtomicI64,
+    pub deflate_frames: AtomicU64,
+    pub deflate_bytes_in: AtomicU64,
+    pub deflate_bytes_out: AtomicU64,
     /// Cluster mode (`--nats`); `None` standalone.
     pub cluster: Option<ClusterMetrics>,
 }
@@ -179,7 +185,7 @@ impl Metrics {
                 self.events_in[t.index()].load(Relaxed)
             );
         }
-        let scalars: [Scalar; 7] = [
+        let scalars: [Scalar; 11] = [
             (
                 "krux_events_rejected_total",
                 "counter",
@@ -215,6 +221,30 @@ impl Metrics {
                 "gauge",
                 "Bytes the replay window holds (bounded by --replay-memory).",
                 self.replay_bytes.load(Relaxed),
+            ),
+            (
+                "krux_compression_subscribers",
+                "gauge",
+                "Open subscribers that negotiated permessage-deflate.",
+                self.deflate_subscribers.load(Relaxed),
+            ),
+            (
+                "krux_compressed_frames_total",
+                "counter",
+                "Event frames compressed (each event at most once, shared by every subscriber with the extension).",
+                self.deflate_frames.load(Relaxed) as i64,
+            ),
+            (
+                "krux_compression_bytes_in_total",
+                "counter",
+                "Payload bytes of the events compressed, before compression.",
+                self.deflate_bytes_in.load(Relaxed) as i64,
+            ),
+            (
+                "krux_compression_bytes_out_total",
+                "counter",
+                "Payload bytes of the events compressed, after compression.",
+                self.deflate_bytes_out.load(Relaxed) as i64,
             ),
             (
                 "krux_slow_consumer_closes_total",

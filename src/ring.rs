@@ -15,11 +15,15 @@
 //! is the newest events within both bounds (never fewer than the newest one). Memory is
 //! released a chunk at a time: at most `CHUNK - 1` evicted entries stay resident.
 //!
+//! An entry's compressed frame (permessage-deflate) is made once, by the first reactor
+//! that has a subscriber wanting it (`Entry::deflated`), and shared by all; from then on it
+//! counts in the byte bound too, until the entry leaves the window.
+//!
 //! Wake-ups: a reactor with nothing to read marks itself parked and waits on its `Notify`;
 //! the producer notifies only parked reactors, so a busy reactor costs it one atomic load.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwapOption;
@@ -39,6 +43,80 @@ pub struct Entry {
     pub keys: FilterKeys,
     /// When the ingest accepted the event (for the ingest→write latency metric).
     pub accepted_at: std::time::Instant,
+    /// Its frame compressed, once a subscriber that negotiated compression needed it.
+    pub deflated: Deflated,
+}
+
+/// An entry's compressed frame: made at most once, by whichever reactor needs it first.
+#[derive(Debug, Default)]
+pub struct Deflated {
+    frame: OnceLock<Option<EventFrame>>,
+    /// Whether its bytes are counted in the window's bound: `FREE` not (yet), `CHARGED`,
+    /// or `GONE` (the entry left the window, or was never in one).
+    charge: AtomicU8,
+}
+
+const FREE: u8 = 0;
+const CHARGED: u8 = 1;
+const GONE: u8 = 2;
+
+impl Deflated {
+    /// For an entry that is never in a ring (a cluster node's history fetch): its
+    /// compressed frame is never charged to a window.
+    pub fn outside_window() -> Deflated {
+        Deflated {
+            frame: OnceLock::new(),
+            charge: AtomicU8::new(GONE),
+        }
+    }
+}
+
+impl Entry {
+    /// The frame compressed: made by the first caller with `make` (given the payload;
+    /// `None` when compressing does not pay, and the plain frame goes out), the same for
+    /// every later caller on any reactor. While the entry is in `ring`'s window, the
+    /// compressed frame counts in its byte bound.
+    pub fn deflated(
+        &self,
+        ring: &FrameRing,
+        make: impl FnOnce(&[u8]) -> Option<EventFrame>,
+    ) -> Option<&EventFrame> {
+        self.deflated
+            .frame
+            .get_or_init(|| {
+                let made = make(self.frame.payload());
+                if let Some(f) = &made {
+                    // Counted before it is marked, so that the producer, which uncounts
+                    // only what it finds marked, never takes away what is not there.
+                    // The producer marks what it forgets (`GONE`) whenever it sees a
+                    // count; if it saw none, it forgot this entry before the count above,
+                    // and `forgotten_below` (stored before its look) says so here.
+                    let n = f.len();
+                    ring.deflated_bytes.fetch_add(n, SeqCst);
+                    let c = &self.deflated.charge;
+                    let out = if c.compare_exchange(FREE, CHARGED, SeqCst, SeqCst).is_err() {
+                        true // marked `GONE` already
+                    } else {
+                        self.pos < ring.forgotten_below.load(SeqCst)
+                            && c.compare_exchange(CHARGED, GONE, SeqCst, SeqCst).is_ok()
+                    };
+                    if out {
+                        ring.deflated_bytes.fetch_sub(n, SeqCst);
+                    }
+                }
+                made
+            })
+            .as_ref()
+    }
+
+    /// The entry leaves the window: its compressed frame, if counted, no longer is.
+    fn uncharge(&self, ring: &FrameRing) {
+        if self.deflated.charge.swap(GONE, SeqCst) == CHARGED {
+            if let Some(Some(f)) = self.deflated.frame.get() {
+                ring.deflated_bytes.fetch_sub(f.len(), SeqCst);
+            }
+        }
+    }
 }
 
 /// What a reader finds at a given `seq`.
@@ -129,6 +207,10 @@ pub struct FrameRing {
     /// (the seq after the newest entry lapped or evicted, or where the ring started).
     complete_from: AtomicU64,
     readers: Vec<Arc<ReaderWake>>,
+    /// What the compressed frames of retained entries hold (`Entry::deflated`).
+    deflated_bytes: AtomicUsize,
+    /// Entries below this position left the window (what the producer has forgotten).
+    forgotten_below: AtomicU64,
 }
 
 /// The ring's only writer. Not `Clone`: single-producer is enforced by ownership.
@@ -198,6 +280,8 @@ impl FrameRing {
             evicted_below: AtomicU64::new(first_pos),
             complete_from: AtomicU64::new(first_pos),
             readers: (0..readers).map(|_| Arc::default()).collect(),
+            deflated_bytes: AtomicUsize::new(0),
+            forgotten_below: AtomicU64::new(first_pos),
         });
         let cursors = ring
             .readers
@@ -342,7 +426,7 @@ impl Producer {
             self.ring.complete_from.fetch_max(seq + 1, SeqCst);
         }
         self.ring.head.store(pos + 1, SeqCst);
-        if self.bytes > self.max_bytes {
+        if self.retained_bytes() > self.max_bytes {
             self.evict_to_bound(pos);
         }
         self.release_chunks();
@@ -352,6 +436,24 @@ impl Producer {
     fn forget_oldest(&mut self) -> u64 {
         let (seq, size) = self.retained.pop_front().expect("an entry is retained");
         self.bytes -= size;
+        self.ring
+            .forgotten_below
+            .store(self.oldest_counted + 1, SeqCst);
+        // Only while some compressed frame is counted: reading the old entry is a cache
+        // miss the plain path does not pay (see `Entry::deflated` for why that is enough).
+        if self.ring.deflated_bytes.load(SeqCst) > 0 {
+            // Chunks hold consecutive positions; those already forgotten may still be
+            // at the front (released after the eviction).
+            let pos = self.oldest_counted;
+            let front = self.chunks.front().map_or(pos, |c| c.base);
+            let entry = self
+                .chunks
+                .get(((pos - front) / CHUNK) as usize)
+                .and_then(|c| c.entries[(pos % CHUNK) as usize].get());
+            if let Some(e) = entry {
+                e.uncharge(&self.ring);
+            }
+        }
         self.oldest_counted += 1;
         seq
     }
@@ -376,7 +478,7 @@ impl Producer {
     /// chunk, once none of its `CHUNK` entries is retained.
     fn evict_to_bound(&mut self, newest: u64) {
         let mut complete_from = 0;
-        while self.bytes > self.max_bytes && self.oldest_counted < newest {
+        while self.retained_bytes() > self.max_bytes && self.oldest_counted < newest {
             complete_from = self.forget_oldest() + 1;
         }
         let ring = &*self.ring;
@@ -384,9 +486,10 @@ impl Producer {
         ring.evicted_below.store(self.oldest_counted, SeqCst);
     }
 
-    /// Bytes the window holds (`Entry::retained_bytes` of every retained entry).
+    /// Bytes the window holds: `Entry::retained_bytes` of every retained entry, and the
+    /// compressed frames made of them.
     pub fn retained_bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.ring.deflated_bytes.load(SeqCst)
     }
 
     /// Wakes the readers that parked because they had caught up.
@@ -472,7 +575,49 @@ mod tests {
                 session: None,
                 data_session: None,
             },
+            deflated: Deflated::default(),
         }
+    }
+
+    /// A compressed frame counts in the byte bound from when a reactor makes it until its
+    /// entry leaves the window, and one made after that is never counted.
+    #[test]
+    fn compressed_frames_count_in_the_window_while_their_entry_is_in_it() {
+        let size = entry(100).retained_bytes();
+        let (mut p, _cursors) = FrameRing::bounded(1000, 3 * size + size / 2, 100, 1);
+        for seq in 100..103 {
+            p.publish(entry(seq));
+        }
+        let ring = p.ring().clone();
+        assert_eq!(p.retained_bytes(), 3 * size);
+        let read = |seq: u64| match ring.get(seq) {
+            Slot::Ready(e) => e,
+            other => panic!("{seq}: {other:?}"),
+        };
+        let big = |_: &[u8]| Some(crate::frame::FrameArena::new().deflated_frame(&[7; 40]));
+        let e100 = read(100);
+        let made = e100.deflated(&ring, big).unwrap().len();
+        assert_eq!(p.retained_bytes(), 3 * size + made);
+        // Made once: a second caller gets the same frame, and nothing more is counted.
+        assert_eq!(
+            e100.deflated(&ring, |_| panic!("made twice"))
+                .unwrap()
+                .len(),
+            made
+        );
+        assert_eq!(p.retained_bytes(), 3 * size + made);
+        // 103 does not fit beside it: 100 leaves, and its compressed frame with it.
+        p.publish(entry(103));
+        assert_eq!(p.retained_bytes(), 3 * size);
+        // Compressed after it left (a reader still holding it): never counted.
+        let e101 = read(101);
+        p.publish(entry(104));
+        assert!(matches!(ring.get(101), Slot::Lapped));
+        e101.deflated(&ring, big).unwrap();
+        assert_eq!(p.retained_bytes(), 3 * size);
+        // Not worth it: nothing made, nothing counted, and the plain frame goes out.
+        assert!(read(103).deflated(&ring, |_| None).is_none());
+        assert_eq!(p.retained_bytes(), 3 * size);
     }
 
     #[test]

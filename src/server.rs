@@ -275,6 +275,7 @@ pub fn start(cfg: &ServeConfig, data_dir: &Path) -> anyhow::Result<Running> {
         tls: tls.map(|t| t.config.clone()),
         history: cluster.then_some(history_tx),
         allowed_origins: cfg.allowed_origin.clone(),
+        compression: cfg.compression(),
     });
 
     let (ended_tx, ended) = crossbeam_channel::unbounded();

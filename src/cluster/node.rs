@@ -46,7 +46,7 @@ use crate::event::{now_rfc3339_millis, Validator};
 use crate::frame::FrameArena;
 use crate::metrics::Metrics;
 use crate::reactor::{Fetched, HistoryReply, HistoryRequest};
-use crate::ring::{Entry, Producer};
+use crate::ring::{Deflated, Entry, Producer};
 
 /// How long the consumer may take no message while the stream holds newer ones: an
 /// ordered consumer that lived on a server that died stays silent.
@@ -544,6 +544,7 @@ impl Framer {
                             frame: arena.event_frame(e.text, stamp, seq),
                             keys,
                             accepted_at: at,
+                            deflated: Default::default(),
                         });
                         continue;
                     }
@@ -677,7 +678,8 @@ async fn fetch(
         let mac = msg.headers.get(MAC_HEADER).map(|v| v.as_str());
         // The same events, numbered the same, as the consumer takes (what it dropped, it
         // counted and logged already); never in a ring: no position.
-        framer.message(m, &msg.payload, mac, keys, at, &|| 0, &mut |e| {
+        framer.message(m, &msg.payload, mac, keys, at, &|| 0, &mut |mut e| {
+            e.deflated = Deflated::outside_window();
             entries.push(e)
         });
         for entry in entries.drain(..) {

@@ -356,16 +356,41 @@ pub struct ServeConfig {
     /// Allow a non-loopback --admin address (/metrics is not authenticated).
     #[arg(long, env = "KRUX_INSECURE_ADMIN")]
     pub insecure_admin: bool,
+    /// permessage-deflate for subscribers that offer it (browsers do): each event is
+    /// compressed at most once and the same frame goes to all of them.
+    #[arg(long, env = "KRUX_COMPRESSION", value_enum, default_value = "on")]
+    pub compression: OnOff,
+    /// Events whose JSON is smaller than this go out uncompressed (compression would not
+    /// pay for itself).
+    #[arg(long, env = "KRUX_COMPRESSION_MIN_SIZE", default_value = "256B", value_parser = parse_size)]
+    pub compression_min_size: usize,
+    /// zlib level, 1 (fastest) to 9 (smallest).
+    #[arg(long, env = "KRUX_COMPRESSION_LEVEL", default_value_t = 1)]
+    pub compression_level: u32,
     #[command(flatten)]
     pub nats: cluster::NatsArgs,
     #[command(flatten)]
     pub stream: cluster::StreamArgs,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 /// Largest `--replay`: its slots alone are 8 bytes each.
 pub const MAX_REPLAY: usize = 100_000_000;
 
 impl ServeConfig {
+    /// permessage-deflate's settings, when it is on.
+    pub fn compression(&self) -> Option<crate::proto::deflate::Policy> {
+        (self.compression == OnOff::On).then_some(crate::proto::deflate::Policy {
+            min_size: self.compression_min_size,
+            level: self.compression_level,
+        })
+    }
+
     /// Refuses settings that cannot work, naming the flag and the range it allows.
     pub fn check(&self) -> Result<(), String> {
         let size = |flag: &str, v: usize, min: usize, max: usize, range: &str| {
@@ -418,6 +443,12 @@ impl ServeConfig {
                 1024,
                 "1 and 1024 (omit it for one per core)",
             )?;
+        }
+        if !(1..=9).contains(&self.compression_level) {
+            return Err(format!(
+                "--compression-level {}: must be between 1 (fastest) and 9 (smallest)",
+                self.compression_level
+            ));
         }
         for (flag, d) in [
             ("ping-interval", self.ping_interval),

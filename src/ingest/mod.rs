@@ -119,6 +119,7 @@ impl Pipeline {
             accepted_at: *self.batch_at.get_or_insert_with(std::time::Instant::now),
             frame,
             keys: valid.keys,
+            deflated: Default::default(),
         });
         Ok(seq)
     }

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 
 use percent_encoding::percent_decode_str;
 
+use super::deflate::{self, Deflate};
 use crate::auth::Principal;
 use crate::event::EventType;
 use crate::filter::Filter;
@@ -28,6 +29,8 @@ pub struct Request {
     /// Sent by browsers (always, on a WebSocket upgrade); CLIs and bridges send none.
     pub origin: Option<String>,
     pub host: Option<String>,
+    /// Every `Sec-WebSocket-Extensions` value, in order (offers may span several headers).
+    pub extensions: Vec<String>,
 }
 
 // One per connection, matched once: boxing the request would only add an allocation.
@@ -88,6 +91,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed, Response> {
             out.origin = Some(value());
         } else if h.name.eq_ignore_ascii_case("host") {
             out.host = Some(value());
+        } else if h.name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            out.extensions.push(value());
         }
     }
     Ok(Parsed::Complete(out, len))
@@ -194,6 +199,8 @@ pub struct Upgrade {
     pub since: Option<u64>,
     /// The `Sec-WebSocket-Accept` value of the `101` answer.
     pub accept: String,
+    /// permessage-deflate, when the client offered it and compression is on.
+    pub deflate: Option<Deflate>,
 }
 
 /// What `decide` needs to know about the server's state.
@@ -202,6 +209,8 @@ pub struct Gate<'a> {
     pub authenticate: &'a dyn Fn(&Credential) -> Auth,
     /// Origins besides the relay's own whose pages may subscribe (`--allowed-origin`).
     pub allowed_origins: &'a [String],
+    /// permessage-deflate is accepted when offered (`--compression on`).
+    pub compression: bool,
 }
 
 /// Whether a browser's page may open `/events`: a request without `Origin` (not a
@@ -364,11 +373,16 @@ pub fn decide(req: &Request, gate: &Gate<'_>) -> Decision {
         Ok(x) => x,
         Err(msg) => return Decision::Refuse(Response::text(400, &msg)),
     };
+    let deflate = gate
+        .compression
+        .then(|| deflate::negotiate(req.extensions.iter().map(String::as_str)))
+        .flatten();
     Decision::Upgrade(Upgrade {
         principal,
         filter,
         since,
         accept: tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        deflate,
     })
 }
 
@@ -378,8 +392,11 @@ impl Upgrade {
     /// client that has received nothing yet resumes from it without a hole.
     pub fn response(&self, position: Option<u64>) -> Vec<u8> {
         let seq = position.map_or(String::new(), |s| format!("Krux-Seq: {s}\r\n"));
+        let ext = self.deflate.map_or(String::new(), |d| {
+            format!("Sec-WebSocket-Extensions: {}\r\n", d.response())
+        });
         format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{seq}\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{ext}{seq}\r\n",
             self.accept
         )
         .into_bytes()
@@ -598,6 +615,7 @@ mod tests {
                 at_capacity,
                 authenticate: &auth,
                 allowed_origins: &["https://dash.example".to_string()],
+                compression: true,
             },
         )
     }
@@ -761,6 +779,44 @@ mod tests {
         assert!(!String::from_utf8(u.response(None))
             .unwrap()
             .contains("Krux-Seq"));
+        assert_eq!(u.deflate, None, "no extension offered");
+        assert!(!resp.contains("Sec-WebSocket-Extensions"), "{resp}");
+    }
+
+    #[test]
+    fn permessage_deflate_is_answered_only_when_offered_and_on() {
+        let offer = "Authorization: Bearer krx_user_good\r\nSec-WebSocket-Extensions: x-unknown, permessage-deflate; mystery\r\nSec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=12; client_max_window_bits\r\n";
+        let Decision::Upgrade(u) = run(&head("/events", offer), false) else {
+            panic!("not upgraded")
+        };
+        let resp = String::from_utf8(u.response(None)).unwrap();
+        assert!(
+            resp.contains("\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; server_max_window_bits=12\r\n"),
+            "the first valid offer of the two headers: {resp}"
+        );
+        assert_eq!(u.deflate.map(|d| d.window_bits), Some(12));
+        // Offers it cannot accept: no extension, and the upgrade goes on without it.
+        let bad = "Authorization: Bearer krx_user_good\r\nSec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=7\r\n";
+        let Decision::Upgrade(u) = run(&head("/events", bad), false) else {
+            panic!("not upgraded")
+        };
+        assert_eq!(u.deflate, None);
+        // `--compression off`: never accepted.
+        let Parsed::Complete(req, _) = parse_request(head("/events", offer).as_bytes()).unwrap()
+        else {
+            panic!("partial")
+        };
+        let auth = |_: &Credential| Auth::Valid(Principal::User([1; 32]));
+        let gate = Gate {
+            at_capacity: false,
+            authenticate: &auth,
+            allowed_origins: &[],
+            compression: false,
+        };
+        let Decision::Upgrade(u) = decide(&req, &gate) else {
+            panic!("not upgraded")
+        };
+        assert_eq!(u.deflate, None);
     }
 
     #[test]

@@ -149,6 +149,9 @@ pub struct InboundDecoder {
     max_frame: u64,
     /// Inside a fragmented data message (expecting continuation frames).
     fragmented: bool,
+    /// permessage-deflate was negotiated: a data message's first frame may carry RSV1
+    /// (compressed). The relay ignores data from subscribers, so it never inflates one.
+    deflate: bool,
 }
 
 impl InboundDecoder {
@@ -160,7 +163,15 @@ impl InboundDecoder {
             control: Vec::new(),
             max_frame,
             fragmented: false,
+            deflate: false,
         }
+    }
+
+    /// A decoder for a subscriber that negotiated permessage-deflate (RFC 7692 §6: RSV1
+    /// marks a compressed message, on its first frame only, never on a control frame).
+    pub fn with_deflate(mut self) -> Self {
+        self.deflate = true;
+        self
     }
 
     /// Feeds bytes read from the socket; `on` receives each control frame in order.
@@ -278,10 +289,16 @@ impl InboundDecoder {
             _ => 0,
         };
         // Decidable from the first two bytes: refuse before waiting for more.
-        if rsv != 0 {
+        let compressed_start =
+            rsv == 0x40 && self.deflate && (opcode == opcode::TEXT || opcode == opcode::BINARY);
+        if rsv != 0 && !compressed_start {
             return Err(violation(
                 close_code::PROTOCOL_ERROR,
-                "reserved bits set without a negotiated extension",
+                if self.deflate {
+                    "RSV1 only on the first frame of a data message; RSV2 and RSV3 are never set"
+                } else {
+                    "reserved bits set without a negotiated extension"
+                },
             ));
         }
         if !masked {
@@ -438,6 +455,35 @@ mod tests {
         for (bytes, code) in cases {
             let (_, res) = decode(bytes, 1);
             assert_eq!(res.map_err(|v| v.code), Err(*code), "{bytes:02x?}");
+        }
+    }
+
+    /// With permessage-deflate negotiated, a compressed data message (RSV1 on its first
+    /// frame) is read past like any other; RSV1 anywhere else, or RSV2/RSV3, is not.
+    #[test]
+    fn rsv1_marks_compressed_data_only_where_rfc_7692_allows() {
+        let feed = |bytes: &[u8]| {
+            let mut d = InboundDecoder::new(1 << 20).with_deflate();
+            let mut got = Vec::new();
+            d.feed(bytes, &mut |i| got.push(i))
+                .map(|()| got)
+                .map_err(|v| v.code)
+        };
+        let ok = [
+            frame(0xC1, b"\x4a\x04\x00"), // a whole compressed text message
+            frame(0x42, b"\x4a"),         // a compressed binary message's first frame…
+            frame(0x80, b"\x04\x00"),     // …and its last, RSV1 clear
+            frame(0x89, b"p"),
+        ]
+        .concat();
+        assert_eq!(feed(&ok), Ok(vec![Inbound::Ping(b"p".to_vec())]));
+        for bad in [
+            frame(0xC9, b""),                                // a control frame
+            [frame(0x01, b"a"), frame(0xC0, b"b")].concat(), // a continuation
+            frame(0xA1, b"x"),                               // RSV2
+            frame(0x91, b"x"),                               // RSV3
+        ] {
+            assert_eq!(feed(&bad), Err(1002), "{bad:02x?}");
         }
     }
 

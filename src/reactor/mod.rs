@@ -47,6 +47,8 @@ pub struct Settings {
     pub history: Option<mpsc::UnboundedSender<HistoryRequest>>,
     /// Browser origins besides the relay's own that may subscribe.
     pub allowed_origins: Vec<String>,
+    /// permessage-deflate, when on (`--compression`).
+    pub compression: Option<crate::proto::deflate::Policy>,
 }
 
 /// A reactor asks for the events after `after` that its ring may no longer hold (served
@@ -114,6 +116,7 @@ pub async fn run<L: Listener>(
         ping_interval: settings.ping_interval,
         read_timeout: settings.read_timeout,
         cluster: settings.history.is_some(),
+        compression: settings.compression,
     };
     let shard = Shard::new(
         id,

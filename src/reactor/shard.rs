@@ -11,6 +11,7 @@
 //! indexed exactly at the fan-out position: nothing is missed or repeated at the hand-over.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +20,9 @@ use slab::Slab;
 use super::outbox::{OutState, Outbox, Push};
 use crate::auth::Principal;
 use crate::filter::{Filter, SubId, SubscriberIndex};
-use crate::frame::{self, Span};
+use crate::frame::{self, EventFrame, FrameArena, Span};
 use crate::metrics::Metrics;
+use crate::proto::deflate::{Compressor, Deflate, Policy};
 use crate::proto::ws::{CloseReason, Inbound, Violation};
 use crate::ring::{Entry, EntryRef, FrameRing, Slot};
 
@@ -47,6 +49,8 @@ pub struct Settings {
     pub read_timeout: Duration,
     /// A cluster node: resumes the window cannot serve go to the stream.
     pub cluster: bool,
+    /// permessage-deflate, when on (`--compression`).
+    pub compression: Option<Policy>,
 }
 
 /// Events after a history request's `after`, in seq order, from a cluster node's stream.
@@ -124,6 +128,8 @@ struct Backlog {
 struct Sub<H> {
     handle: H,
     out: Outbox,
+    /// It negotiated permessage-deflate.
+    deflate: Option<Deflate>,
     principal: Principal,
     phase: Phase,
     last_heard: Instant,
@@ -157,6 +163,52 @@ pub struct Shard<H> {
     pings: VecDeque<Instant>,
     last_ping: Instant,
     next_tick: Instant,
+    /// Compresses the events its subscribers with the extension need first (`--compression`).
+    zip: Option<Zip>,
+}
+
+/// A reactor's compressor, and the arena its compressed frames are built in (frames of
+/// consecutive events lie back to back there, so a subscriber's queue keeps them in runs).
+struct Zip {
+    policy: Policy,
+    compressor: Compressor,
+    arena: FrameArena,
+}
+
+impl Zip {
+    /// The frame `e` goes out in to a subscriber that negotiated `deflate`: its compressed
+    /// frame (made here if no reactor has made it yet) when compression is on, the event
+    /// is large enough, and it fits the subscriber's window; else the plain frame.
+    fn frame_for<'e>(
+        zip: &mut Option<Zip>,
+        e: &'e Entry,
+        deflate: Option<Deflate>,
+        ring: &FrameRing,
+        metrics: &Metrics,
+    ) -> &'e EventFrame {
+        let (Some(d), Some(z)) = (deflate, zip.as_mut()) else {
+            return &e.frame;
+        };
+        let len = e.frame.payload().len();
+        if len < z.policy.min_size || !d.fits(len) {
+            return &e.frame;
+        }
+        e.deflated(ring, |payload| {
+            let small = z.compressor.compress(payload);
+            // A frame that would not shrink goes out as it is.
+            (small.len() < payload.len()).then(|| {
+                metrics.deflate_frames.fetch_add(1, Relaxed);
+                metrics
+                    .deflate_bytes_in
+                    .fetch_add(payload.len() as u64, Relaxed);
+                metrics
+                    .deflate_bytes_out
+                    .fetch_add(small.len() as u64, Relaxed);
+                z.arena.deflated_frame(small)
+            })
+        })
+        .unwrap_or(&e.frame)
+    }
 }
 
 impl<H> Shard<H> {
@@ -170,7 +222,6 @@ impl<H> Shard<H> {
     ) -> Self {
         Shard {
             reactor,
-            settings,
             ring,
             metrics,
             subs: Slab::new(),
@@ -183,6 +234,12 @@ impl<H> Shard<H> {
             pings: VecDeque::new(),
             last_ping: now,
             next_tick: now + TICK,
+            zip: settings.compression.map(|policy| Zip {
+                policy,
+                compressor: Compressor::new(policy.level),
+                arena: FrameArena::new(),
+            }),
+            settings,
         }
     }
 
@@ -239,6 +296,7 @@ impl<H> Shard<H> {
         principal: Principal,
         filter: Filter,
         since: Option<u64>,
+        deflate: Option<Deflate>,
         handle: H,
         now: Instant,
     ) -> (SubId, Option<u64>) {
@@ -256,9 +314,13 @@ impl<H> Shard<H> {
         };
         let serial = self.next_serial;
         self.next_serial += 1;
+        if deflate.is_some() {
+            self.metrics.deflate_subscribers.fetch_add(1, Relaxed);
+        }
         self.subs.insert(Sub {
             handle,
             out,
+            deflate,
             principal,
             phase,
             last_heard: now,
@@ -305,6 +367,9 @@ impl<H> Shard<H> {
         let sub = self.subs.try_remove(id)?;
         self.index.remove(id);
         self.metrics.subscriber_delta(self.reactor, -1);
+        if sub.deflate.is_some() {
+            self.metrics.deflate_subscribers.fetch_sub(1, Relaxed);
+        }
         Some(sub.handle)
     }
 
@@ -426,12 +491,14 @@ impl<H> Shard<H> {
         self.last_seq = last.seq;
         // Subscribers with no room for an event of this round, and that event's position.
         let mut behind: Vec<(SubId, u64)> = Vec::new();
-        let (subs, wakes) = (&mut self.subs, &mut self.wakes);
+        let (subs, wakes, zip) = (&mut self.subs, &mut self.wakes, &mut self.zip);
+        let (ring, metrics) = (&*self.ring, &*self.metrics);
         let mut push = |id: SubId, entries: &mut dyn Iterator<Item = &Entry>| {
             let s = &mut subs[id];
             let mut wake = false;
             for e in entries {
-                match s.out.push_event(&e.frame, e.seq, e.accepted_at) {
+                let frame = Zip::frame_for(zip, e, s.deflate, ring, metrics);
+                match s.out.push_event(frame, e.seq, e.accepted_at) {
                     Push::Queued => wake = true,
                     Push::Skipped => {}
                     Push::Full => {
@@ -523,10 +590,12 @@ impl<H> Shard<H> {
         while pos < stop {
             match self.ring.get(pos) {
                 Slot::Ready(e) => {
-                    if filter.matches(&e.keys)
-                        && s.out.push_event(&e.frame, e.seq, e.accepted_at) == Push::Full
-                    {
-                        break; // the rest once the socket has taken some
+                    if filter.matches(&e.keys) {
+                        let frame =
+                            Zip::frame_for(&mut self.zip, &e, s.deflate, &self.ring, &self.metrics);
+                        if s.out.push_event(frame, e.seq, e.accepted_at) == Push::Full {
+                            break; // the rest once the socket has taken some
+                        }
                     }
                 }
                 // Overwritten before it could be replayed: never skip silently.
@@ -564,10 +633,11 @@ impl<H> Shard<H> {
         };
         s.out.resume();
         while let Some(e) = b.queue.front() {
-            if filter.matches(&e.keys)
-                && s.out.push_event(&e.frame, e.seq, e.accepted_at) == Push::Full
-            {
-                return true;
+            if filter.matches(&e.keys) {
+                let frame = Zip::frame_for(&mut self.zip, e, s.deflate, &self.ring, &self.metrics);
+                if s.out.push_event(frame, e.seq, e.accepted_at) == Push::Full {
+                    return true;
+                }
             }
             b.after = e.seq;
             b.queue.pop_front();
@@ -705,7 +775,6 @@ fn gap_frame(since: u64, oldest: u64) -> bytes::Bytes {
 mod tests {
     use super::*;
     use crate::event::{EventType, FilterKeys};
-    use crate::frame::FrameArena;
     use crate::proto::ws::{close_code, opcode};
     use crate::ring::{Cursor, Producer};
 
@@ -740,6 +809,7 @@ mod tests {
             ping_interval: Duration::from_secs(10),
             read_timeout: Duration::from_secs(5),
             cluster: false,
+            compression: None,
         }
     }
 
@@ -786,6 +856,7 @@ mod tests {
                         data_session: None,
                     },
                     accepted_at: self.t0,
+                    deflated: Default::default(),
                 });
             }
         }
@@ -807,12 +878,22 @@ mod tests {
         }
 
         fn register(&mut self, who: Principal, agent: Option<&str>, since: Option<u64>) -> SubId {
+            self.register_with(who, agent, since, None)
+        }
+
+        fn register_with(
+            &mut self,
+            who: Principal,
+            agent: Option<&str>,
+            since: Option<u64>,
+            deflate: Option<Deflate>,
+        ) -> SubId {
             let filter = Filter {
                 agents: agent.map(|a| vec![a.into()]),
                 ..Filter::default()
             };
             let now = self.at(0);
-            self.shard.register(who, filter, since, (), now).0
+            self.shard.register(who, filter, since, deflate, (), now).0
         }
 
         /// What the subscriber's writer sends until it would wait, the socket taking at
@@ -851,7 +932,11 @@ mod tests {
         while let Some((frame, n)) = krux_testkit::parse_frame(b) {
             out.push(match frame.opcode {
                 opcode::TEXT => {
-                    let v = frame.json().unwrap();
+                    let v: serde_json::Value = if b[0] & 0x40 != 0 {
+                        serde_json::from_slice(&inflate(frame.payload)).unwrap()
+                    } else {
+                        frame.json().unwrap()
+                    };
                     if v["type"] == "replay_gap" {
                         Got::Gap {
                             since: v["data"]["since"].as_u64().unwrap(),
@@ -877,6 +962,78 @@ mod tests {
 
     fn events(range: std::ops::RangeInclusive<u64>) -> Vec<Got> {
         range.map(Got::Event).collect()
+    }
+
+    /// A permessage-deflate payload inflated (its sync-flush tail appended back).
+    fn inflate(payload: &[u8]) -> Vec<u8> {
+        use std::io::Read;
+        let mut z = payload.to_vec();
+        z.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut out = Vec::new();
+        // The stream has no final block: reading stops with an error at its end.
+        let _ = flate2::read::DeflateDecoder::new(&z[..]).read_to_end(&mut out);
+        out
+    }
+
+    fn deflate(window_bits: u8) -> Option<Deflate> {
+        let offer = format!("permessage-deflate; server_max_window_bits={window_bits}");
+        crate::proto::deflate::negotiate([offer.as_str()])
+    }
+
+    /// Each event is compressed once for every subscriber that negotiated the extension,
+    /// live or resuming; small events, and events larger than a subscriber's window, go
+    /// out plain; subscribers without the extension get plain frames throughout.
+    #[test]
+    fn events_are_compressed_once_for_every_subscriber_with_the_extension() {
+        let mut s = settings(1 << 20);
+        s.compression = Some(Policy {
+            min_size: 100,
+            level: 6,
+        });
+        let mut w = World::new(1000, s);
+        let (a, b) = (
+            w.register_with(ALICE, None, None, deflate(15)),
+            w.register_with(BOB, None, None, deflate(15)),
+        );
+        let small_window = w.register_with(ALICE, None, None, deflate(9));
+        let plain = w.register(BOB, None, None);
+        w.publish(3, 400); // compressed
+        w.publish(1, 10); // below the minimum size
+        w.publish(1, 600); // compressed, but longer than a 512-byte window
+        w.fan_out(w.at(0));
+        let metrics = w.shard.metrics.clone();
+        assert_eq!(metrics.deflate_subscribers.load(Relaxed), 3);
+        let bytes_of = |w: &mut World, id| {
+            let before = w.shard.subs[id].out.written();
+            let got = w.write(id, usize::MAX, w.at(1));
+            (got, w.shard.subs[id].out.written() - before)
+        };
+        let (got_a, bytes_a) = bytes_of(&mut w, a);
+        let (got_b, bytes_b) = bytes_of(&mut w, b);
+        let (got_small, bytes_small) = bytes_of(&mut w, small_window);
+        let (got_plain, bytes_plain) = bytes_of(&mut w, plain);
+        for got in [&got_a, &got_b, &got_small, &got_plain] {
+            assert_eq!(*got, events(1..=5));
+        }
+        assert_eq!(bytes_a, bytes_b);
+        assert!(
+            bytes_a < bytes_small && bytes_small < bytes_plain,
+            "{bytes_a} {bytes_small} {bytes_plain}"
+        );
+        // Four events compressed, each once, whoever needed it.
+        assert_eq!(metrics.deflate_frames.load(Relaxed), 4);
+        let (inb, outb) = (
+            metrics.deflate_bytes_in.load(Relaxed),
+            metrics.deflate_bytes_out.load(Relaxed),
+        );
+        assert!(outb * 5 < inb, "{outb} of {inb}");
+        // A resume with the extension replays the same compressed frames.
+        let resumed = w.register_with(BOB, None, Some(0), deflate(15));
+        let (got, bytes) = bytes_of(&mut w, resumed);
+        assert_eq!((got, bytes), (events(1..=5), bytes_a));
+        assert_eq!(metrics.deflate_frames.load(Relaxed), 4);
+        w.shard.remove(resumed);
+        assert_eq!(metrics.deflate_subscribers.load(Relaxed), 3);
     }
 
     #[test]
@@ -1168,6 +1325,7 @@ mod tests {
                         data_session: None,
                     },
                     accepted_at: w.t0,
+                    deflated: Default::default(),
                 })
             })
             .collect();

@@ -30,6 +30,7 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: Rc<C>, peer: IpAddr) {
     let Some((up, leftover)) = Box::pin(handshake(&reactor, &*conn, peer)).await else {
         return;
     };
+    let deflate = up.deflate.is_some();
     // Synchronous, so that the upgrade is not part of this task's state.
     let (registration, handle, response) = register(&reactor, &conn, up);
     if Box::pin(write_all(&*conn, Bytes::from(response)))
@@ -42,7 +43,7 @@ pub async fn serve<C: Conn>(reactor: Rc<Reactor>, conn: Rc<C>, peer: IpAddr) {
 
     let gone = Rc::new(Cell::new(false));
     spawn_writer(&reactor, registration.id, &handle, &gone, &conn);
-    read_loop(&reactor, registration.id, &*conn, leftover).await;
+    read_loop(&reactor, registration.id, &*conn, leftover, deflate).await;
 
     // The peer is gone (or finished closing): stop the writer and forget the subscriber.
     gone.set(true);
@@ -97,6 +98,7 @@ async fn handshake<C: Conn>(
         at_capacity: live.connections.load(Relaxed) >= reactor.settings.max_connections,
         authenticate: &authenticate,
         allowed_origins: &reactor.settings.allowed_origins,
+        compression: reactor.settings.compression.is_some(),
     };
     let decision = decide(&req, &gate);
     tracing::debug!(
@@ -150,8 +152,16 @@ fn register<'r, C: Conn>(
         }),
     });
     let filter = std::mem::take(&mut up.filter);
-    let (id, position) = reactor
-        .with_shard(|s| s.register(up.principal, filter, up.since, handle.clone(), super::now()));
+    let (id, position) = reactor.with_shard(|s| {
+        s.register(
+            up.principal,
+            filter,
+            up.since,
+            up.deflate,
+            handle.clone(),
+            super::now(),
+        )
+    });
     reactor.live.connections.fetch_add(1, Relaxed);
     let response = up.response(position);
     (Registration { reactor, id }, handle, response)
@@ -245,8 +255,17 @@ async fn answer_and_close<C: Conn, T>(conn: &C, live: &Live, resp: Response) -> 
     None
 }
 
-async fn read_loop<C: Conn>(reactor: &Reactor, id: SubId, conn: &C, leftover: Vec<u8>) {
+async fn read_loop<C: Conn>(
+    reactor: &Reactor,
+    id: SubId,
+    conn: &C,
+    leftover: Vec<u8>,
+    deflate: bool,
+) {
     let mut decoder = InboundDecoder::new(reactor.settings.max_frame);
+    if deflate {
+        decoder = decoder.with_deflate();
+    }
     let mut on_bytes = |bytes: &[u8]| {
         let now = super::now();
         let mut got = Vec::new();

@@ -43,6 +43,7 @@ fn settings() -> Settings {
         tls: None,
         history: None,
         allowed_origins: Vec::new(),
+        compression: None,
     }
 }
 
