@@ -230,7 +230,7 @@ mod tests {
         );
         assert!(w10.fits(1024) && !w10.fits(1025));
         assert!(
-            plain.unwrap().fits(9 << 20),
+            default.fits(9 << 20),
             "the compressor's own window: any size"
         );
         assert_eq!(
