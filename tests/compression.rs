@@ -123,9 +123,9 @@ async fn read_events(s: &mut TcpStream, n: usize) -> Got {
     got
 }
 
-/// Events at or above the default `--compression-min-size` (256 B).
+/// Events at or above the default `--compression-min-size` (128 B).
 fn worth_compressing(events: &[Vec<u8>]) -> usize {
-    events.iter().filter(|e| e.len() >= 256).count()
+    events.iter().filter(|e| e.len() >= 128).count()
 }
 
 fn seqs(events: &[Vec<u8>]) -> Vec<u64> {
@@ -178,7 +178,7 @@ async fn compressed_and_plain_subscribers_get_the_same_events_live_behind_and_re
     assert!(live.events == plain.events, "live: not the same bytes");
     assert!(behind.events == plain.events, "behind: not the same bytes");
     assert_eq!(plain.compressed, 0);
-    // Events of 256 bytes and more compressed (the 9 MiB one too), smaller ones not.
+    // Events of 128 bytes and more compressed (the 9 MiB one too), smaller ones not.
     assert_eq!(live.compressed, worth_compressing(&plain.events));
     assert!(live.compressed > 500, "{}", live.compressed);
     assert_eq!(behind.compressed, live.compressed);
@@ -438,5 +438,44 @@ async fn chromium_gets_the_same_events_compressed() {
     assert_eq!(
         metric_value(&scrape, "krux_compressed_frames_total"),
         Some(big as u64)
+    );
+}
+
+/// `tail` offers the extension and prints the same events as a raw subscriber without
+/// it gets, the compressed ones inflated.
+#[tokio::test]
+async fn tail_reads_compressed_events() {
+    let relay = Relay::start().await;
+    let child = tail(&relay, &["--json", "--no-reconnect", "--count", "2012"]);
+    wait_subscribers(&relay, 1).await;
+    let (mut raw, _) = subscribe(&relay, "", "", None).await;
+    let (text, n) = workload();
+    assert_eq!(n, 2012);
+    let (_, (want, big)) = tokio::join!(relay.publish(&text), plain_hashes(&mut raw, n));
+    let done = tokio::task::spawn_blocking(move || {
+        finish_within(child, Duration::from_secs(60), "tail --count 2012")
+    })
+    .await
+    .unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let got: Vec<String> = String::from_utf8(done.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| format!("{:x}", Sha256::digest(l.as_bytes())))
+        .collect();
+    assert!(
+        got == want,
+        "tail printed other events ({} lines)",
+        got.len()
+    );
+    let scrape = metrics(&relay).await;
+    assert_eq!(
+        metric_value(&scrape, "krux_compressed_frames_total"),
+        Some(big as u64),
+        "tail negotiated the extension"
     );
 }

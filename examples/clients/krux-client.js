@@ -50,6 +50,8 @@
 
     connect() {
       this.status("connecting");
+      // Browsers offer permessage-deflate on every WebSocket (scripts cannot ask or
+      // decline); the relay accepts it and compresses each event once for all.
       const ws = new WebSocket(this.url());
       this.ws = ws;
       let opened = false;

@@ -41,7 +41,10 @@ async def stream_once(args, state):
                      state["since"])
     headers = {"Authorization": f"Bearer {args.token}"}
     try:
-        ws = await websockets.connect(url, additional_headers=headers, max_size=None)
+        # permessage-deflate (websockets' default, said here): the relay compresses each
+        # event once for every subscriber that asks, and sends small ones as they are.
+        ws = await websockets.connect(url, additional_headers=headers, max_size=None,
+                                      compression="deflate")
     except websockets.exceptions.InvalidStatus as e:
         status = e.response.status_code
         body = e.response.body.decode(errors="replace").strip()

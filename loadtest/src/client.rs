@@ -49,6 +49,8 @@ pub struct Shared {
 /// What the subscribers and publishers count (summed over worker processes).
 pub struct Counters {
     pub delivered: AtomicU64,
+    /// Bytes subscribers read off their sockets (WebSocket framing included; TLS not).
+    pub wire_bytes: AtomicU64,
     pub published: AtomicU64,
     /// Sum over published events of the subscribers each should reach.
     pub expected: AtomicU64,
@@ -93,6 +95,7 @@ impl Shared {
         Arc::new(Shared {
             counts: Counters {
                 delivered: AtomicU64::new(0),
+                wire_bytes: AtomicU64::new(0),
                 published: AtomicU64::new(0),
                 expected: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
@@ -147,13 +150,12 @@ pub struct Opened {
 
 /// Opens a subscriber: TCP connect and WebSocket upgrade.
 pub async fn connect(
-    ws: SocketAddr,
-    token: &str,
+    ep: &Endpoint,
     query: &str,
-    tls: Option<&tokio_rustls::TlsConnector>,
     since: Option<u64>,
     counts: &Counters,
 ) -> anyhow::Result<Opened> {
+    let (ws, token, tls) = (ep.ws, &ep.token, ep.tls.as_ref());
     let t0 = Instant::now();
     let tcp = TcpStream::connect(ws)
         .await
@@ -184,7 +186,11 @@ pub async fn connect(
     }
     let sep = if q.is_empty() { "" } else { "&" };
     let target = format!("/events?access_token={token}{sep}{q}");
-    let req = krux_testkit::upgrade_request(&target, &ws.to_string(), "");
+    let offer = match ep.deflate {
+        true => "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+        false => "",
+    };
+    let req = krux_testkit::upgrade_request(&target, &ws.to_string(), offer);
     s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::with_capacity(1024);
     loop {
@@ -242,6 +248,8 @@ pub struct Endpoint {
     pub ws: SocketAddr,
     pub token: String,
     pub tls: Option<tokio_rustls::TlsConnector>,
+    /// Offer permessage-deflate, as browsers do.
+    pub deflate: bool,
 }
 
 /// How a subscriber reconnects when asked to (churn and storm runs).
@@ -292,7 +300,7 @@ pub async fn start_subscribers(
         let (sem, q, ep, shared) = (sem.clone(), q.clone(), ep.clone(), shared.clone());
         connecting.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
-            let c = connect(ep.ws, &ep.token, &q, ep.tls.as_ref(), None, &shared.counts);
+            let c = connect(&ep, &q, None, &shared.counts);
             (i, c.await)
         });
     }
@@ -325,14 +333,7 @@ pub async fn start_subscribers(
 pub fn join(readers: &mut Readers, r: Reconnect, shared: Arc<Shared>, sample_every: u64, i: usize) {
     let life = shared.control.life[i].fetch_add(1, Relaxed) + 1;
     readers.spawn(async move {
-        let c = connect(
-            r.ep.ws,
-            &r.ep.token,
-            &r.query,
-            r.ep.tls.as_ref(),
-            None,
-            &shared.counts,
-        );
+        let c = connect(&r.ep, &r.query, None, &shared.counts);
         match c.await {
             Ok(opened) => {
                 let joined_after = Some(opened.krux_seq.unwrap_or(0));
@@ -378,6 +379,10 @@ pub async fn subscribe(
     let mut buf = vec![0u8; 64 * 1024];
     let mut closed = false;
     let handle = |data: &[u8], counter: &mut FrameCounter, closed: &mut bool| {
+        shared
+            .counts
+            .wire_bytes
+            .fetch_add(data.len() as u64, Relaxed);
         let before = (counter.frames, counter.duplicates);
         counter.feed(data, &mut |seen| match seen {
             Seen::Text {
@@ -451,16 +456,7 @@ pub async fn subscribe(
             return end;
         };
         drop(s);
-        match connect(
-            r.ep.ws,
-            &r.ep.token,
-            &r.query,
-            r.ep.tls.as_ref(),
-            Some(counter.last_seq),
-            &shared.counts,
-        )
-        .await
-        {
+        match connect(&r.ep, &r.query, Some(counter.last_seq), &shared.counts).await {
             Ok(next) => {
                 s = next.stream;
                 counter.new_stream();
@@ -503,9 +499,7 @@ pub async fn observe(ep: Endpoint, shared: Arc<Shared>, last_seq: Arc<AtomicU64>
     let mut buf = vec![0u8; 256 * 1024];
     let mut since = None;
     while !shared.control.stop.load(Relaxed) {
-        let Ok(opened) =
-            connect(ep.ws, &ep.token, "", ep.tls.as_ref(), since, &shared.counts).await
-        else {
+        let Ok(opened) = connect(&ep, "", since, &shared.counts).await else {
             seen.broken = true;
             break;
         };

@@ -92,7 +92,7 @@ pub const RATIOS: [&str; 3] = [
     "relay_over_baseline_deliveries_per_cpu_s",
 ];
 
-fn metric_names() -> [&'static str; 19] {
+fn metric_names() -> [&'static str; 20] {
     [
         RATIOS[0],
         RATIOS[1],
@@ -101,6 +101,7 @@ fn metric_names() -> [&'static str; 19] {
         "duplicates",
         "events_per_s",
         "deliveries_per_s",
+        "bytes_per_delivery",
         "latency_p50_ms",
         "latency_p99_ms",
         "latency_max_ms",
@@ -125,6 +126,7 @@ fn metric(r: &Report, name: &str) -> Option<f64> {
         "duplicates" => r.duplicates as f64,
         "events_per_s" => r.events_in_per_s,
         "deliveries_per_s" => r.deliveries_per_s,
+        "bytes_per_delivery" => r.wire_bytes_per_delivery,
         "latency_p50_ms" => ms(r.latency_p50_us),
         "latency_p99_ms" => ms(r.latency_p99_us),
         "latency_max_ms" => ms(r.latency_max_us),

@@ -45,6 +45,10 @@ pub struct Report {
     pub handshake_p99_us: u64,
     pub events_in_per_s: f64,
     pub deliveries_per_s: f64,
+    /// Bytes subscribers read per delivery in the window (frames as sent: compressed
+    /// with --compression; TLS records not counted).
+    #[serde(default)]
+    pub wire_bytes_per_delivery: f64,
     pub expected_deliveries: u64,
     pub received_deliveries: u64,
     /// Expected minus received, over every subscriber (one the server closed included),
@@ -133,11 +137,12 @@ impl Report {
 
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "{target}: {subs} subscribers, {ein:.0} events/s in, {dout:.0} deliveries/s out, loss {lost} ({recv}/{exp})\n",
+            "{target}: {subs} subscribers, {ein:.0} events/s in, {dout:.0} deliveries/s out ({bytes:.0} B each), loss {lost} ({recv}/{exp})\n",
             target = self.target,
             subs = self.subscribers_connected,
             ein = self.events_in_per_s,
             dout = self.deliveries_per_s,
+            bytes = self.wire_bytes_per_delivery,
             lost = self.lost,
             recv = self.received_deliveries,
             exp = self.expected_deliveries,
@@ -274,6 +279,10 @@ impl Report {
             ("healthy / churning", split(&self.by_health)),
             ("subscribers", self.subscribers_connected.to_string()),
             ("events/s in", format!("{:.0}", self.events_in_per_s)),
+            (
+                "bytes per delivery",
+                format!("{:.0}", self.wire_bytes_per_delivery),
+            ),
             ("deliveries/s out", format!("{:.0}", self.deliveries_per_s)),
             (
                 "loss",

@@ -136,6 +136,7 @@ impl<'a> Connected<'a> {
             ws: t.ws,
             token: t.token.clone(),
             tls: t.tls.clone(),
+            deflate: sc.compression,
         };
         let (subs, hs) = if workers > 0 {
             eprintln!("{label}: connecting {initial} subscribers from {workers} worker processes");
@@ -144,6 +145,7 @@ impl<'a> Connected<'a> {
                 token: t.token.clone(),
                 ca_pem: t.ca_pem.clone(),
                 resume: t.resume,
+                deflate: sc.compression,
                 queries,
                 sample_every: sc.sample_every,
                 reconnect,
@@ -181,7 +183,7 @@ impl<'a> Connected<'a> {
         let connect_s = started.elapsed().as_secs_f64();
         let observer = staged.then(|| {
             let seq = Arc::new(AtomicU64::new(0));
-            let task = tokio::spawn(client::observe(ep, shared.clone(), seq.clone()));
+            let task = tokio::spawn(client::observe(ep.clone(), shared.clone(), seq.clone()));
             (task, seq)
         });
         let report = Report {
@@ -196,8 +198,7 @@ impl<'a> Connected<'a> {
         };
         let mut stalled = Vec::new();
         for _ in 0..sc.stalled {
-            let opened =
-                client::connect(t.ws, &t.token, "", t.tls.as_ref(), None, &shared.counts).await?;
+            let opened = client::connect(&ep, "", None, &shared.counts).await?;
             stalled.push(opened.stream);
         }
         Ok(Connected {
@@ -273,6 +274,7 @@ impl<'a> Connected<'a> {
                     ws: self.t.ws,
                     token: self.t.token.clone(),
                     tls: self.t.tls.clone(),
+                    deflate: self.sc.compression,
                 },
                 query: self.filters[i].query(),
             };
@@ -310,6 +312,7 @@ struct Publishing<'a> {
 struct Mark {
     at: Instant,
     delivered: u64,
+    wire_bytes: u64,
     published: u64,
     server: Option<ProcSample>,
     client_cpu: Option<f64>,
@@ -320,6 +323,7 @@ impl Mark {
         Mark {
             at: Instant::now(),
             delivered: c.shared.counts.delivered.load(Relaxed),
+            wire_bytes: c.shared.counts.wire_bytes.load(Relaxed),
             published: c.shared.counts.published.load(Relaxed),
             server: server_sample(c.t.pid),
             client_cpu: c.client_cpu(),
@@ -592,6 +596,8 @@ impl Measured<'_> {
         let delivered = end.delivered - start.delivered;
         report.events_in_per_s = (end.published - start.published) as f64 / measured_s;
         report.deliveries_per_s = delivered as f64 / measured_s;
+        report.wire_bytes_per_delivery =
+            (end.wire_bytes - start.wire_bytes) as f64 / delivered.max(1) as f64;
         report.expected_deliveries = owed_total;
         report.received_deliveries = owed_total - lost;
         report.lost = lost;

@@ -37,6 +37,9 @@ pub struct Config {
     pub ca_pem: Option<PathBuf>,
     /// TLS sessions resume on reconnect.
     pub resume: bool,
+    /// Subscribers offer permessage-deflate.
+    #[serde(default)]
+    pub deflate: bool,
     /// One filter query per subscriber of this worker.
     pub queries: Vec<String>,
     pub sample_every: u64,
@@ -117,6 +120,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         ws: cfg.ws,
         token: cfg.token.clone(),
         tls,
+        deflate: cfg.deflate,
     };
     let (mut readers, hs) = client::start_subscribers(
         &ep,
@@ -266,6 +270,7 @@ impl Workers {
                 token: template.token.clone(),
                 ca_pem: template.ca_pem.clone(),
                 resume: template.resume,
+                deflate: template.deflate,
                 queries: template.queries[first..first + len].to_vec(),
                 sample_every: template.sample_every,
                 reconnect: template.reconnect,

@@ -5,3 +5,4 @@ pub mod passphrase;
 pub mod publish;
 pub mod tail;
 pub mod token;
+pub mod ws_client;

@@ -4,11 +4,11 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
-use futures_util::StreamExt;
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
+
+use super::ws_client::{self, Message};
 
 #[derive(Debug, Args)]
 pub struct TailArgs {
@@ -58,13 +58,6 @@ pub enum Color {
     Auto,
     Always,
     Never,
-}
-
-/// A connector trusting exactly the certificates in `pem`.
-fn connector(pem: &std::path::Path) -> anyhow::Result<tokio_tungstenite::Connector> {
-    Ok(tokio_tungstenite::Connector::Rustls(
-        crate::io::certs::client_config_trusting(pem)?,
-    ))
 }
 
 fn events_url(args: &TailArgs, since: Option<u64>) -> String {
@@ -138,7 +131,14 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     let Some(token) = args.token.clone() else {
         bail!("a user token is needed: pass --token or set KRUX_TOKEN (create one with `krux-relay user-token create --name NAME`)");
     };
-    let tls = args.ca_cert.as_deref().map(connector).transpose()?;
+    if token.bytes().any(|b| b.is_ascii_control()) {
+        bail!("the token is not a valid header value (it holds a control character)");
+    }
+    let tls = args
+        .ca_cert
+        .as_deref()
+        .map(crate::io::certs::client_config_trusting)
+        .transpose()?;
     let mut since = args.since;
     let mut seen = 0u64;
     let mut backoff = Duration::from_millis(250);
@@ -192,27 +192,21 @@ const CLOSED: &str = "relay closed the stream";
 
 /// Sorts a failed connection attempt: what can heal by waiting is retried, the rest ends
 /// `tail` with what to do about it.
-fn connect_error(url: &str, e: tungstenite::Error) -> Ended {
+fn connect_error(url: &str, e: ws_client::Error) -> Ended {
     use std::io::ErrorKind::*;
     match e {
-        tungstenite::Error::Http(resp) => {
-            let body = resp
-                .body()
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
+        ws_client::Error::Http(status, reason, body) => {
             let msg = format!(
-                "the relay refused the subscription: {} {}",
-                resp.status(),
+                "the relay refused the subscription: {status} {reason} {}",
                 body.trim()
             );
             // Capacity, rate limits and server errors pass; the rest will not change by retrying.
-            match resp.status().as_u16() {
+            match status {
                 429 | 500..=599 => Ended::Lost(msg),
                 _ => Ended::Fatal(msg),
             }
         }
-        tungstenite::Error::Io(io)
+        ws_client::Error::Io(io)
             if matches!(
                 io.kind(),
                 ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut | NotConnected
@@ -221,15 +215,14 @@ fn connect_error(url: &str, e: tungstenite::Error) -> Ended {
             Ended::Lost(format!("cannot connect to {url}: {io}"))
         }
         // rustls reports through the stream as an I/O error carrying its own.
-        tungstenite::Error::Io(io)
+        ws_client::Error::Io(io)
             if io
                 .get_ref()
                 .is_some_and(|e| e.downcast_ref::<rustls::Error>().is_some()) =>
         {
             tls_failed(url, &io)
         }
-        tungstenite::Error::Tls(tls) => tls_failed(url, &tls),
-        tungstenite::Error::Url(u) => Ended::Fatal(format!("--url {url}: {u}")),
+        ws_client::Error::Url(u) => Ended::Fatal(format!("--url {url}: {u}")),
         other => Ended::Fatal(format!(
             "{url} did not answer as a krux-relay WebSocket ({other}); if it serves TLS, use wss:// (with --ca-cert for a self-signed certificate)"
         )),
@@ -245,31 +238,21 @@ fn tls_failed(url: &str, e: &dyn std::fmt::Display) -> Ended {
 async fn stream_once(
     args: &TailArgs,
     token: &str,
-    tls: Option<tokio_tungstenite::Connector>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     since: &mut Option<u64>,
     seen: &mut u64,
 ) -> anyhow::Result<Ended> {
     let url = events_url(args, *since);
-    let mut req = url
-        .as_str()
-        .into_client_request()
-        .with_context(|| format!("bad --url {}", args.url))?;
-    req.headers_mut().insert(
-        "Authorization",
-        format!("Bearer {token}")
-            .parse()
-            .context("the token is not a valid header value")?,
-    );
-    let (mut ws, resp) =
-        match tokio_tungstenite::connect_async_tls_with_config(req, None, false, tls).await {
+    let bearer = format!("Bearer {token}");
+    let (mut ws, position) =
+        match ws_client::connect(&url, &[("Authorization", &bearer)], tls).await {
             Ok(x) => x,
             Err(e) => return Ok(connect_error(&url, e)),
         };
     if since.is_none() {
         // A live subscription is owed only what comes after the relay's position when it
         // began (`Krux-Seq`): resuming from there misses nothing, even if nothing matched.
-        let position = resp.headers().get("krux-seq").and_then(|v| v.to_str().ok());
-        *since = Some(position.and_then(|v| v.parse().ok()).unwrap_or(0));
+        *since = Some(position.unwrap_or(0));
     }
     let mut out = std::io::stdout().lock();
     let colour = !args.json
@@ -326,10 +309,7 @@ async fn stream_once(
                     }
                 }
             }
-            Message::Close(frame) => {
-                let (code, reason) = frame.map_or((1005, String::new()), |f| {
-                    (u16::from(f.code), f.reason.to_string())
-                });
+            Message::Close(code, reason) => {
                 let what = format!("{CLOSED}: {code} {reason}");
                 return Ok(match code {
                     1000 => Ended::Done,
@@ -337,7 +317,6 @@ async fn stream_once(
                     _ => Ended::Fatal(what),
                 });
             }
-            _ => {}
         }
     }
     Ok(Ended::Lost("the connection ended".into()))

@@ -362,7 +362,7 @@ pub struct ServeConfig {
     pub compression: OnOff,
     /// Events whose JSON is smaller than this go out uncompressed (compression would not
     /// pay for itself).
-    #[arg(long, env = "KRUX_COMPRESSION_MIN_SIZE", default_value = "256B", value_parser = parse_size)]
+    #[arg(long, env = "KRUX_COMPRESSION_MIN_SIZE", default_value = "128B", value_parser = parse_size)]
     pub compression_min_size: usize,
     /// zlib level, 1 (fastest) to 9 (smallest).
     #[arg(long, env = "KRUX_COMPRESSION_LEVEL", default_value_t = 1)]

@@ -1,6 +1,8 @@
 //! Server frames (unmasked) read from a byte stream: `parse_frame` takes one whole frame
 //! from a buffer (tests); `FrameCounter` counts frames as bytes stream by, keeping only
-//! sampled payload prefixes (the load client, at millions of frames a second).
+//! sampled payload prefixes (the load client, at millions of frames a second). A frame
+//! compressed with permessage-deflate (RSV1) is counted from its header too, and inflated
+//! only when its payload is looked at (sampled, or its `seq` tracked).
 
 /// Opcodes of RFC 6455.
 pub const TEXT: u8 = 0x1;
@@ -13,6 +15,8 @@ pub const PONG: u8 = 0xA;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
     pub fin: bool,
+    /// RSV1: compressed (permessage-deflate).
+    pub rsv1: bool,
     pub opcode: u8,
     pub len: u64,
     /// Bytes the header takes.
@@ -43,6 +47,7 @@ impl Head {
         };
         Some(Head {
             fin: b[0] & 0x80 != 0,
+            rsv1: b[0] & 0x40 != 0,
             opcode: b[0] & 0x0F,
             len,
             size,
@@ -111,6 +116,11 @@ pub struct FrameCounter {
     tail: Vec<u8>,
     pub last_seq: u64,
     pub duplicates: u64,
+    /// The current frame is compressed and its payload is looked at: it goes through
+    /// `inflater`, and what comes out is sampled and tracked instead.
+    inflating: bool,
+    inflater: flate2::Decompress,
+    inflated: Vec<u8>,
 }
 
 const SAMPLE_BYTES: usize = 1024;
@@ -141,6 +151,9 @@ impl FrameCounter {
             tail: Vec::new(),
             last_seq: 0,
             duplicates: 0,
+            inflating: false,
+            inflater: flate2::Decompress::new(false),
+            inflated: Vec::new(),
         }
     }
 
@@ -150,6 +163,40 @@ impl FrameCounter {
         self.remaining = 0;
         self.sampled = false;
         self.tail.clear();
+    }
+
+    /// Payload bytes (inflated, if the frame was compressed): the sample's prefix and the
+    /// tail where `seq` is.
+    fn look_at(&mut self, chunk: &[u8]) {
+        if self.sampled {
+            let room = SAMPLE_BYTES.saturating_sub(self.sample.len());
+            self.sample
+                .extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        self.keep_tail(chunk);
+    }
+
+    /// Compressed payload bytes in, what they inflate to looked at.
+    fn inflate(&mut self, mut input: &[u8]) {
+        let mut out = std::mem::take(&mut self.inflated);
+        loop {
+            out.clear();
+            out.reserve(64 * 1024);
+            let before = self.inflater.total_in();
+            let status =
+                self.inflater
+                    .decompress_vec(input, &mut out, flate2::FlushDecompress::Sync);
+            let used = (self.inflater.total_in() - before) as usize;
+            input = &input[used..];
+            self.look_at(&out);
+            // Done when the input is in and the output did not fill up (nothing pending);
+            // a broken stream gives what came out, and no more.
+            let full = out.len() == out.capacity();
+            if status.is_err() || (input.is_empty() && !full) || (used == 0 && out.is_empty()) {
+                break;
+            }
+        }
+        self.inflated = out;
     }
 
     fn keep_tail(&mut self, chunk: &[u8]) {
@@ -166,13 +213,17 @@ impl FrameCounter {
         while !data.is_empty() {
             if self.remaining > 0 {
                 let k = (self.remaining as usize).min(data.len());
-                if self.sampled {
-                    let room = SAMPLE_BYTES.saturating_sub(self.sample.len());
-                    self.sample.extend_from_slice(&data[..k.min(room)]);
-                }
-                self.keep_tail(&data[..k]);
-                data = &data[k..];
                 self.remaining -= k as u64;
+                if self.inflating {
+                    self.inflate(&data[..k]);
+                    if self.remaining == 0 {
+                        // The sync flush's tail the sender dropped (RFC 7692 §7.2.2).
+                        self.inflate(&[0, 0, 0xff, 0xff]);
+                    }
+                } else {
+                    self.look_at(&data[..k]);
+                }
+                data = &data[k..];
                 if self.remaining == 0 {
                     self.finish(on);
                 }
@@ -180,7 +231,8 @@ impl FrameCounter {
             }
             // Fast path: whole unsampled short text frames, counted from their headers alone.
             if self.head_len == 0 && !self.track_seq {
-                while data.len() >= 4 && data[0] == 0x80 | TEXT && data[1] <= 126 {
+                // Compressed ones (RSV1) too: counting needs no inflating.
+                while data.len() >= 4 && data[0] | 0x40 == 0xC0 | TEXT && data[1] <= 126 {
                     let end = match data[1] {
                         126 => 4 + usize::from(u16::from_be_bytes([data[2], data[3]])),
                         n => 2 + usize::from(n),
@@ -205,16 +257,20 @@ impl FrameCounter {
                 return; // the rest of the header comes with the next bytes
             };
             self.head_len = 0;
-            self.start_frame(head.opcode, head.len, on);
+            self.start_frame(head.opcode, head.rsv1, head.len, on);
         }
     }
 
-    fn start_frame(&mut self, opcode: u8, len: u64, on: &mut impl FnMut(Seen)) {
+    fn start_frame(&mut self, opcode: u8, rsv1: bool, len: u64, on: &mut impl FnMut(Seen)) {
         self.opcode = opcode;
         self.remaining = len;
         self.sampled =
             opcode == CLOSE || (opcode == TEXT && self.frames.is_multiple_of(self.sample_every));
         self.sample.clear();
+        self.inflating = rsv1 && (self.sampled || self.track_seq);
+        if self.inflating {
+            self.inflater.reset(false); // each message compressed on its own
+        }
         if len == 0 {
             self.finish(on);
         }
@@ -333,6 +389,48 @@ mod tests {
             if track_seq {
                 assert_eq!((c.last_seq, c.duplicates), (20, 0));
             }
+        }
+    }
+
+    /// The same stream with every text frame compressed (permessage-deflate): counted the
+    /// same, samples and seqs read from the inflated payloads, in any chunking.
+    #[test]
+    fn compressed_frames_are_sampled_and_tracked_inflated() {
+        let mut compressed = Vec::new();
+        let mut at = 0;
+        let plain = stream();
+        while let Some((f, used)) = parse_frame(&plain[at..]) {
+            at += used;
+            if f.opcode != TEXT {
+                compressed.extend(frame(f.payload, f.opcode));
+                continue;
+            }
+            let mut z = flate2::Compress::new(flate2::Compression::fast(), false);
+            let mut out = Vec::with_capacity(f.payload.len() + 64);
+            z.compress_vec(f.payload, &mut out, flate2::FlushCompress::Sync)
+                .unwrap();
+            assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+            out.truncate(out.len() - 4);
+            let mut fr = frame(&out, TEXT);
+            fr[0] |= 0x40; // RSV1
+            compressed.extend(fr);
+        }
+        for chunk in [1, 3, 4096, compressed.len()] {
+            let mut c = FrameCounter::new(4, true);
+            let mut samples = Vec::new();
+            for part in compressed.chunks(chunk) {
+                c.feed(part, &mut |s| {
+                    if let Seen::Text {
+                        sample: Some(p), ..
+                    } = s
+                    {
+                        samples.push(lt(p));
+                    }
+                });
+            }
+            assert_eq!(c.frames, 20, "chunk {chunk}");
+            assert_eq!(samples, vec![1000, 1004, 1008, 1012, 1016], "chunk {chunk}");
+            assert_eq!((c.last_seq, c.duplicates), (20, 0), "chunk {chunk}");
         }
     }
 
