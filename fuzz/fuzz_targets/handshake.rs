@@ -24,13 +24,21 @@ fuzz_target!(|data: &[u8]| {
         _ => Auth::Invalid,
     };
     for at_capacity in [false, true] {
-        match decide(&req, &Gate { at_capacity, authenticate: &auth, allowed_origins: &[] }) {
+        // Compression on: any Sec-WebSocket-Extensions goes through the negotiation too.
+        let gate = Gate { at_capacity, authenticate: &auth, allowed_origins: &[], compression: true };
+        match decide(&req, &gate) {
             Decision::Refuse(r) => {
                 let bytes = r.to_bytes();
                 assert!(bytes.starts_with(b"HTTP/1.1 "));
                 assert!(r.body.ends_with('\n') && r.body.lines().count() == 1, "one sentence");
             }
-            Decision::Upgrade(u) => assert!(u.response(Some(1)).starts_with(b"HTTP/1.1 101 ")),
+            Decision::Upgrade(u) => {
+                let head = u.response(Some(1));
+                assert!(head.starts_with(b"HTTP/1.1 101 ") && head.ends_with(b"\r\n\r\n"));
+                if let Some(d) = u.deflate {
+                    assert!((8..=15).contains(&d.window_bits));
+                }
+            }
             Decision::Page(_) => {}
         }
     }
