@@ -50,10 +50,23 @@ pub struct Entry {
 /// An entry's compressed frame: made at most once, by whichever reactor needs it first.
 #[derive(Debug, Default)]
 pub struct Deflated {
-    frame: OnceLock<Option<EventFrame>>,
+    /// Boxed: every entry carries this, and few events are ever compressed (none while
+    /// no subscriber negotiated the extension), so it costs a pointer, not a frame.
+    frame: OnceLock<Option<Box<EventFrame>>>,
     /// Whether its bytes are counted in the window's bound: `FREE` not (yet), `CHARGED`,
     /// or `GONE` (the entry left the window, or was never in one).
     charge: AtomicU8,
+}
+
+/// What a compressed frame holds: its bytes and its box.
+trait Retained {
+    fn retained_bytes(&self) -> usize;
+}
+
+impl Retained for Box<EventFrame> {
+    fn retained_bytes(&self) -> usize {
+        self.len() + std::mem::size_of::<EventFrame>()
+    }
 }
 
 const FREE: u8 = 0;
@@ -84,14 +97,14 @@ impl Entry {
         self.deflated
             .frame
             .get_or_init(|| {
-                let made = make(self.frame.payload());
+                let made = make(self.frame.payload()).map(Box::new);
                 if let Some(f) = &made {
                     // Counted before it is marked, so that the producer, which uncounts
                     // only what it finds marked, never takes away what is not there.
                     // The producer marks what it forgets (`GONE`) whenever it sees a
                     // count; if it saw none, it forgot this entry before the count above,
                     // and `forgotten_below` (stored before its look) says so here.
-                    let n = f.len();
+                    let n = f.retained_bytes();
                     ring.deflated_bytes.fetch_add(n, SeqCst);
                     let c = &self.deflated.charge;
                     let out = if c.compare_exchange(FREE, CHARGED, SeqCst, SeqCst).is_err() {
@@ -106,14 +119,14 @@ impl Entry {
                 }
                 made
             })
-            .as_ref()
+            .as_deref()
     }
 
     /// The entry leaves the window: its compressed frame, if counted, no longer is.
     fn uncharge(&self, ring: &FrameRing) {
         if self.deflated.charge.swap(GONE, SeqCst) == CHARGED {
             if let Some(Some(f)) = self.deflated.frame.get() {
-                ring.deflated_bytes.fetch_sub(f.len(), SeqCst);
+                ring.deflated_bytes.fetch_sub(f.retained_bytes(), SeqCst);
             }
         }
     }
@@ -596,15 +609,11 @@ mod tests {
         };
         let big = |_: &[u8]| Some(crate::frame::FrameArena::new().deflated_frame(&[7; 40]));
         let e100 = read(100);
-        let made = e100.deflated(&ring, big).unwrap().len();
+        let made = e100.deflated(&ring, big).unwrap().len() + std::mem::size_of::<EventFrame>();
         assert_eq!(p.retained_bytes(), 3 * size + made);
         // Made once: a second caller gets the same frame, and nothing more is counted.
-        assert_eq!(
-            e100.deflated(&ring, |_| panic!("made twice"))
-                .unwrap()
-                .len(),
-            made
-        );
+        let again = e100.deflated(&ring, |_| panic!("made twice")).unwrap();
+        assert_eq!(again.len() + std::mem::size_of::<EventFrame>(), made);
         assert_eq!(p.retained_bytes(), 3 * size + made);
         // 103 does not fit beside it: 100 leaves, and its compressed frame with it.
         p.publish(entry(103));
