@@ -39,34 +39,6 @@ fn workload() -> (String, usize) {
     (text, 11 + 2000 + 1)
 }
 
-/// A raw subscriber: its socket after the 101, and the 101's head.
-async fn subscribe(
-    relay: &Relay,
-    query: &str,
-    extra: &str,
-    recv: Option<u32>,
-) -> (TcpStream, String) {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    if let Some(size) = recv {
-        sock.set_recv_buffer_size(size).unwrap();
-    }
-    let mut s = sock.connect(relay.ws).await.unwrap();
-    let req = upgrade_request(
-        &format!("/events?{query}"),
-        &format!("Authorization: Bearer {}\r\n{extra}", relay.token),
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    (s, head)
-}
-
 /// What a subscriber got: each event's JSON (inflated when it came compressed), how
 /// many came compressed, and the bytes on the wire.
 #[derive(Default)]
@@ -146,16 +118,16 @@ fn seqs(events: &[Vec<u8>]) -> Vec<u64> {
 #[tokio::test]
 async fn compressed_and_plain_subscribers_get_the_same_events_live_behind_and_resumed() {
     let relay = Relay::start_with(&["--client-queue", "64KiB"]).await;
-    let (mut live, head) = subscribe(&relay, "", OFFER, None).await;
+    let (mut live, head) = raw_subscribe_with(&relay, "", OFFER, None).await;
     assert!(
         head.contains(
             "\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n"
         ),
         "{head}"
     );
-    let (mut plain, head) = subscribe(&relay, "", "", None).await;
+    let (mut plain, head) = raw_subscribe_with(&relay, "", "", None).await;
     assert!(!head.contains("Sec-WebSocket-Extensions"), "{head}");
-    let (mut behind, _) = subscribe(&relay, "", OFFER, Some(4096)).await;
+    let (mut behind, _) = raw_subscribe_with(&relay, "", OFFER, Some(4096)).await;
     let (text, n) = workload();
     let publishing = {
         let relay_ingest = relay.ingest;
@@ -189,7 +161,7 @@ async fn compressed_and_plain_subscribers_get_the_same_events_live_behind_and_re
         plain.wire_bytes
     );
     // A resume from the start with the extension: the same events, the same frames.
-    let (mut resumed, _) = subscribe(&relay, "since=0", OFFER, None).await;
+    let (mut resumed, _) = raw_subscribe_with(&relay, "since=0", OFFER, None).await;
     let resumed = read_events(&mut resumed, n).await;
     assert!(
         resumed.events == plain.events,
@@ -239,11 +211,11 @@ async fn negotiation_follows_rfc_7692() {
         (";;,,", None),
     ] {
         let (_s, head) =
-            subscribe(&relay, "", &format!("Sec-WebSocket-Extensions: {offer}\r\n"), None).await;
+            raw_subscribe_with(&relay, "", &format!("Sec-WebSocket-Extensions: {offer}\r\n"), None).await;
         assert_eq!(ext(&head).as_deref(), answer, "{offer}");
     }
     let off = Relay::start_with(&["--compression", "off"]).await;
-    let (_s, head) = subscribe(&off, "", OFFER, None).await;
+    let (_s, head) = raw_subscribe_with(&off, "", OFFER, None).await;
     assert_eq!(ext(&head), None, "--compression off");
 }
 
@@ -266,7 +238,7 @@ fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn compressed_frames_from_subscribers_are_handled_per_the_rfc() {
     let relay = Relay::start().await;
-    let (mut s, _) = subscribe(&relay, "", OFFER, None).await;
+    let (mut s, _) = raw_subscribe_with(&relay, "", OFFER, None).await;
     s.write_all(&client_frame(0xC1, &[0x4a, 0x04, 0x00]))
         .await
         .unwrap();
@@ -289,7 +261,7 @@ async fn compressed_frames_from_subscribers_are_handled_per_the_rfc() {
         (OFFER, client_frame(0xC9, b"x")),
         ("", client_frame(0xC1, b"x")),
     ] {
-        let (mut s, _) = subscribe(&relay, "", offer, None).await;
+        let (mut s, _) = raw_subscribe_with(&relay, "", offer, None).await;
         s.write_all(&frame).await.unwrap();
         let (_, close) = read_raw_frames(&mut s, usize::MAX).await;
         assert_eq!(
@@ -323,7 +295,7 @@ async fn python_websockets_with_deflate_gets_the_same_events() {
         return;
     }
     let relay = Relay::start().await;
-    let (mut raw, _) = subscribe(&relay, "", "", None).await;
+    let (mut raw, _) = raw_subscribe_with(&relay, "", "", None).await;
     let (text, n) = workload();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -412,7 +384,7 @@ async fn chromium_gets_the_same_events_compressed() {
         page.eval("ws.extensions").await,
         "permessage-deflate; server_no_context_takeover"
     );
-    let (mut raw, _) = subscribe(&relay, "", "", None).await;
+    let (mut raw, _) = raw_subscribe_with(&relay, "", "", None).await;
     let (text, n) = workload();
     let (_, (want, big)) = tokio::join!(relay.publish(&text), plain_hashes(&mut raw, n));
     page.wait_for(
@@ -448,7 +420,7 @@ async fn tail_reads_compressed_events() {
     let relay = Relay::start().await;
     let child = tail(&relay, &["--json", "--no-reconnect", "--count", "2012"]);
     wait_subscribers(&relay, 1).await;
-    let (mut raw, _) = subscribe(&relay, "", "", None).await;
+    let (mut raw, _) = raw_subscribe_with(&relay, "", "", None).await;
     let (text, n) = workload();
     assert_eq!(n, 2012);
     let (_, (want, big)) = tokio::join!(relay.publish(&text), plain_hashes(&mut raw, n));

@@ -267,6 +267,22 @@ fn loadtest(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs the plan `text` from a temporary directory (returned: dropping it removes the
+/// reports) with its reports in `<dir>/reports`.
+fn run_plan_file(text: &str) -> (tempfile::TempDir, PathBuf, Output) {
+    let out = tempfile::tempdir().unwrap();
+    let plan = out.path().join("plan.toml");
+    std::fs::write(&plan, text).unwrap();
+    let dir = out.path().join("reports");
+    let res = loadtest(&[
+        "plan",
+        plan.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    (out, dir, res)
+}
+
 fn read_json(p: &Path) -> Value {
     let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
@@ -694,20 +710,9 @@ fn a_passing_plan_exits_0_and_never_overwrites_a_report() {
 #[test]
 fn a_plan_compares_servers_and_gives_a_scenario_its_own_target() {
     relay_bin();
-    let out = tempfile::tempdir().unwrap();
-    let plan = out.path().join("mixed.toml");
-    std::fs::write(
-        &plan,
+    let (_tmp, dir, res) = run_plan_file(
         "[target]\nspawn = \"relay\"\n\n[[scenario]]\nname = \"versus\"\ncompare = 1\nsubscribers = 20\nrate = 300\nwarmup = \"300ms\"\nduration = \"1s\"\nthresholds = [\"relay_over_limit_deliveries > 0.5\", \"loss == 0\"]\n\n[[scenario]]\nname = \"baseline-alone\"\nspawn = \"baseline\"\nsubscribers = 20\nrate = 300\nwarmup = \"300ms\"\nduration = \"1s\"\nthresholds = [\"loss == 0\"]\n",
-    )
-    .unwrap();
-    let dir = out.path().join("reports");
-    let res = loadtest(&[
-        "plan",
-        plan.to_str().unwrap(),
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
+    );
     assert_success(&res);
     let p = read_json(&dir.join("plan.json"));
     let versus = &p["scenarios"][0]["thresholds"];
@@ -739,20 +744,9 @@ fn a_plan_compares_servers_and_gives_a_scenario_its_own_target() {
 #[test]
 fn a_plan_with_stages_ramps_subscribers_and_rate_as_written() {
     relay_bin();
-    let out = tempfile::tempdir().unwrap();
-    let plan = out.path().join("ramp.toml");
-    std::fs::write(
-        &plan,
+    let (_tmp, dir, res) = run_plan_file(
         "[target]\nspawn = \"relay\"\n\n[[scenario]]\nname = \"ramp\"\nsubscribers = 10\nfilters = \"all=2,type=1,agent=1\"\nrate = 100\nwarmup = \"500ms\"\nstages = [\"2s:40:300\", \"1s:40\", \"2s:20:200\"]\nthresholds = [\"loss == 0\", \"duplicates == 0\", \"closes == 0\"]\n",
-    )
-    .unwrap();
-    let dir = out.path().join("reports");
-    let res = loadtest(&[
-        "plan",
-        plan.to_str().unwrap(),
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
+    );
     let text =
         String::from_utf8_lossy(&res.stdout).into_owned() + &String::from_utf8_lossy(&res.stderr);
     assert_success(&res);

@@ -516,6 +516,17 @@ fn seq_at_end(payload: &[u8]) -> u64 {
 /// A raw TCP subscriber: upgrade with the relay's token and `query`, return the socket
 /// positioned after the 101 head.
 pub async fn raw_subscribe(relay: &Relay, query: &str, recv_buffer: Option<u32>) -> TcpStream {
+    raw_subscribe_with(relay, query, "", recv_buffer).await.0
+}
+
+/// `raw_subscribe` with extra request header lines (each ending in `\r\n`); also returns
+/// the 101 head.
+pub async fn raw_subscribe_with(
+    relay: &Relay,
+    query: &str,
+    extra_headers: &str,
+    recv_buffer: Option<u32>,
+) -> (TcpStream, String) {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     if let Some(size) = recv_buffer {
         sock.set_recv_buffer_size(size).unwrap();
@@ -523,7 +534,7 @@ pub async fn raw_subscribe(relay: &Relay, query: &str, recv_buffer: Option<u32>)
     let mut s = sock.connect(relay.ws).await.unwrap();
     let req = upgrade_request(
         &format!("/events?{query}"),
-        &format!("Authorization: Bearer {}\r\n", relay.token),
+        &format!("Authorization: Bearer {}\r\n{extra_headers}", relay.token),
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut head = Vec::new();
@@ -532,12 +543,9 @@ pub async fn raw_subscribe(relay: &Relay, query: &str, recv_buffer: Option<u32>)
         s.read_exact(&mut b).await.unwrap();
         head.push(b[0]);
     }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    s
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (s, head)
 }
 
 /// `tail` against the relay, with its token; stdout and stderr piped.
