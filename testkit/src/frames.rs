@@ -220,6 +220,11 @@ impl FrameCounter {
                         // The sync flush's tail the sender dropped (RFC 7692 §7.2.2).
                         self.inflate(&[0, 0, 0xff, 0xff]);
                     }
+                    // With no seq to read, only the sample's prefix is wanted: the rest of
+                    // a large frame need not be inflated.
+                    if !self.track_seq && self.sample.len() >= SAMPLE_BYTES {
+                        self.inflating = false;
+                    }
                 } else {
                     self.look_at(&data[..k]);
                 }
