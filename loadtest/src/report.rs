@@ -135,11 +135,21 @@ impl Report {
         all
     }
 
+    /// When stages ramped subscribers above those connected before the window: the peak.
+    fn peak_note(&self) -> String {
+        let peak = self.timeline.iter().map(|p| p.subscribers).max();
+        match peak.filter(|&p| p > self.subscribers_connected) {
+            Some(p) => format!(" ({p} at the peak)"),
+            None => String::new(),
+        }
+    }
+
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "{target}: {subs} subscribers, {ein:.0} events/s in, {dout:.0} deliveries/s out ({bytes:.0} B each), loss {lost} ({recv}/{exp})\n",
+            "{target}: {subs} subscribers{peak}, {ein:.0} events/s in, {dout:.0} deliveries/s out ({bytes:.0} B each), loss {lost} ({recv}/{exp})\n",
             target = self.target,
             subs = self.subscribers_connected,
+            peak = self.peak_note(),
             ein = self.events_in_per_s,
             dout = self.deliveries_per_s,
             bytes = self.wire_bytes_per_delivery,
@@ -276,8 +286,11 @@ impl Report {
                     .unwrap_or_else(|| "unknown (no admin port)".into()),
             ),
             ("by filter", split(&self.by_filter)),
-            ("healthy / churning", split(&self.by_health)),
-            ("subscribers", self.subscribers_connected.to_string()),
+            ("by subscriber", split(&self.by_health)),
+            (
+                "subscribers",
+                format!("{}{}", self.subscribers_connected, self.peak_note()),
+            ),
             ("events/s in", format!("{:.0}", self.events_in_per_s)),
             (
                 "bytes per delivery",

@@ -90,10 +90,20 @@ fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<
 }
 
 /// Events per second, or as fast as the window allows.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rate {
     Max,
     PerSecond(u64),
+}
+
+/// As a plan writes it: `"max"` or a number.
+impl serde::Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Rate::Max => s.serialize_str("max"),
+            Rate::PerSecond(r) => s.serialize_u64(*r),
+        }
+    }
 }
 
 impl Rate {
