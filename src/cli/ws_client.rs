@@ -62,6 +62,9 @@ pub struct Socket {
     buf: Vec<u8>,
     /// permessage-deflate was accepted: the inflater for compressed messages.
     inflater: Option<flate2::Decompress>,
+    /// The server said `server_no_context_takeover` (krux-relay always does): each
+    /// message inflates on its own; otherwise the inflater keeps its history.
+    fresh_each: bool,
     /// The message being assembled from fragments, and whether it came compressed.
     message: Vec<u8>,
     compressed: bool,
@@ -221,23 +224,28 @@ pub async fn connect(
             "the answer's Sec-WebSocket-Accept does not match the key",
         ));
     }
-    let inflater = match header("sec-websocket-extensions") {
+    let ext = header("sec-websocket-extensions");
+    let params: Vec<&str> = ext
+        .as_deref()
+        .map_or(Vec::new(), |e| e.split(';').map(str::trim).collect());
+    let inflater = match params.first() {
         None => None,
-        Some(ext) if ext.split(';').next().map(str::trim) == Some("permessage-deflate") => {
-            Some(flate2::Decompress::new(false))
-        }
-        Some(ext) => {
+        Some(&"permessage-deflate") => Some(flate2::Decompress::new(false)),
+        Some(_) => {
+            let ext = ext.as_deref().unwrap_or_default();
             return Err(protocol(format!(
                 "an extension that was not offered: {ext}"
-            )))
+            )));
         }
     };
+    let fresh_each = params.contains(&"server_no_context_takeover");
     let krux_seq = header("krux-seq").and_then(|s| s.parse().ok());
     buf.drain(..head_len);
     let socket = Socket {
         stream,
         buf,
         inflater,
+        fresh_each,
         message: Vec::new(),
         compressed: false,
         fragmented: false,
@@ -366,19 +374,23 @@ impl Socket {
     /// `00 00 ff ff`, which the sender drops, is appended back).
     fn inflate(&mut self) -> Result<Vec<u8>, Error> {
         let z = self.inflater.as_mut().expect("only with the extension");
-        // Each message on its own: the relay keeps no context (server_no_context_takeover).
-        z.reset(false);
+        if self.fresh_each {
+            z.reset(false);
+        }
         self.message.extend_from_slice(&[0, 0, 0xff, 0xff]);
         let input = std::mem::take(&mut self.message);
         let mut out = Vec::with_capacity(input.len() * 4);
+        // `total_in` counts from the inflater's last reset, not from this message's start
+        // when the history is kept.
+        let start = z.total_in();
         loop {
-            let at = z.total_in() as usize;
+            let at = (z.total_in() - start) as usize;
             let status = z
                 .decompress_vec(&input[at..], &mut out, flate2::FlushDecompress::Sync)
                 .map_err(|e| {
                     protocol(format!("a compressed message that does not inflate: {e}"))
                 })?;
-            let done = z.total_in() as usize == input.len() && out.len() < out.capacity();
+            let done = (z.total_in() - start) as usize == input.len() && out.len() < out.capacity();
             if done || status == flate2::Status::StreamEnd {
                 return Ok(out);
             }
@@ -411,6 +423,83 @@ struct Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server frame: FIN, `rsv1` if compressed, unmasked.
+    fn frame(opcode: u8, rsv1: bool, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x80 | if rsv1 { 0x40 } else { 0 } | opcode];
+        match payload.len() {
+            n @ 0..=125 => f.push(n as u8),
+            n => {
+                f.push(126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Messages compressed with one compressor (`keep`: history kept between them, as a
+    /// server without `server_no_context_takeover` does), then read by a socket that
+    /// knows which it is; a ping in between is answered.
+    #[tokio::test]
+    async fn compressed_messages_inflate_with_or_without_the_history() {
+        for keep in [false, true] {
+            let (client, mut server) = tokio::io::duplex(1 << 16);
+            let mut socket = Socket {
+                stream: Box::new(client),
+                buf: Vec::new(),
+                inflater: Some(flate2::Decompress::new(false)),
+                fresh_each: !keep,
+                message: Vec::new(),
+                compressed: false,
+                fragmented: false,
+            };
+            let texts = [
+                "{\"type\":\"health_alert\",\"seq\":1}",
+                "{\"type\":\"health_alert\",\"seq\":2}",
+            ];
+            let mut z = flate2::Compress::new(flate2::Compression::fast(), false);
+            for (i, t) in texts.iter().enumerate() {
+                if !keep {
+                    z.reset();
+                }
+                let mut out = Vec::with_capacity(256);
+                z.compress_vec(t.as_bytes(), &mut out, flate2::FlushCompress::Sync)
+                    .unwrap();
+                out.truncate(out.len() - 4);
+                server.write_all(&frame(1, true, &out)).await.unwrap();
+                if i == 0 {
+                    server.write_all(&frame(9, false, b"hi")).await.unwrap();
+                }
+            }
+            server
+                .write_all(&frame(8, false, &[0x03, 0xe8]))
+                .await
+                .unwrap();
+            for t in texts {
+                assert_eq!(
+                    socket.next().await.unwrap().unwrap(),
+                    Message::Text(t.into()),
+                    "keep {keep}"
+                );
+            }
+            assert_eq!(
+                socket.next().await.unwrap().unwrap(),
+                Message::Close(1000, String::new())
+            );
+            // The pong (masked, "hi") and the close echoed.
+            let mut back = [0u8; 14];
+            server.read_exact(&mut back).await.unwrap();
+            assert_eq!((back[0], back[1]), (0x8A, 0x82));
+            let unmasked: Vec<u8> = back[6..8]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ back[2 + i])
+                .collect();
+            assert_eq!(unmasked, b"hi");
+            assert_eq!((back[8], back[9]), (0x88, 0x82));
+        }
+    }
 
     #[test]
     fn urls() {
