@@ -332,6 +332,9 @@ pub async fn start_subscribers(
 /// connects, then reads like the others. It tracks seqs, so it can leave with an account.
 pub fn join(readers: &mut Readers, r: Reconnect, shared: Arc<Shared>, sample_every: u64, i: usize) {
     let life = shared.control.life[i].fetch_add(1, Relaxed) + 1;
+    // A storm raised every slot's flag, this one's too while it was empty: a subscriber
+    // that has not joined yet has nothing to resume.
+    shared.control.churn[i].store(false, Relaxed);
     readers.spawn(async move {
         let c = connect(&r.ep, &r.query, None, &shared.counts);
         match c.await {
