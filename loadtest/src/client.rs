@@ -376,9 +376,12 @@ pub async fn subscribe(
     let Opened {
         stream: mut s,
         leftover,
+        krux_seq,
         ..
     } = opened;
     let mut counter = FrameCounter::new(sample_every, reconnect.is_some());
+    // Before its first event, a subscriber resumes from where its subscription began.
+    counter.last_seq = krux_seq.unwrap_or(0);
     let mut buf = vec![0u8; 64 * 1024];
     let mut closed = false;
     let handle = |data: &[u8], counter: &mut FrameCounter, closed: &mut bool| {
