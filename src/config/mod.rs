@@ -364,8 +364,9 @@ pub struct ServeConfig {
     /// pay for itself).
     #[arg(long, env = "KRUX_COMPRESSION_MIN_SIZE", default_value = "128B", value_parser = parse_size)]
     pub compression_min_size: usize,
-    /// zlib level, 1 (fastest) to 9 (smallest).
-    #[arg(long, env = "KRUX_COMPRESSION_LEVEL", default_value_t = 1)]
+    /// zlib level, 1 (fastest) to 9 (smallest); 2 shrinks small events far more than 1 for
+    /// ~4 µs more per event, compressed once for all subscribers.
+    #[arg(long, env = "KRUX_COMPRESSION_LEVEL", default_value_t = 2)]
     pub compression_level: u32,
     #[command(flatten)]
     pub nats: cluster::NatsArgs,
