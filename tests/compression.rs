@@ -4,8 +4,7 @@
 //! skipped outside CI when missing; `.ci/run` installs both).
 
 mod common;
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::io::Read;
 use std::time::Duration;
 
 use common::*;
@@ -287,57 +286,20 @@ async fn plain_hashes(s: &mut TcpStream, n: usize) -> (Vec<String>, usize) {
 /// same as a raw subscriber beside them gets.
 #[tokio::test]
 async fn python_websockets_with_deflate_gets_the_same_events() {
-    if !have_tool(
-        "python3",
-        &["-c", "import websockets"],
-        "pip install websockets",
-    ) {
+    if !have_python_websockets() {
         return;
     }
     let relay = Relay::start().await;
     let (mut raw, _) = raw_subscribe_with(&relay, "", "", None).await;
     let (text, n) = workload();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/interop/python_compressed.py"
+    let url = format!("ws://{}/events", relay.ws);
+    let client = PythonClient::start(
+        "python_compressed.py",
+        &[&url, &relay.token, &n.to_string()],
     );
-    let mut child = Command::new("python3")
-        .args([
-            script,
-            &format!("ws://{}/events", relay.ws),
-            &relay.token,
-            &n.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 runs");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready", "{}", {
-        let mut err = String::new();
-        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-        err
-    });
     let (replies, (want, big)) = tokio::join!(relay.publish(&text), plain_hashes(&mut raw, n));
     assert_eq!(replies.last().unwrap()["accepted"], n);
-    line.clear();
-    let read = tokio::task::spawn_blocking(move || {
-        out.read_line(&mut line).unwrap();
-        line
-    });
-    let line = tokio::time::timeout(Duration::from_secs(60), read)
-        .await
-        .expect("the Python clients finish")
-        .unwrap();
-    let done = child.wait_with_output().unwrap();
-    assert!(
-        done.status.success(),
-        "{}",
-        String::from_utf8_lossy(&done.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let v = client.result(Duration::from_secs(60)).await;
     assert_eq!(
         v["deflate"]["extensions"],
         serde_json::json!(["PerMessageDeflate"])

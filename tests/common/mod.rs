@@ -651,3 +651,67 @@ pub fn exposed_families(scrape: &str) -> std::collections::BTreeSet<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// Whether Python's `websockets` is installed (`.ci/run` installs it; outside CI a test
+/// that needs it is skipped without it).
+pub fn have_python_websockets() -> bool {
+    have_tool(
+        "python3",
+        &["-c", "import websockets"],
+        "pip install websockets",
+    )
+}
+
+/// A Python interop script (`tests/interop/*.py`) that prints `ready` once subscribed,
+/// then one JSON line with what it saw.
+pub struct PythonClient {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl PythonClient {
+    /// Runs `tests/interop/<script>` with `args` and waits for its `ready` (failing with
+    /// its stderr if it did not subscribe).
+    pub fn start(script: &str, args: &[&str]) -> PythonClient {
+        use std::io::{BufRead, Read};
+        let path = format!("{}/tests/interop/{script}", env!("CARGO_MANIFEST_DIR"));
+        let mut child = Command::new("python3")
+            .arg(path)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        if line.trim() != "ready" {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("{script} did not subscribe (is `websockets` installed? pip install websockets): {line}{err}");
+        }
+        PythonClient { child, out }
+    }
+
+    /// Its JSON line, once it has exited successfully (within `within`).
+    pub async fn result(self, within: Duration) -> Value {
+        use std::io::BufRead;
+        let PythonClient { child, mut out } = self;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            let done = child.wait_with_output().unwrap();
+            (line, done)
+        });
+        let (line, done) = tokio::time::timeout(within, read)
+            .await
+            .expect("the Python client finishes")
+            .unwrap();
+        assert!(
+            done.status.success(),
+            "{line}{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        serde_json::from_str(&line).unwrap()
+    }
+}
