@@ -231,7 +231,15 @@ fn sent_at(payload: &[u8]) -> Option<u64> {
     // Built once: constructing a searcher per sample showed up in profiles.
     static LT: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"lt\":"));
-    let i = LT.find(payload)? + 5;
+    number_after(&LT, payload)
+}
+
+/// The decimal number right after `key` (`"name":`) in `payload`.
+fn number_after<T: std::str::FromStr>(
+    key: &memchr::memmem::Finder<'_>,
+    payload: &[u8],
+) -> Option<T> {
+    let i = key.find(payload)? + key.needle().len();
     let digits = payload[i..]
         .iter()
         .take_while(|b| b.is_ascii_digit())
@@ -534,11 +542,7 @@ impl Observed {
         let mut open = true;
         counter.feed(data, &mut |f| match f {
             Seen::Text { sample, seq } => {
-                let idx = sample.and_then(|p| {
-                    let at = LI.find(p)? + 5;
-                    let digits = p[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-                    std::str::from_utf8(&p[at..at + digits]).ok()?.parse().ok()
-                });
+                let idx = sample.and_then(|p| number_after(&LI, p));
                 match (seq, idx) {
                     (Some(seq), Some(idx)) => self.events.push((seq, idx)),
                     // Another publisher's event: nobody here is owed it.
