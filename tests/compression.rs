@@ -4,7 +4,6 @@
 //! skipped outside CI when missing; `.ci/run` installs both).
 
 mod common;
-use std::io::Read;
 use std::time::Duration;
 
 use common::*;
@@ -47,15 +46,6 @@ struct Got {
     wire_bytes: usize,
 }
 
-fn inflate(payload: &[u8]) -> Vec<u8> {
-    let mut z = payload.to_vec();
-    z.extend_from_slice(&[0, 0, 0xff, 0xff]); // RFC 7692 §7.2.2
-    let mut out = Vec::new();
-    // A message ends at a sync flush, not a final block: the reader stops at its end.
-    let _ = flate2::read::DeflateDecoder::new(&z[..]).read_to_end(&mut out);
-    out
-}
-
 /// Reads `n` event frames (failing on a close or after 30 s).
 async fn read_events(s: &mut TcpStream, n: usize) -> Got {
     let mut got = Got::default();
@@ -73,7 +63,7 @@ async fn read_events(s: &mut TcpStream, n: usize) -> Got {
                     got.wire_bytes += used;
                     got.compressed += usize::from(rsv1);
                     got.events.push(match rsv1 {
-                        true => inflate(frame.payload),
+                        true => krux_testkit::inflate_message(frame.payload),
                         false => frame.payload.to_vec(),
                     });
                 }

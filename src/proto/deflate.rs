@@ -164,22 +164,7 @@ impl Compressor {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn inflate(payload: &[u8]) -> Vec<u8> {
-        let mut d = flate2::Decompress::new(false);
-        let mut input = payload.to_vec();
-        input.extend_from_slice(&[0, 0, 0xff, 0xff]);
-        let mut out = Vec::with_capacity(1 << 20);
-        loop {
-            let at = d.total_in() as usize;
-            d.decompress_vec(&input[at..], &mut out, flate2::FlushDecompress::Sync)
-                .unwrap();
-            if d.total_in() as usize == input.len() && out.len() < out.capacity() {
-                return out;
-            }
-            out.reserve(out.capacity());
-        }
-    }
+    use krux_testkit::inflate_message as inflate;
 
     #[test]
     fn messages_compress_on_their_own_and_come_back_whole() {

@@ -933,7 +933,8 @@ mod tests {
             out.push(match frame.opcode {
                 opcode::TEXT => {
                     let v: serde_json::Value = if b[0] & 0x40 != 0 {
-                        serde_json::from_slice(&inflate(frame.payload)).unwrap()
+                        serde_json::from_slice(&krux_testkit::inflate_message(frame.payload))
+                            .unwrap()
                     } else {
                         frame.json().unwrap()
                     };
@@ -962,17 +963,6 @@ mod tests {
 
     fn events(range: std::ops::RangeInclusive<u64>) -> Vec<Got> {
         range.map(Got::Event).collect()
-    }
-
-    /// A permessage-deflate payload inflated (its sync-flush tail appended back).
-    fn inflate(payload: &[u8]) -> Vec<u8> {
-        use std::io::Read;
-        let mut z = payload.to_vec();
-        z.extend_from_slice(&[0, 0, 0xff, 0xff]);
-        let mut out = Vec::new();
-        // The stream has no final block: reading stops with an error at its end.
-        let _ = flate2::read::DeflateDecoder::new(&z[..]).read_to_end(&mut out);
-        out
     }
 
     fn deflate(window_bits: u8) -> Option<Deflate> {

@@ -97,6 +97,24 @@ pub fn parse_frame(b: &[u8]) -> Option<(Frame<'_>, usize)> {
     ))
 }
 
+/// A permessage-deflate message's payload inflated: the sync flush's `00 00 ff ff`, which
+/// the sender drops (RFC 7692 §7.2.2), appended back. Panics on a broken stream.
+pub fn inflate_message(payload: &[u8]) -> Vec<u8> {
+    let mut d = flate2::Decompress::new(false);
+    let mut input = payload.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::with_capacity(payload.len() * 4 + 64);
+    loop {
+        let at = d.total_in() as usize;
+        d.decompress_vec(&input[at..], &mut out, flate2::FlushDecompress::Sync)
+            .expect("a valid compressed message");
+        if d.total_in() as usize == input.len() && out.len() < out.capacity() {
+            return out;
+        }
+        out.reserve(out.capacity());
+    }
+}
+
 /// Incremental frame counting over a byte stream.
 pub struct FrameCounter {
     head: [u8; 10],

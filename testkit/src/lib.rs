@@ -6,7 +6,7 @@
 pub mod frames;
 pub mod spawn;
 
-pub use frames::{parse_frame, Frame, FrameCounter, Head, Seen};
+pub use frames::{inflate_message, parse_frame, Frame, FrameCounter, Head, Seen};
 pub use spawn::{ready_addr, wait_ready_file};
 
 use std::process::Output;
