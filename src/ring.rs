@@ -59,14 +59,8 @@ pub struct Deflated {
 }
 
 /// What a compressed frame holds: its bytes and its box.
-trait Retained {
-    fn retained_bytes(&self) -> usize;
-}
-
-impl Retained for Box<EventFrame> {
-    fn retained_bytes(&self) -> usize {
-        self.len() + std::mem::size_of::<EventFrame>()
-    }
+fn boxed_size(f: &EventFrame) -> usize {
+    f.len() + std::mem::size_of::<EventFrame>()
 }
 
 const FREE: u8 = 0;
@@ -104,7 +98,7 @@ impl Entry {
                     // The producer marks what it forgets (`GONE`) whenever it sees a
                     // count; if it saw none, it forgot this entry before the count above,
                     // and `forgotten_below` (stored before its look) says so here.
-                    let n = f.retained_bytes();
+                    let n = boxed_size(f);
                     ring.deflated_bytes.fetch_add(n, SeqCst);
                     let c = &self.deflated.charge;
                     let out = if c.compare_exchange(FREE, CHARGED, SeqCst, SeqCst).is_err() {
@@ -126,7 +120,7 @@ impl Entry {
     fn uncharge(&self, ring: &FrameRing) {
         if self.deflated.charge.swap(GONE, SeqCst) == CHARGED {
             if let Some(Some(f)) = self.deflated.frame.get() {
-                ring.deflated_bytes.fetch_sub(f.retained_bytes(), SeqCst);
+                ring.deflated_bytes.fetch_sub(boxed_size(f), SeqCst);
             }
         }
     }
