@@ -56,20 +56,17 @@ pub fn tls_configs(
 }
 
 /// A handshake between the relay's server side and an in-memory rustls client (which
-/// resumes when `client` holds a ticket from an earlier one). Returns the established
-/// server connection and the time spent in the server's side alone.
+/// resumes when `client` holds a ticket from an earlier one). Returns the completed
+/// server handshake and the time spent in the server's side alone.
 pub fn tls_handshake(
     server: &std::sync::Arc<rustls::ServerConfig>,
     client: &std::sync::Arc<rustls::ClientConfig>,
-) -> (
-    rustls::server::UnbufferedServerConnection,
-    std::time::Duration,
-) {
+) -> (krux_relay::io::tls::Handshake, std::time::Duration) {
     use std::time::{Duration, Instant};
     let name = "localhost".try_into().expect("name");
     let mut c = rustls::ClientConnection::new(client.clone(), name).expect("client");
     let t = Instant::now();
-    let mut s = rustls::server::UnbufferedServerConnection::new(server.clone()).expect("server");
+    let mut s = krux_relay::io::tls::Handshake::new(server.clone()).expect("server");
     let mut server_time = t.elapsed();
     let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
     let (mut plain, mut closed) = (Vec::new(), false);
@@ -78,14 +75,9 @@ pub fn tls_handshake(
             c.write_tls(&mut to_server).expect("client flight");
         }
         let t = Instant::now();
-        let done = krux_relay::io::tls::handshake(
-            &mut s,
-            &mut to_server,
-            &mut to_client,
-            &mut plain,
-            &mut closed,
-        )
-        .expect("handshake");
+        let done = s
+            .step(&mut to_server, &mut to_client, &mut plain, &mut closed)
+            .expect("handshake");
         server_time += t.elapsed();
         let mut flight = &to_client[..];
         while !flight.is_empty() {

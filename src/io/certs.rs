@@ -48,6 +48,7 @@ impl ServerTls {
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         // TLS 1.3 records are the relay's own once the handshake is done (`io::tls13`).
         config.enable_secret_extraction = true;
+        config.key_log = Arc::new(super::tls13::LogSecrets);
         Ok(ServerTls {
             config: Arc::new(config),
             cert: live,

@@ -206,6 +206,13 @@ impl TlsClient {
         self.tls.borrow().handshake_kind()
     }
 
+    pub fn negotiated_cipher_suite(&self) -> Option<rustls::CipherSuite> {
+        self.tls
+            .borrow()
+            .negotiated_cipher_suite()
+            .map(|s| s.suite())
+    }
+
     pub fn peer_certificate(&self) -> Vec<u8> {
         self.tls.borrow().peer_certificates().unwrap()[0].to_vec()
     }

@@ -30,7 +30,7 @@ use rustls::unbuffered::{
     ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
 };
 
-use super::tls13::Records;
+use super::tls13::{Logged, Records};
 use super::{write_all, Conn};
 use crate::frame::Span;
 
@@ -171,28 +171,47 @@ fn step(
     }
 }
 
-/// Feeds the handshake the records at the start of `incoming` (consumed from it): what
-/// to send is appended to `outgoing` (on a failure, the alert saying why), plaintext that
-/// came with the client's last flight to `plain`. Returns whether the handshake is done.
-pub fn handshake(
-    tls: &mut UnbufferedServerConnection,
-    incoming: &mut Vec<u8>,
-    outgoing: &mut Vec<u8>,
-    plain: &mut Vec<u8>,
-    closed: &mut bool,
-) -> io::Result<bool> {
-    let mut out = Out {
-        used: outgoing.len(),
-        buf: outgoing,
-    };
-    let (consumed, next) = step(tls, incoming, plain, &mut out, closed);
-    incoming.drain(..consumed);
-    if next.is_err() {
-        alert(tls, &mut out);
+/// A server handshake under way: rustls's connection, and the traffic secrets it logged
+/// (which the relay's own records start from, `io::tls13`).
+pub struct Handshake {
+    pub tls: UnbufferedServerConnection,
+    pub(crate) logged: Logged,
+}
+
+impl Handshake {
+    pub fn new(config: Arc<rustls::ServerConfig>) -> io::Result<Handshake> {
+        Ok(Handshake {
+            tls: UnbufferedServerConnection::new(config).map_err(tls_err)?,
+            logged: Logged::default(),
+        })
     }
-    let used = out.used;
-    outgoing.truncate(used);
-    Ok(matches!(next?, Next::Ready) && !tls.is_handshaking())
+
+    /// Feeds the handshake the records at the start of `incoming` (consumed from it): what
+    /// to send is appended to `outgoing` (on a failure, the alert saying why), plaintext
+    /// that came with the client's last flight to `plain`. Returns whether it is done.
+    pub fn step(
+        &mut self,
+        incoming: &mut Vec<u8>,
+        outgoing: &mut Vec<u8>,
+        plain: &mut Vec<u8>,
+        closed: &mut bool,
+    ) -> io::Result<bool> {
+        let tls = &mut self.tls;
+        let mut out = Out {
+            used: outgoing.len(),
+            buf: outgoing,
+        };
+        let (consumed, next) = step(tls, incoming, plain, &mut out, closed);
+        // Nothing else has run on this thread since rustls logged them.
+        self.logged.collect();
+        incoming.drain(..consumed);
+        if next.is_err() {
+            alert(tls, &mut out);
+        }
+        let used = out.used;
+        outgoing.truncate(used);
+        Ok(matches!(next?, Next::Ready) && !tls.is_handshaking())
+    }
 }
 
 /// After a failure: the alert rustls queued saying why.
@@ -231,11 +250,11 @@ pub enum Session {
 
 impl Session {
     /// What an established connection runs on: its records taken over when it can.
-    pub fn established(tls: UnbufferedServerConnection) -> io::Result<Session> {
-        Ok(if Records::can_take_over(&tls) {
-            Session::Own(Box::new(Records::take_over(tls)?))
+    pub fn established(hs: Handshake) -> io::Result<Session> {
+        Ok(if Records::can_take_over(&hs.tls) {
+            Session::Own(Box::new(Records::take_over(hs.tls, hs.logged)?))
         } else {
-            Session::Rustls(Box::new(tls))
+            Session::Rustls(Box::new(hs.tls))
         })
     }
 }
@@ -264,17 +283,11 @@ impl<C: Conn> TlsConn<C> {
         config: Arc<rustls::ServerConfig>,
         buffers: Rc<Buffers>,
     ) -> io::Result<TlsConn<C>> {
-        let mut tls = UnbufferedServerConnection::new(config).map_err(tls_err)?;
+        let mut hs = Handshake::new(config)?;
         let (mut incoming, mut outgoing) = (Vec::with_capacity(4096), Vec::new());
         let (mut plain, mut closed) = (Vec::new(), false);
         loop {
-            let done = handshake(
-                &mut tls,
-                &mut incoming,
-                &mut outgoing,
-                &mut plain,
-                &mut closed,
-            );
+            let done = hs.step(&mut incoming, &mut outgoing, &mut plain, &mut closed);
             if !outgoing.is_empty() {
                 write_all(&inner, Bytes::from(std::mem::take(&mut outgoing))).await?;
             }
@@ -287,11 +300,11 @@ impl<C: Conn> TlsConn<C> {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }
-        let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let resumed = hs.tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         Ok(TlsConn {
             inner,
             resumed,
-            tls: RefCell::new(Session::established(tls)?),
+            tls: RefCell::new(Session::established(hs)?),
             buffers,
             partial: RefCell::new(incoming.as_slice().to_vec()),
             plain: RefCell::new(plain),
@@ -460,12 +473,23 @@ impl<C: Conn> Conn for TlsConn<C> {
     }
 
     async fn read_ready(&self, scratch: &RefCell<Vec<u8>>) -> io::Result<usize> {
-        if !self.fill(scratch).await? {
-            return Ok(0);
+        // Not through `fill`: a subscriber's reader waits here for its whole life, and each
+        // nested future would be part of its task.
+        loop {
+            if !self.plain.borrow().is_empty() {
+                let mut buf = scratch.borrow_mut();
+                let room = buf.len();
+                return Ok(self.take_plain(room, |p| buf[..p.len()].copy_from_slice(p)));
+            }
+            if self.closed.get() {
+                return Ok(0);
+            }
+            let n = self.inner.read_ready(scratch).await?;
+            if n == 0 {
+                return Ok(0);
+            }
+            self.absorb(&mut scratch.borrow_mut()[..n])?;
         }
-        let mut buf = scratch.borrow_mut();
-        let room = buf.len();
-        Ok(self.take_plain(room, |p| buf[..p.len()].copy_from_slice(p)))
     }
 
     async fn writev(&self, bufs: Vec<Span>) -> (io::Result<usize>, Vec<Span>) {
@@ -473,9 +497,10 @@ impl<C: Conn> Conn for TlsConn<C> {
             Ok(x) => x,
             Err(e) => return (Err(e), bufs),
         };
-        // A backed-up socket: the rest goes out before the next records are made.
+        // A backed-up socket: the rest goes out before the next records are made. Boxed:
+        // the writer task holds this future for its life, and this path is rare.
         if let Some(rest) = rest {
-            if let Err(e) = write_all(&self.inner, Bytes::from(rest)).await {
+            if let Err(e) = Box::pin(write_all(&self.inner, Bytes::from(rest))).await {
                 return (Err(e), bufs);
             }
         }
@@ -640,29 +665,66 @@ mod tests {
         });
     }
 
+    /// A client trusting `pem`, limited to these protocol versions and cipher suites.
+    fn client_with(
+        pem: &std::path::Path,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        suites: Option<Vec<rustls::SupportedCipherSuite>>,
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut &std::fs::read(pem).unwrap()[..]) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let mut provider = rustls::crypto::ring::default_provider();
+        if let Some(suites) = suites {
+            provider.cipher_suites = suites;
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(cfg)
+    }
+
     #[test]
-    fn key_updates_either_way_keep_the_stream_whole() {
+    fn key_updates_either_way_keep_the_stream_whole_in_every_suite() {
+        use rustls::crypto::ring::cipher_suite as cs;
         run(async {
-            let (server_config, client_config) = mem::tls_configs();
-            let (client, server) = connect(&server_config, &client_config, 64 * 1024).await;
-            let server = Rc::new(server.unwrap());
-            // Our side updates its key before every write (a tiny confidentiality limit).
-            if let Session::Own(records) = &mut *server.tls.borrow_mut() {
-                records.limit = 3;
-            }
-            let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-            for round in 0..3 {
-                // The client asks for an update of both keys, then writes under its new one.
-                client.refresh_traffic_keys().await;
-                client.write(format!("ping {round}").as_bytes()).await;
-                let (n, got) = server.read(Vec::with_capacity(64)).await;
-                assert_eq!(&got[..n.unwrap()], format!("ping {round}").as_bytes());
-                let span = Span::from(Bytes::from(payload.clone()));
-                let (_, got) = tokio::join!(
-                    write_spans(&server, vec![span]),
-                    client.read_plain(payload.len())
-                );
-                assert_eq!(got, payload, "round {round}");
+            let dir = tempfile::tempdir().unwrap();
+            let pem = dir.path().join("cert.pem");
+            let server_config = ServerTls::new(certs::self_signed(&pem).unwrap().0, false)
+                .unwrap()
+                .config;
+            for suite in [
+                cs::TLS13_AES_256_GCM_SHA384,
+                cs::TLS13_AES_128_GCM_SHA256,
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+            ] {
+                let client_config =
+                    client_with(&pem, &[&rustls::version::TLS13], Some(vec![suite]));
+                let (client, server) = connect(&server_config, &client_config, 64 * 1024).await;
+                let server = Rc::new(server.unwrap());
+                assert_eq!(client.negotiated_cipher_suite(), Some(suite.suite()));
+                // Our side updates its key before every write (a tiny confidentiality limit).
+                match &mut *server.tls.borrow_mut() {
+                    Session::Own(records) => records.limit = 3,
+                    Session::Rustls(_) => panic!("{suite:?}: the relay's own records"),
+                }
+                let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+                for round in 0..3 {
+                    // The client asks for an update of both keys, then writes under its new one.
+                    client.refresh_traffic_keys().await;
+                    client.write(format!("ping {round}").as_bytes()).await;
+                    let (n, got) = server.read(Vec::with_capacity(64)).await;
+                    assert_eq!(&got[..n.unwrap()], format!("ping {round}").as_bytes());
+                    let span = Span::from(Bytes::from(payload.clone()));
+                    let (_, got) = tokio::join!(
+                        write_spans(&server, vec![span]),
+                        client.read_plain(payload.len())
+                    );
+                    assert_eq!(got, payload, "{suite:?}, round {round}");
+                }
             }
         });
     }
@@ -725,20 +787,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let pem = dir.path().join("cert.pem");
             let (cert, _) = certs::self_signed(&pem).unwrap();
-            let tls12 = {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in rustls_pemfile::certs(&mut &std::fs::read(&pem).unwrap()[..]) {
-                    roots.add(c.unwrap()).unwrap();
-                }
-                let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_protocol_versions(&[&rustls::version::TLS12])
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-                Arc::new(cfg)
-            };
+            let tls12 = client_with(&pem, &[&rustls::version::TLS12], None);
             let both = ServerTls::new(cert.clone(), false).unwrap();
             let (client, server) = connect(&both.config, &tls12, 1000).await;
             let server = server.unwrap();

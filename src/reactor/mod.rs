@@ -215,24 +215,27 @@ async fn serve_tls<C: crate::io::Conn>(
     config: Arc<rustls::ServerConfig>,
     _slot: SocketSlot,
 ) {
-    // Boxed, like the HTTP handshake: freed once it is done.
-    let hs = Box::pin(tokio::time::timeout(
-        r.settings.handshake_timeout,
-        TlsConn::accept(conn, config, r.tls_buffers.clone()),
-    ));
-    match hs.await {
-        Ok(Ok(tls)) => {
-            let metrics = &r.live.metrics;
-            let kind = match tls.resumed() {
-                true => &metrics.tls_resumed,
-                false => &metrics.tls_full,
-            };
-            kind.fetch_add(1, Ordering::Relaxed);
-            subscriber::serve(r, Rc::new(tls), ip).await
-        }
-        Ok(Err(e)) => tracing::debug!(%ip, "TLS handshake failed: {e}"),
-        Err(_) => tracing::debug!(%ip, "TLS handshake timed out"),
-    }
+    // In a block, boxed like the HTTP handshake: neither the handshake nor its result
+    // stays part of this task's state for the connection's life.
+    let tls = {
+        let hs = Box::pin(tokio::time::timeout(
+            r.settings.handshake_timeout,
+            TlsConn::accept(conn, config, r.tls_buffers.clone()),
+        ));
+        let tls = match hs.await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return tracing::debug!(%ip, "TLS handshake failed: {e}"),
+            Err(_) => return tracing::debug!(%ip, "TLS handshake timed out"),
+        };
+        let metrics = &r.live.metrics;
+        let kind = match tls.resumed() {
+            true => &metrics.tls_resumed,
+            false => &metrics.tls_full,
+        };
+        kind.fetch_add(1, Ordering::Relaxed);
+        Rc::new(tls)
+    };
+    subscriber::serve(r, tls, ip).await
 }
 
 impl Reactor {
