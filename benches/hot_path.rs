@@ -93,35 +93,40 @@ fn enqueue_fanout(c: &mut Criterion) {
     });
 }
 
-/// The relay's CPU per TLS handshake (its side alone, timed around each of its steps): a
-/// full one, and one resumed with a ticket from an earlier connection of the same client.
+/// CPU per TLS handshake, each side's alone (timed around its own steps): a full one, and
+/// one resumed with a ticket from an earlier connection of the same client. The server
+/// side is the relay's; the client side is rustls's client, as the load client runs it.
 fn tls_handshake(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let (server, client) = support::tls_configs(dir.path());
     let mut no_tickets = (*client).clone();
     no_tickets.resumption = rustls::client::Resumption::disabled();
     let no_tickets = std::sync::Arc::new(no_tickets);
-    let mut g = c.benchmark_group("tls_handshake_server_side");
-    g.bench_function("full", |b| {
-        b.iter_custom(|n| {
-            (0..n)
-                .map(|_| support::tls_handshake(&server, &no_tickets).1)
-                .sum()
-        })
-    });
-    g.bench_function("resumed", |b| {
-        b.iter_custom(|n| {
-            (0..n)
-                .map(|_| {
-                    // Each resumption takes a ticket; the client gets new ones as it goes.
-                    let (hs, t) = support::tls_handshake(&server, &client);
-                    black_box(hs.tls.is_handshaking());
-                    t
-                })
-                .sum()
-        })
-    });
-    g.finish();
+    type Side = fn(&support::HandshakeTimes) -> std::time::Duration;
+    let sides: [(&str, Side); 2] = [("server", |t| t.server), ("client", |t| t.client)];
+    for (name, side) in sides {
+        let mut g = c.benchmark_group(format!("tls_handshake_{name}_side"));
+        g.bench_function("full", |b| {
+            b.iter_custom(|n| {
+                (0..n)
+                    .map(|_| side(&support::tls_handshake(&server, &no_tickets).1))
+                    .sum()
+            })
+        });
+        g.bench_function("resumed", |b| {
+            b.iter_custom(|n| {
+                (0..n)
+                    .map(|_| {
+                        // Each resumption takes a ticket; the client gets new ones as it goes.
+                        let (hs, t) = support::tls_handshake(&server, &client);
+                        black_box(hs.tls.is_handshaking());
+                        side(&t)
+                    })
+                    .sum()
+            })
+        });
+        g.finish();
+    }
 }
 
 criterion_group!(

@@ -55,38 +55,55 @@ pub fn tls_configs(
     (server, certs::client_config_trusting(&pem).expect("trust"))
 }
 
+/// CPU time of one handshake, each side's alone.
+#[allow(dead_code)] // read by the benches; the example only needs the handshake
+pub struct HandshakeTimes {
+    pub server: std::time::Duration,
+    pub client: std::time::Duration,
+}
+
 /// A handshake between the relay's server side and an in-memory rustls client (which
 /// resumes when `client` holds a ticket from an earlier one). Returns the completed
-/// server handshake and the time spent in the server's side alone.
+/// server handshake and the time each side spent in its own steps.
 pub fn tls_handshake(
     server: &std::sync::Arc<rustls::ServerConfig>,
     client: &std::sync::Arc<rustls::ClientConfig>,
-) -> (krux_relay::io::tls::Handshake, std::time::Duration) {
+) -> (krux_relay::io::tls::Handshake, HandshakeTimes) {
     use std::time::{Duration, Instant};
     let name = "localhost".try_into().expect("name");
+    let t = Instant::now();
     let mut c = rustls::ClientConnection::new(client.clone(), name).expect("client");
+    let mut client_time = t.elapsed();
     let t = Instant::now();
     let mut s = krux_relay::io::tls::Handshake::new(server.clone()).expect("server");
     let mut server_time = t.elapsed();
     let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
     let (mut plain, mut closed) = (Vec::new(), false);
     loop {
+        let t = Instant::now();
         while c.wants_write() {
             c.write_tls(&mut to_server).expect("client flight");
         }
+        client_time += t.elapsed();
         let t = Instant::now();
         let done = s
             .step(&mut to_server, &mut to_client, &mut plain, &mut closed)
             .expect("handshake");
         server_time += t.elapsed();
+        let t = Instant::now();
         let mut flight = &to_client[..];
         while !flight.is_empty() {
             c.read_tls(&mut flight).expect("server flight");
             c.process_new_packets().expect("server flight");
         }
+        client_time += t.elapsed();
         to_client.clear();
         if done {
-            return (s, server_time.max(Duration::from_nanos(1)));
+            let times = HandshakeTimes {
+                server: server_time.max(Duration::from_nanos(1)),
+                client: client_time.max(Duration::from_nanos(1)),
+            };
+            return (s, times);
         }
     }
 }
